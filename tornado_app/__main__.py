@@ -1,0 +1,202 @@
+"""Command line: ``python -m tornado_app --config FILE [--host H] [--port P] [COMMAND]``.
+
+Without a command it serves. Commands: ``users add|list|disable``, ``token``,
+``db upgrade|current``. Every failure is one clear line on stderr and a
+non-zero exit code (2 for configuration and usage mistakes), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import sys
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from . import auth
+from .config import ConfigError, Settings, load_settings
+from .logs import setup_logging
+from .store import Store, StoreError
+from .store import schema
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+USERNAME_MAX = 64
+PASSWORD_MIN = 8
+
+
+class CommandError(Exception):
+    """A command that cannot be done; the text is the line to print."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m tornado_app", description="AI chat WebSocket service"
+    )
+    parser.add_argument("--config", help="YAML config file (default: built-in defaults)")
+    parser.add_argument("--host", help="override server.host")
+    parser.add_argument("--port", type=int, help="override server.port")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser("serve", help="serve (the default)")
+
+    users = commands.add_parser("users", help="manage users").add_subparsers(
+        dest="action", metavar="ACTION", required=True
+    )
+    add = users.add_parser("add", help="add a user (asks for the password)")
+    add.add_argument("name")
+    add.add_argument("--password-stdin", action="store_true",
+                     help="read the password from the first line of standard input")
+    add.add_argument("--admin", action="store_true", help="give the user the admin flag")
+    users.add_parser("list", help="list users")
+    disable = users.add_parser("disable", help="disable a user: no new logins or sockets")
+    disable.add_argument("name")
+
+    token = commands.add_parser("token", help="print an access token for a user")
+    token.add_argument("name")
+    token.add_argument("--ttl-minutes", type=int, help="lifetime (default: auth.token_ttl_minutes)")
+
+    db = commands.add_parser("db", help="database schema").add_subparsers(
+        dest="action", metavar="ACTION", required=True
+    )
+    db.add_parser("upgrade", help="migrate the database to the newest schema")
+    db.add_parser("current", help="print the database's schema revision")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+        if args.host:
+            settings.server.host = args.host
+        if args.port is not None:
+            settings.server.port = args.port
+        setup_logging(settings.logging)
+        if args.command in (None, "serve"):
+            return serve(settings, args.config)
+        return asyncio.run(run_command(settings, args))
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except schema.SchemaError as exc:
+        print(f"database error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except CommandError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+
+
+def serve(settings: Settings, config_path: str | None) -> int:
+    # Imported here: the app loads the agent plugins, which the other commands need not.
+    from .agents import available_agents, validate_agent_settings
+    from .app import serve as serve_forever
+
+    # Refuse an unknown agent or bad plugin options before anything starts.
+    validate_agent_settings(settings, available_agents())
+    try:
+        asyncio.run(serve_forever(settings, config_path))
+    except OSError as exc:
+        raise CommandError(
+            f"cannot listen on {settings.server.host}:{settings.server.port}: {exc.strerror}"
+        ) from None
+    return 0
+
+
+async def run_command(settings: Settings, args: argparse.Namespace) -> int:
+    store = Store.from_url(settings.database.url, settings.database.echo)
+    try:
+        if args.command == "db":
+            return await db_command(store, args)
+        await ensure_current(store)
+        if args.command == "users":
+            return await users_command(store, args)
+        if args.command == "token":
+            return await token_command(store, settings, args)
+        raise CommandError(f"unknown command {args.command}")
+    except (SQLAlchemyError, OSError) as exc:
+        raise CommandError(f"database unavailable ({type(exc).__name__}); check database.url") from None
+    finally:
+        await store.close()
+
+
+async def ensure_current(store: Store) -> None:
+    """Create the schema of an empty database; refuse an outdated one."""
+    await schema.ensure_schema(store.engine)
+
+
+async def db_command(store: Store, args: argparse.Namespace) -> int:
+    if args.action == "upgrade":
+        before = await schema.current_revision(store.engine)
+        await schema.upgrade(store.engine)
+        after = await schema.current_revision(store.engine)
+        print(f"database at revision {after}" + ("" if before == after else f" (was {before})"))
+    else:
+        current = await schema.current_revision(store.engine)
+        head = schema.head_revision()
+        state = "head" if current == head else f"behind head {head}; run db upgrade"
+        print(f"{current or 'empty'} ({'empty database' if current is None else state})")
+    return 0
+
+
+async def users_command(store: Store, args: argparse.Namespace) -> int:
+    if args.action == "add":
+        name = validate_username(args.name)
+        password = read_password(args.password_stdin)
+        try:
+            await store.create_user(name, auth.hash_password(password), is_admin=args.admin)
+        except StoreError as exc:
+            raise CommandError(str(exc)) from None
+        print(f"added user {name}" + (" (admin)" if args.admin else ""))
+    elif args.action == "list":
+        rows = await store.list_users()
+        print(f"{'USERNAME':<24} {'ADMIN':<6} {'DISABLED':<9} CREATED")
+        for user in rows:
+            print(f"{user.username:<24} {'yes' if user.is_admin else 'no':<6} "
+                  f"{'yes' if user.disabled else 'no':<9} {user.created_at:%Y-%m-%d %H:%M}")
+    elif args.action == "disable":
+        if not await store.set_disabled(args.name):
+            raise CommandError(f"no user named {args.name!r}")
+        print(f"disabled user {args.name}")
+    return 0
+
+
+async def token_command(store: Store, settings: Settings, args: argparse.Namespace) -> int:
+    user = await store.get_user(args.name)
+    if user is None:
+        raise CommandError(f"no user named {args.name!r}")
+    if user.disabled:
+        raise CommandError(f"user {args.name!r} is disabled")
+    ttl = args.ttl_minutes or settings.auth.token_ttl_minutes
+    if ttl < 1:
+        raise CommandError("--ttl-minutes must be at least 1")
+    print(auth.issue_token(settings.jwt_secret, user.username, ttl))
+    return 0
+
+
+def validate_username(name: str) -> str:
+    if not name or len(name) > USERNAME_MAX or not name.isprintable() or name.strip() != name:
+        raise CommandError(
+            f"user names are 1 to {USERNAME_MAX} printable characters without surrounding spaces"
+        )
+    return name
+
+
+def read_password(from_stdin: bool) -> str:
+    if from_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    elif sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Repeat password: ") != password:
+            raise CommandError("the passwords differ")
+    else:
+        raise CommandError("no terminal to ask for a password: use --password-stdin")
+    if len(password) < PASSWORD_MIN:
+        raise CommandError(f"passwords must have at least {PASSWORD_MIN} characters")
+    return password
+
+
+if __name__ == "__main__":
+    sys.exit(main())

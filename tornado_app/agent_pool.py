@@ -1,0 +1,114 @@
+"""The agents in use: the chosen backend, then its fallbacks.
+
+The pool can be rebuilt from a new ``agent`` config section while the server
+runs (SIGHUP). Each reply takes a *snapshot* of the chain, so a reply in
+flight finishes on the agents it started with; an agent no longer in the
+chain is closed once its last reply ends. An agent whose name and options did
+not change is kept as it is (a local model is not loaded twice).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections import Counter
+
+from . import agents
+from .agents import Agent
+from .config import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def _identity(settings: Settings, name: str) -> str:
+    return json.dumps([name, settings.agent.plugin_options(name)], sort_keys=True, default=str)
+
+
+class AgentPool:
+    def __init__(self, settings: Settings):
+        self._specs = agents.available_agents()
+        self._chain: list[Agent] = []
+        self._identities: dict[int, str] = {}
+        self._in_use: Counter[int] = Counter()
+        self._retired: dict[int, Agent] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._chain = self._build(settings)
+
+    @staticmethod
+    def validate(settings: Settings) -> None:
+        """Raise ConfigError if the agent section names unknown agents or bad options."""
+        agents.validate_agent_settings(settings, agents.available_agents())
+
+    def _build(self, settings: Settings) -> list[Agent]:
+        agents.validate_agent_settings(settings, self._specs)
+        current = {self._identities[id(a)]: a for a in self._chain}
+        chain = []
+        for name in dict.fromkeys([settings.agent.backend, *settings.agent.fallbacks]):
+            identity = _identity(settings, name)
+            agent = current.get(identity)
+            if agent is None:
+                agent = agents.create_agent(settings, self._specs[name])
+                self._identities[id(agent)] = identity
+                self._start(agent)
+            chain.append(agent)
+        return chain
+
+    def _start(self, agent: Agent) -> None:
+        async def start():
+            try:
+                await agent.start()
+            except Exception:
+                logger.exception("agent %s failed to start", agent.name)
+
+        task = asyncio.get_running_loop().create_task(start())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @property
+    def chain(self) -> tuple[Agent, ...]:
+        return tuple(self._chain)
+
+    @property
+    def ready(self) -> bool:
+        return self._chain[0].ready
+
+    @contextlib.contextmanager
+    def lease(self):
+        """The current chain, kept alive (not closed by a swap) while in use."""
+        chain = tuple(self._chain)
+        for agent in chain:
+            self._in_use[id(agent)] += 1
+        try:
+            yield chain
+        finally:
+            for agent in chain:
+                self._in_use[id(agent)] -= 1
+            self._close_retired()
+
+    def swap(self, settings: Settings) -> None:
+        """Switch to the agents of a new ``agent`` section (raises ConfigError)."""
+        old = self._chain
+        self._chain = self._build(settings)
+        for agent in old:
+            if agent not in self._chain:
+                self._retired[id(agent)] = agent
+        logger.info("agents now: %s", ", ".join(a.name for a in self._chain))
+        self._close_retired()
+
+    def _close_retired(self) -> None:
+        for key, agent in list(self._retired.items()):
+            if self._in_use[key] == 0:
+                del self._retired[key]
+                self._identities.pop(key, None)
+                task = asyncio.get_running_loop().create_task(agent.close())
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for agent in [*self._chain, *self._retired.values()]:
+            with contextlib.suppress(Exception):
+                await agent.close()

@@ -1,0 +1,115 @@
+"""Building the Application, starting in order, shutting down in reverse.
+
+Start-up (JupyterHub style, one step each): logging, database schema, agents
+(loading in the background), handlers, listening socket. Shutdown on SIGTERM
+or SIGINT: stop accepting, let replies in flight finish (up to
+``server.shutdown_grace_seconds``), close every socket with 1001, close the
+agents, dispose of the database. SIGHUP re-reads the ``agent`` section.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+
+import tornado.netutil
+import tornado.web
+from tornado.httpserver import HTTPServer
+
+from . import handlers
+from .agent_pool import AgentPool
+from .chat import ChatService
+from .config import ConfigError, Settings, load_settings
+from .handlers.base import log_request
+from .handlers.chat_socket import GOING_AWAY
+from .store import Store
+from .store.schema import ensure_schema
+
+logger = logging.getLogger(__name__)
+
+
+def make_app(settings: Settings, store: Store, chat: ChatService) -> tornado.web.Application:
+    server = settings.server
+    return tornado.web.Application(
+        handlers.all_routes(),
+        default_handler_class=handlers.NotFoundHandler,
+        config=settings,
+        store=store,
+        chat=chat,
+        log_function=log_request,
+        websocket_max_message_size=server.max_message_bytes,
+        websocket_ping_interval=server.ping_interval_seconds or None,
+        websocket_ping_timeout=server.ping_timeout_seconds,
+    )
+
+
+class Service:
+    """The running service: what start() opened, stop() closes in reverse."""
+
+    def __init__(self, settings: Settings, config_path: str | None = None):
+        self.settings = settings
+        self.config_path = config_path
+        self.store: Store | None = None
+        self.pool: AgentPool | None = None
+        self.chat: ChatService | None = None
+        self.http: HTTPServer | None = None
+        self.port: int | None = None
+
+    async def start(self, sockets: list[socket.socket] | None = None) -> None:
+        settings = self.settings
+        self.store = Store.from_url(settings.database.url, settings.database.echo)
+        if await ensure_schema(self.store.engine) == "created":
+            logger.info("created the database schema")
+        self.pool = AgentPool(settings)
+        self.chat = ChatService(settings, self.store, self.pool)
+        app = make_app(settings, self.store, self.chat)
+        self.http = HTTPServer(app, xheaders=False)
+        if sockets is None:
+            sockets = tornado.netutil.bind_sockets(settings.server.port, settings.server.host)
+        self.http.add_sockets(sockets)
+        self.port = sockets[0].getsockname()[1]
+        logger.info("serving on http://%s:%s (agent: %s)",
+                    settings.server.host, self.port, settings.agent.backend)
+
+    def reload_agents(self) -> None:
+        """Re-read the config file and swap to its ``agent`` section."""
+        try:
+            fresh = load_settings(self.config_path)
+            self.pool.swap(fresh)
+        except ConfigError as exc:
+            logger.error("SIGHUP: config not reloaded: %s", exc)
+            return
+        self.settings.agent = fresh.agent
+
+    async def stop(self) -> None:
+        grace = self.settings.server.shutdown_grace_seconds
+        logger.info("shutting down: letting replies finish (up to %.0fs)", grace)
+        self.http.stop()
+        sockets = list(self.chat.sockets)
+        in_flight = [s.current for s in sockets if s.busy]
+        if in_flight:
+            await asyncio.wait(in_flight, timeout=grace)
+        workers = [s.worker for s in sockets if s.worker is not None]
+        for sock in sockets:
+            sock.close(GOING_AWAY, "Server shutting down")
+        if workers:
+            # Closing cancels the workers; a cancelled reply saves itself first.
+            await asyncio.wait(workers, timeout=5)
+        await self.http.close_all_connections()
+        await self.pool.close()
+        await self.store.close()
+        logger.info("stopped")
+
+
+async def serve(settings: Settings, config_path: str | None) -> None:
+    service = Service(settings, config_path)
+    await service.start()
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    loop.add_signal_handler(signal.SIGHUP, service.reload_agents)
+    await stopping.wait()
+    await service.stop()

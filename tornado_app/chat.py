@@ -1,0 +1,211 @@
+"""One exchange, from a user's message to a saved reply: the host's bookkeeping.
+
+The agent only yields text. Here the host saves the user's message before the
+agent is called, builds the prompt from the conversation's history, applies
+the deadline, tries fallbacks, measures latency and time to first token,
+counts tokens, and saves the reply (or the error, or the cancelled partial
+reply) before the caller sends it on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+from sqlalchemy.engine import Row
+
+from . import auth
+from .agent_pool import AgentPool
+from .agents import Agent, AgentError, AgentRequest
+from .config import Settings
+from .store import Store
+from .store.models import ROLE_USER, STATUS_CANCELLED, STATUS_ERROR, STATUS_OK
+from .store.ratelimit import Decision
+
+logger = logging.getLogger(__name__)
+
+# Most turns read back from the database to build a prompt; the token budget
+# of the agent then trims them further, oldest first.
+HISTORY_LIMIT = 200
+# Tokens counted per message for the chat template's role markers.
+TOKENS_PER_MESSAGE = 4
+
+OnChunk = Callable[[str], Awaitable[None]]
+
+
+@dataclass
+class Reply:
+    """The outcome of one exchange, as saved in the messages table."""
+
+    text: str = ""
+    status: str = STATUS_OK
+    agent: str | None = None
+    model: str | None = None
+    tokens_in: int | None = None
+    tokens_out: int | None = None
+    latency_ms: float | None = None
+    ttft_ms: float | None = None
+    error_ref: str | None = None
+    error_kind: str | None = None
+    started: float = field(default_factory=time.perf_counter, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == STATUS_OK
+
+    def columns(self) -> dict:
+        return {
+            "content": self.text,
+            "status": self.status,
+            "agent": self.agent,
+            "model": self.model,
+            "tokens_in": self.tokens_in,
+            "tokens_out": self.tokens_out,
+            "latency_ms": self.latency_ms,
+            "ttft_ms": self.ttft_ms,
+            "error_ref": self.error_ref,
+        }
+
+
+class ChatService:
+    def __init__(self, settings: Settings, store: Store, pool: AgentPool):
+        self.settings = settings
+        self.store = store
+        self.pool = pool
+        # Open, authenticated sockets (tornado_app.handlers.chat_socket.ChatSocket).
+        self.sockets: set = set()
+
+    async def authenticate(self, token: str | None) -> Row | None:
+        """The active user a token names, or None (the reason is logged)."""
+        try:
+            claims = auth.decode_token(self.settings.jwt_secret, token or "")
+        except auth.AuthError as exc:
+            logger.info("websocket refused: %s", exc)
+            return None
+        user = await self.store.get_user(claims.username)
+        if user is None or user.disabled:
+            logger.info("websocket refused: unknown or disabled user")
+            return None
+        return user
+
+    async def take_rate_limit(self, user_id: int) -> Decision:
+        limit = self.settings.rate_limit
+        return await self.store.take_rate_limit(
+            user_id, time.time(), limit.messages, limit.per_seconds
+        )
+
+    async def answer(
+        self, user: Row, conversation_id: int, content: str, on_chunk: OnChunk | None = None
+    ) -> Reply:
+        """Save the message, get and save the reply, and return it.
+
+        Cancelling the task that runs this saves the partial reply as
+        ``cancelled`` before the cancellation goes on.
+        """
+        message_id = await self.store.add_user_message(conversation_id, user.id, content)
+        history = await self.store.history(conversation_id, message_id, HISTORY_LIMIT)
+        reply = Reply()
+        try:
+            with self.pool.lease() as chain:
+                await self._generate(chain, user.username, history, content, reply, on_chunk)
+        except asyncio.CancelledError:
+            reply.status = STATUS_CANCELLED
+            self._finish(reply)
+            await asyncio.shield(self._save(conversation_id, user.id, message_id, reply))
+            raise
+        self._finish(reply)
+        await self._save(conversation_id, user.id, message_id, reply)
+        return reply
+
+    async def _generate(self, chain, username, history, content, reply, on_chunk) -> None:
+        deadline = self.settings.agent.timeout_seconds
+        for position, agent in enumerate(chain):
+            reply.agent, reply.model = agent.name, agent.model
+            request = AgentRequest(self._prompt(agent, username, history, content), username)
+            try:
+                async with asyncio.timeout(deadline):
+                    await agent.wait_ready()
+                    await self._stream(agent, request, reply, on_chunk)
+                self._count_tokens(agent, request, reply)
+                return
+            except Exception as exc:  # AgentError, TimeoutError, or a plugin's bug
+                self._fail(reply, agent, exc)
+                if reply.text or position == len(chain) - 1:
+                    return  # fallbacks only take over before the first token
+                logger.info("agent %s failed before its first token; trying %s",
+                            agent.name, chain[position + 1].name)
+
+    async def _stream(self, agent: Agent, request: AgentRequest, reply: Reply, on_chunk) -> None:
+        async for piece in agent.stream(request):
+            if not piece:
+                continue
+            if reply.ttft_ms is None:
+                reply.ttft_ms = (time.perf_counter() - reply.started) * 1000
+            reply.text += piece
+            if on_chunk is not None:
+                await on_chunk(piece)
+
+    def _prompt(self, agent: Agent, username: str, history: list[Row], content: str) -> list[dict]:
+        """System prompt, then as many of the latest turns as fit, then the message."""
+        system = self.settings.agent.system_prompt.replace("{username}", username)
+        budget = agent.context_tokens - agent.reply_tokens
+        budget -= agent.count_tokens(system) + agent.count_tokens(content) + 2 * TOKENS_PER_MESSAGE
+        kept: list[dict] = []
+        for row in reversed(history):
+            budget -= agent.count_tokens(row.content) + TOKENS_PER_MESSAGE
+            if budget < 0:
+                break
+            kept.append({"role": row.role, "content": row.content})
+        kept.reverse()
+        # A cut can leave a reply first; models expect a user turn after the system prompt.
+        while kept and kept[0]["role"] != ROLE_USER:
+            kept.pop(0)
+        return [{"role": "system", "content": system}, *kept, {"role": "user", "content": content}]
+
+    @staticmethod
+    def _count_tokens(agent: Agent, request: AgentRequest, reply: Reply) -> None:
+        usage = request.usage
+        reply.tokens_in = usage.tokens_in
+        if reply.tokens_in is None:
+            reply.tokens_in = sum(
+                agent.count_tokens(m["content"]) + TOKENS_PER_MESSAGE for m in request.messages
+            )
+        reply.tokens_out = usage.tokens_out
+        if reply.tokens_out is None:
+            reply.tokens_out = agent.count_tokens(reply.text) if reply.text else 0
+
+    @staticmethod
+    def _fail(reply: Reply, agent: Agent, exc: BaseException) -> None:
+        reply.status = STATUS_ERROR
+        reply.error_ref = secrets.token_hex(4)
+        if isinstance(exc, AgentError):
+            reply.error_kind = exc.kind
+            logger.warning("agent %s failed (%s, ref %s): %s", agent.name, exc.kind, reply.error_ref, exc)
+        elif isinstance(exc, TimeoutError):
+            reply.error_kind = "timeout"
+            logger.warning("agent %s timed out (ref %s)", agent.name, reply.error_ref)
+        else:
+            reply.error_kind = "internal"
+            # The type only: an exception's text may quote upstream bodies or keys.
+            logger.error("agent %s raised %s (ref %s)", agent.name, type(exc).__name__, reply.error_ref)
+            logger.debug("agent %s traceback (ref %s)", agent.name, reply.error_ref, exc_info=exc)
+
+    @staticmethod
+    def _finish(reply: Reply) -> None:
+        reply.latency_ms = (time.perf_counter() - reply.started) * 1000
+
+    async def _save(self, conversation_id: int, user_id: int, message_id: int, reply: Reply) -> None:
+        await self.store.add_reply(conversation_id, user_id, message_id, **reply.columns())
+
+
+def error_text(reply: Reply) -> str:
+    """The fixed, safe text of the error frame for a failed reply."""
+    if reply.error_kind == "timeout":
+        return f"The AI agent did not answer in time (reference {reply.error_ref})."
+    if reply.error_kind == "rate_limited":
+        return f"The AI agent is busy; please try again shortly (reference {reply.error_ref})."
+    return f"An error occurred while processing your message (reference {reply.error_ref})."

@@ -1,0 +1,260 @@
+"""Typed settings, read once from YAML and the environment.
+
+Precedence: built-in defaults < the YAML file < ``TORNADO_APP_<SECTION>__<KEY>``
+environment variables. Relative paths (``data_dir``, a relative SQLite file)
+are taken relative to the folder of the config file, so a service manager may
+start the server from any working directory.
+
+Every mistake is reported as one :class:`ConfigError` line that names the key
+and the fix; ``__main__`` turns it into exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from sqlalchemy.engine import make_url
+
+ENV_PREFIX = "TORNADO_APP_"
+MIN_SECRET_BYTES = 32
+
+
+class ConfigError(Exception):
+    """A configuration mistake, phrased for the operator in one line."""
+
+
+class Section(BaseModel):
+    # Unknown keys are mistakes (a typo must not silently fall back to a default).
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ServerSettings(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    # Largest WebSocket frame accepted; a bigger one closes the socket with 1009.
+    max_message_bytes: int = Field(64 * 1024, ge=1024)
+    ping_interval_seconds: float = Field(20.0, ge=0)
+    ping_timeout_seconds: float = Field(20.0, gt=0)
+    shutdown_grace_seconds: float = Field(10.0, ge=0)
+
+    @model_validator(mode="after")
+    def _ping_timeout_within_interval(self):
+        # Tornado silently shortens a timeout longer than the interval; say so instead.
+        if self.ping_interval_seconds and self.ping_timeout_seconds > self.ping_interval_seconds:
+            raise ValueError("ping_timeout_seconds must not exceed ping_interval_seconds")
+        return self
+
+
+class DatabaseSettings(Section):
+    # Any SQLAlchemy async URL: sqlite+aiosqlite:///file or postgresql+asyncpg://...
+    url: str = "sqlite+aiosqlite:///data/chat.db"
+    echo: bool = False
+
+
+class AuthSettings(Section):
+    # HS256 secret. Left empty, one is generated on first run into jwt_secret_file.
+    jwt_secret: SecretStr | None = None
+    jwt_secret_file: str = "jwt_secret"  # relative to data_dir
+    token_ttl_minutes: int = Field(60, ge=1)
+    # Set true when the service is reached over HTTPS (adds Secure to the cookie).
+    cookie_secure: bool = False
+
+
+class RateLimitSettings(Section):
+    messages: int = Field(20, ge=1)
+    per_seconds: float = Field(60.0, gt=0)
+    # Messages refused in a row before the socket is closed with 1008.
+    max_rejections: int = Field(5, ge=1)
+
+
+class ChatSettings(Section):
+    max_content_chars: int = Field(4000, ge=1)
+    # Unanswered messages one socket may have, the one being answered included.
+    max_pending: int = Field(5, ge=1)
+
+
+class AgentSettings(BaseModel):
+    """The agent section. Plugin option sections (``agent.<plugin>``) are extra
+    keys here; each plugin validates its own (see tornado_app.agents)."""
+
+    model_config = ConfigDict(extra="allow", validate_default=True)
+
+    backend: str = "echo"
+    system_prompt: str = "You are a helpful assistant talking with {username}."
+    fallbacks: list[str] = []
+    # Deadline for one whole reply, first token to last.
+    timeout_seconds: float = Field(120.0, gt=0)
+
+    def plugin_options(self, name: str) -> dict[str, Any]:
+        value = (self.model_extra or {}).get(name) or {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"agent.{name}: must be a mapping of options")
+        return value
+
+
+class LoggingSettings(Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+
+
+class Settings(Section):
+    data_dir: str = "data"
+    server: ServerSettings = ServerSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    auth: AuthSettings = AuthSettings()
+    rate_limit: RateLimitSettings = RateLimitSettings()
+    chat: ChatSettings = ChatSettings()
+    agent: AgentSettings = AgentSettings()
+    logging: LoggingSettings = LoggingSettings()
+
+    @property
+    def jwt_secret(self) -> str:
+        assert self.auth.jwt_secret is not None, "load_settings() fills the secret"
+        return self.auth.jwt_secret.get_secret_value()
+
+
+def load_settings(
+    path: str | os.PathLike | None, environ: dict[str, str] | None = None
+) -> Settings:
+    """Read, merge and validate; resolve paths; make sure a JWT secret exists."""
+    environ = os.environ if environ is None else environ
+    raw = _read_yaml(Path(path)) if path else {}
+    for keys, value in _env_overrides(environ):
+        _set_nested(raw, keys, value)
+    try:
+        settings = Settings.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(describe_error(exc)) from None
+    base = Path(path).resolve().parent if path else Path.cwd()
+    _resolve_paths(settings, base)
+    _ensure_jwt_secret(settings)
+    return settings
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path} is not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections (server:, auth:, ...)")
+    return data
+
+
+def _env_overrides(environ: dict[str, str]):
+    """Yield (key path, value) for every TORNADO_APP_SECTION__KEY variable.
+
+    Values stay strings (pydantic converts "8001" or "true"); a value that
+    starts with [ or { is read as YAML, for lists such as agent.fallbacks.
+    """
+    for name, value in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        keys = name[len(ENV_PREFIX):].lower().split("__")
+        if value.strip()[:1] in ("[", "{"):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise ConfigError(f"{name}: not a valid YAML list or mapping") from None
+        yield keys, value
+
+
+def _set_nested(tree: dict[str, Any], keys: list[str], value: Any) -> None:
+    for key in keys[:-1]:
+        child = tree.get(key)
+        if not isinstance(child, dict):
+            child = tree[key] = {}
+        tree = child
+    tree[keys[-1]] = value
+
+
+def env_name(loc: tuple) -> str:
+    return ENV_PREFIX + "__".join(str(part).upper() for part in loc)
+
+
+def describe_error(
+    exc: ValidationError, prefix: tuple = (), model: type[BaseModel] | None = None
+) -> str:
+    """One line for the first error: the key, what is wrong, how to fix it.
+
+    ``prefix`` and ``model`` place a plugin's options (validated on their own)
+    at their key, e.g. ``("agent", "openai")``.
+    """
+    error = exc.errors()[0]
+    inner = tuple(part for part in error["loc"] if not isinstance(part, int))
+    loc = prefix + inner
+    key = ".".join(str(part) for part in loc)
+    if error["type"] == "extra_forbidden":
+        known = _known_keys(model or Settings, inner[:-1])
+        return f"{key}: unknown key; remove it or use one of: {', '.join(known)}"
+    got = error.get("input")
+    secret = any(word in key for word in ("secret", "key", "password"))
+    shown = "" if isinstance(got, (dict, list)) or secret else f" (got {got!r})"
+    return f"{key}: {error['msg']}{shown}; fix it in the config file or with {env_name(loc)}"
+
+
+def _known_keys(model: type[BaseModel], section: tuple) -> list[str]:
+    for part in section:
+        annotation = model.model_fields[part].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return sorted(model.model_fields)
+
+
+def _resolve_paths(settings: Settings, base: Path) -> None:
+    data_dir = Path(settings.data_dir)
+    settings.data_dir = str(data_dir if data_dir.is_absolute() else base / data_dir)
+    url = make_url(settings.database.url)
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        db_path = Path(url.database)
+        if not db_path.is_absolute():
+            settings.database.url = url.set(database=str(base / db_path)).render_as_string(
+                hide_password=False
+            )
+
+
+def _ensure_jwt_secret(settings: Settings) -> None:
+    """Use the configured secret, or the one saved under data_dir, or make one."""
+    auth = settings.auth
+    if auth.jwt_secret is None or not auth.jwt_secret.get_secret_value():
+        auth.jwt_secret = SecretStr(_stored_secret(Path(settings.data_dir) / auth.jwt_secret_file))
+    if len(settings.jwt_secret.encode()) < MIN_SECRET_BYTES:
+        raise ConfigError(
+            f"auth.jwt_secret: must be at least {MIN_SECRET_BYTES} bytes; "
+            f"generate one with: python -c 'import secrets; print(secrets.token_hex(32))' "
+            f"or leave it empty to have one generated"
+        )
+
+
+def _stored_secret(path: Path) -> str:
+    try:
+        if path.exists():
+            return path.read_text(encoding="utf-8").strip()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        secret = secrets.token_hex(MIN_SECRET_BYTES)  # 32 random bytes, hex encoded
+        # O_EXCL: two processes starting together must not overwrite each other.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(secret + "\n")
+        return secret
+    except FileExistsError:
+        return path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(
+            f"auth.jwt_secret_file: cannot use {path} ({exc.strerror}); "
+            f"set auth.jwt_secret or TORNADO_APP_AUTH__JWT_SECRET instead"
+        ) from None

@@ -1,0 +1,13 @@
+"""HTTP and WebSocket handlers. Each module exports ``routes``; here they are joined."""
+
+from . import chat_socket, health, token
+from .base import BaseHandler
+
+
+class NotFoundHandler(BaseHandler):
+    def prepare(self) -> None:
+        self.write_json(404, {"error": "not_found", "error_description": "No such resource."})
+
+
+def all_routes() -> list:
+    return [*chat_socket.routes, *token.routes, *health.routes]

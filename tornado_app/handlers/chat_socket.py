@@ -1,0 +1,180 @@
+"""The WebSocket of the spec: /ws/ai/ai-chat/{client_id}.
+
+Per socket, frames are read in ``on_message`` and never awaited there (Tornado
+reads no further frame, not even a pong, until it returns). Chat messages go
+into a small queue; one worker task per socket answers them in order, so a
+second message sent while a reply is in flight waits its turn. At most
+``chat.max_pending`` messages may be unanswered on a socket, the one in flight
+included; one more gets an ``error`` frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+
+from sqlalchemy.exc import SQLAlchemyError
+from tornado.websocket import WebSocketClosedError, WebSocketHandler
+
+from .. import frames
+from ..auth import bearer_value
+from ..chat import ChatService, error_text
+from ..frames import Cancel, ChatMessage, FrameError
+from .base import request_summary
+from .token import COOKIE_NAME
+
+logger = logging.getLogger(__name__)
+
+CLIENT_ID = re.compile(r"[A-Za-z0-9._~:-]{1,128}")
+
+# Close codes (RFC 6455 and DESIGN.md).
+NORMAL = 1000
+GOING_AWAY = 1001
+POLICY_VIOLATION = 1008
+SERVER_ERROR = 1011
+
+STORE_UNAVAILABLE = "The service could not save your message; please try again shortly."
+QUEUE_FULL = "Too many messages are waiting for a reply; wait for the current one."
+NOTHING_TO_CANCEL = "There is no reply in progress to cancel."
+CANCELLED = "The reply was cancelled."
+UNEXPECTED = "An unexpected error occurred while processing your message."
+
+
+class ChatSocket(WebSocketHandler):
+    user = None
+    worker: asyncio.Task | None = None
+    current: asyncio.Task | None = None
+
+    @property
+    def chat(self) -> ChatService:
+        return self.settings["chat"]
+
+    def _request_summary(self) -> str:
+        return request_summary(self)
+
+    def get_compression_options(self):
+        return None  # off: compression costs memory per socket and invites CRIME-style leaks
+
+    async def open(self, client_id: str) -> None:
+        token = self.get_query_argument("token", None) or bearer_value(self.get_cookie(COOKIE_NAME))
+        try:
+            user = await self.chat.authenticate(token)
+        except (SQLAlchemyError, OSError):
+            logger.exception("websocket: database unavailable during authentication")
+            self.close(SERVER_ERROR, "Service unavailable")
+            return
+        # Accept, then close: a browser sees 1008 only on an open socket.
+        if user is None:
+            self.close(POLICY_VIOLATION, "Authentication failed")
+            return
+        if not CLIENT_ID.fullmatch(client_id):
+            self.close(POLICY_VIOLATION, "Invalid client_id")
+            return
+        try:
+            self.conversation_id = await self.chat.store.open_conversation(user.id, client_id)
+        except (SQLAlchemyError, OSError):
+            logger.exception("websocket: database unavailable when opening a conversation")
+            self.close(SERVER_ERROR, "Service unavailable")
+            return
+        self.user = user
+        self.rejections = 0
+        self.queue: asyncio.Queue[ChatMessage] = asyncio.Queue()
+        self.chat.sockets.add(self)
+        self.worker = asyncio.create_task(self._work())
+        self._send_now(frames.frame(frames.SYSTEM, frames.WELCOME.format(username=user.username)))
+
+    def on_message(self, message: str | bytes) -> None:
+        if self.user is None:
+            return
+        try:
+            parsed = frames.parse_client_frame(message, self.chat.settings.chat.max_content_chars)
+        except FrameError as exc:
+            self._send_now(frames.frame(frames.ERROR, str(exc)))
+            return
+        if isinstance(parsed, Cancel):
+            self._cancel_reply()
+        elif self.queue.qsize() + self.busy >= self.chat.settings.chat.max_pending:
+            self._send_now(frames.frame(frames.ERROR, QUEUE_FULL))
+        else:
+            self.queue.put_nowait(parsed)
+
+    @property
+    def busy(self) -> bool:
+        return self.current is not None and not self.current.done()
+
+    def on_close(self) -> None:
+        self.chat.sockets.discard(self)
+        if self.worker is not None:
+            self.worker.cancel()  # also cancels the reply in flight, which saves it
+
+    def _cancel_reply(self) -> None:
+        if not self.busy:
+            self._send_now(frames.frame(frames.ERROR, NOTHING_TO_CANCEL))
+            return
+        self.current.cancel()
+
+    async def _work(self) -> None:
+        while True:
+            message = await self.queue.get()
+            self.current = asyncio.create_task(self._exchange(message))
+            try:
+                await self.current
+            except asyncio.CancelledError:
+                if asyncio.current_task().cancelling():
+                    raise  # the socket closed: stop the worker too
+                await self._send(frames.frame(frames.SYSTEM, CANCELLED))
+            except Exception:
+                logger.exception("websocket: unexpected error in an exchange")
+                await self._send(frames.frame(frames.ERROR, UNEXPECTED))
+                self.close(SERVER_ERROR, "Unexpected server error")
+                return
+            finally:
+                self.current = None
+
+    async def _exchange(self, message: ChatMessage) -> None:
+        try:
+            decision = await self.chat.take_rate_limit(self.user.id)
+            if not decision.allowed:
+                await self._rate_limited(decision.retry_after)
+                return
+            self.rejections = 0
+            on_chunk = self._send_chunk if message.stream else None
+            reply = await self.chat.answer(self.user, self.conversation_id, message.content, on_chunk)
+        except (SQLAlchemyError, OSError):
+            logger.exception("websocket: database error during an exchange")
+            await self._send(frames.frame(frames.ERROR, STORE_UNAVAILABLE))
+            return
+        if reply.ok:
+            await self._send(frames.frame(frames.AI_RESPONSE, reply.text))
+        else:
+            await self._send(frames.frame(frames.ERROR, error_text(reply)))
+
+    async def _rate_limited(self, retry_after: float) -> None:
+        self.rejections += 1
+        await self._send(frames.frame(
+            frames.ERROR,
+            f"Rate limit exceeded: try again in {max(retry_after, 0.1):.1f} seconds.",
+        ))
+        if self.rejections >= self.chat.settings.rate_limit.max_rejections:
+            logger.info("websocket: closing %s for sending while rate limited", self.user.username)
+            self.close(POLICY_VIOLATION, "Rate limit exceeded")
+
+    async def _send_chunk(self, piece: str) -> None:
+        await self._send(frames.frame(frames.AI_RESPONSE_CHUNK, piece))
+
+    async def _send(self, text: str) -> None:
+        try:
+            await self.write_message(text)
+        except WebSocketClosedError:
+            pass  # the client left; what it missed is in the transcript
+
+    def _send_now(self, text: str) -> None:
+        """Queue a frame without waiting (from on_message and open)."""
+        try:
+            self.write_message(text)
+        except WebSocketClosedError:
+            pass
+
+
+routes = [(r"/ws/ai/ai-chat/([^/]+)", ChatSocket)]

@@ -1,0 +1,37 @@
+"""Liveness and readiness probes."""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from .base import BaseHandler
+
+logger = logging.getLogger(__name__)
+
+
+class HealthHandler(BaseHandler):
+    """Alive: the process answers HTTP."""
+
+    def get(self) -> None:
+        self.write_json(200, {"status": "ok"})
+
+
+class ReadyHandler(BaseHandler):
+    """Ready: the database answers and the agent is loaded (503 otherwise)."""
+
+    async def get(self) -> None:
+        checks = {"database": "ok", "agent": "ok"}
+        try:
+            await self.store.ping()
+        except (SQLAlchemyError, OSError) as exc:
+            logger.warning("readiness: database unreachable (%s)", type(exc).__name__)
+            checks["database"] = "unavailable"
+        if not self.chat.pool.ready:
+            checks["agent"] = "loading"
+        ready = all(value == "ok" for value in checks.values())
+        self.write_json(200 if ready else 503, {"status": "ready" if ready else "not ready", **checks})
+
+
+routes = [(r"/healthz", HealthHandler), (r"/readyz", ReadyHandler)]

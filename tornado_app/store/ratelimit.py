@@ -1,0 +1,63 @@
+"""The per-user rate limit as one atomic SQL statement (GCRA).
+
+GCRA keeps one number per user, the theoretical arrival time ``tat``. With
+``T = per_seconds / messages`` and burst tolerance ``tau = per_seconds - T``, a
+message at time ``now`` passes when ``max(tat, now) - now <= tau``, and then
+``tat`` becomes ``max(tat, now) + T``. Decision and update happen in a single
+``INSERT ... ON CONFLICT DO UPDATE ... RETURNING``, so concurrent senders on
+any number of processes sharing the database can never both take the last
+slot: the database serialises the row update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import case, literal
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from .models import RateLimit
+
+# Floating point slack, so that a message exactly on the boundary passes.
+EPSILON = 1e-6
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    retry_after: float  # seconds until the next message would pass; 0 if allowed
+
+
+def dialect_insert(conn: AsyncConnection):
+    """The dialect's INSERT, which knows ON CONFLICT (SQLite and PostgreSQL)."""
+    name = conn.dialect.name
+    if name == "postgresql":
+        return postgresql.insert
+    if name == "sqlite":
+        return sqlite.insert
+    raise RuntimeError(f"unsupported database dialect {name!r}")
+
+
+async def take(
+    conn: AsyncConnection, user_id: int, now: float, messages: int, per_seconds: float
+) -> Decision:
+    interval = per_seconds / messages
+    tolerance = per_seconds - interval
+    row = RateLimit.__table__.c
+    start = case((row.tat > now, row.tat), else_=literal(now))
+    passes = start - now <= tolerance + EPSILON
+    insert = dialect_insert(conn)(RateLimit).values(
+        user_id=user_id, tat=now + interval, granted=True
+    )
+    statement = insert.on_conflict_do_update(
+        index_elements=[row.user_id],
+        set_={
+            "tat": case((passes, start + interval), else_=row.tat),
+            "granted": passes,
+        },
+    ).returning(row.tat, row.granted)
+    tat, granted = (await conn.execute(statement)).one()
+    if granted:
+        return Decision(True, 0.0)
+    return Decision(False, max(0.0, tat - tolerance - now))
