@@ -125,6 +125,7 @@ class ChatService:
         deadline = self.settings.agent.timeout_seconds
         for position, agent in enumerate(chain):
             reply.agent, reply.model = agent.name, agent.model
+            reply.status, reply.error_ref, reply.error_kind = STATUS_OK, None, None
             request = AgentRequest(self._prompt(agent, username, history, content), username)
             try:
                 async with asyncio.timeout(deadline):

@@ -1,0 +1,129 @@
+"""Test helpers: a WebSocket client, a scriptable fake agent and its plugin."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import deque
+from dataclasses import dataclass, field
+
+from tornado.httpclient import HTTPRequest
+from tornado.websocket import WebSocketClientConnection, websocket_connect
+
+from tornado_app.agents import Agent, AgentRequest
+from tornado_app.hookspecs import hookimpl
+
+TIMEOUT = 5.0
+
+
+class Client:
+    """A WebSocket client that reads frames as dicts (None once closed)."""
+
+    def __init__(self, conn: WebSocketClientConnection):
+        self.conn = conn
+
+    async def send(self, message) -> None:
+        if isinstance(message, bytes):
+            await self.conn.write_message(message, binary=True)
+        elif isinstance(message, str):
+            await self.conn.write_message(message)
+        else:
+            await self.conn.write_message(json.dumps(message))
+
+    async def receive(self, timeout: float = TIMEOUT) -> dict | None:
+        raw = await asyncio.wait_for(self.conn.read_message(), timeout)
+        return None if raw is None else json.loads(raw)
+
+    async def receive_type(self, kind: str, timeout: float = TIMEOUT) -> dict:
+        """Skip frames until one of the given type arrives."""
+        while True:
+            frame = await self.receive(timeout)
+            assert frame is not None, f"closed ({self.close_code}) before a {kind} frame"
+            if frame["type"] == kind:
+                return frame
+
+    async def wait_closed(self, timeout: float = TIMEOUT) -> int | None:
+        """Read until the server closes; returns the close code."""
+        while await self.receive(timeout) is not None:
+            pass
+        return self.close_code
+
+    @property
+    def close_code(self) -> int | None:
+        return self.conn.close_code
+
+    @property
+    def close_reason(self) -> str | None:
+        return self.conn.close_reason
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+async def connect_ws(url: str, cookie: str | None = None, origin: str | None = None) -> Client:
+    headers = {}
+    if cookie is not None:
+        headers["Cookie"] = cookie
+    if origin is not None:
+        headers["Origin"] = origin
+    request = HTTPRequest(url, headers=headers, connect_timeout=TIMEOUT)
+    conn = await websocket_connect(request, max_message_size=64 * 1024 * 1024)
+    return Client(conn)
+
+
+@dataclass
+class Step:
+    """One scripted reply: pieces to yield, then maybe an error."""
+
+    pieces: tuple[str, ...]
+    error: BaseException | None = None
+    delay: float = 0.0
+    gate: asyncio.Event | None = None
+    usage: tuple[int, int] | None = None
+
+
+@dataclass
+class FakeAgent(Agent):
+    """Deterministic agent: replies from ``enqueue()``, or ``"fake reply to: <content>"``."""
+
+    model: str = "fake-model"
+    script: deque = field(default_factory=deque)
+    history: list[AgentRequest] = field(default_factory=list)
+    closed: bool = False
+
+    def __post_init__(self):
+        Agent.__init__(self)
+
+    def enqueue(self, *pieces: str, error=None, delay=0.0, gate=None, usage=None) -> None:
+        self.script.append(Step(pieces, error, delay, gate, usage))
+
+    async def stream(self, request: AgentRequest):
+        self.history.append(request)
+        step = self.script.popleft() if self.script else Step(
+            (f"fake reply to: {request.messages[-1]['content']}",)
+        )
+        for piece in step.pieces:
+            if step.gate is not None:
+                await step.gate.wait()
+            if step.delay:
+                await asyncio.sleep(step.delay)
+            yield piece
+        if step.error is not None:
+            raise step.error
+        if step.usage is not None:
+            request.usage.tokens_in, request.usage.tokens_out = step.usage
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class FakePlugin:
+    """A plugin object offering the given agent instances under their names."""
+
+    def __init__(self, agents: dict[str, Agent]):
+        self.agents = agents
+
+    @hookimpl
+    def register_agents(self, register):
+        for name, agent in self.agents.items():
+            register(name, lambda options, settings, agent=agent: agent)

@@ -1,0 +1,122 @@
+"""The per-user rate limit: one atomic SQL statement, exact under concurrency."""
+
+import asyncio
+
+import pytest
+
+from tornado_app.store import Store
+from tornado_app.store.schema import ensure_schema
+
+
+@pytest.fixture
+def limiter_store(io_loop, any_db_url):
+    """A Store on an empty database of each kind, with users 1 and 2."""
+    store = Store.from_url(any_db_url)
+
+    async def prepare():
+        await ensure_schema(store.engine)
+        for name in ("u1", "u2"):
+            await store.create_user(name, None)
+
+    io_loop.run_sync(prepare)
+    yield store
+    io_loop.run_sync(store.close)
+
+
+@pytest.mark.gen_test
+async def test_burst_then_steady_rate(limiter_store):
+    take = limiter_store.take_rate_limit
+    # 3 messages per 30 s: a burst of 3, then one every 10 s.
+    results = [await take(1, 1000.0, 3, 30.0) for _ in range(4)]
+    assert [r.allowed for r in results] == [True, True, True, False]
+    assert results[3].retry_after == pytest.approx(10.0)
+    assert not (await take(1, 1009.9, 3, 30.0)).allowed
+    assert (await take(1, 1010.0, 3, 30.0)).allowed
+    assert not (await take(1, 1010.0, 3, 30.0)).allowed
+
+
+@pytest.mark.gen_test
+async def test_denied_messages_do_not_push_the_limit_further(limiter_store):
+    take = limiter_store.take_rate_limit
+    for _ in range(2):
+        assert (await take(1, 0.0, 2, 10.0)).allowed
+    for _ in range(5):
+        assert not (await take(1, 1.0, 2, 10.0)).allowed
+    assert (await take(1, 5.0, 2, 10.0)).allowed
+
+
+@pytest.mark.gen_test
+async def test_users_are_limited_separately(limiter_store):
+    take = limiter_store.take_rate_limit
+    assert (await take(1, 0.0, 1, 60.0)).allowed
+    assert not (await take(1, 0.0, 1, 60.0)).allowed
+    assert (await take(2, 0.0, 1, 60.0)).allowed
+
+
+@pytest.mark.gen_test
+async def test_concurrent_takes_grant_exactly_the_limit(limiter_store):
+    limit = 7
+    results = await asyncio.gather(
+        *(limiter_store.take_rate_limit(1, 500.0, limit, 60.0) for _ in range(40))
+    )
+    assert sum(r.allowed for r in results) == limit
+
+
+@pytest.fixture
+def settings(settings):
+    settings.rate_limit.messages = 3
+    settings.rate_limit.per_seconds = 600
+    settings.rate_limit.max_rejections = 3
+    return settings
+
+
+@pytest.mark.gen_test
+async def test_message_over_the_limit_gets_error_and_skips_the_agent(connect, fake_agent):
+    client = await connect()
+    for i in range(3):
+        await client.send({"content": f"m{i}"})
+        assert (await client.receive())["type"] == "ai_response"
+    await client.send({"content": "one too many"})
+    frame = await client.receive()
+    assert frame["type"] == "error"
+    assert frame["message"].startswith("Rate limit exceeded: try again in ")
+    assert len(fake_agent.history) == 3
+
+
+@pytest.mark.gen_test
+async def test_bad_frames_do_not_count(connect, fake_agent):
+    client = await connect()
+    for _ in range(10):
+        await client.send("not json")
+        assert (await client.receive())["type"] == "error"
+    for i in range(3):
+        await client.send({"content": f"m{i}"})
+        assert (await client.receive())["type"] == "ai_response"
+
+
+@pytest.mark.gen_test
+async def test_sending_on_while_limited_closes_with_1008(connect, settings):
+    client = await connect()
+    for i in range(3):
+        await client.send({"content": f"m{i}"})
+        await client.receive()
+    for _ in range(settings.rate_limit.max_rejections):
+        await client.send({"content": "more"})
+    assert await client.wait_closed() == 1008
+    assert client.close_reason == "Rate limit exceeded"
+
+
+@pytest.mark.gen_test
+async def test_concurrent_sockets_of_one_user_share_the_limit(connect, fake_agent):
+    clients = [await connect(f"c{i}") for i in range(4)]
+
+    async def burst(client):
+        for i in range(2):
+            await client.send({"content": f"m{i}"})
+        return [(await client.receive())["type"] for _ in range(2)]
+
+    outcomes = await asyncio.gather(*(burst(c) for c in clients))
+    kinds = [kind for outcome in outcomes for kind in outcome]
+    assert kinds.count("ai_response") == 3
+    assert kinds.count("error") == 5
+    assert len(fake_agent.history) == 3
