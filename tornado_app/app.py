@@ -84,6 +84,8 @@ class Service:
         self.settings.agent = fresh.agent
 
     async def stop(self) -> None:
+        if self.http is None:
+            return  # never started, or already stopped
         grace = self.settings.server.shutdown_grace_seconds
         logger.info("shutting down: letting replies finish (up to %.0fs)", grace)
         self.http.stop()
@@ -94,12 +96,17 @@ class Service:
         workers = [s.worker for s in sockets if s.worker is not None]
         for sock in sockets:
             sock.close(GOING_AWAY, "Server shutting down")
+            # Cancel now rather than when the client acknowledges the close:
+            # a client that never does must not hold up the shutdown.
+            if sock.worker is not None:
+                sock.worker.cancel()
         if workers:
-            # Closing cancels the workers; a cancelled reply saves itself first.
+            # A cancelled reply saves itself (status "cancelled") as it ends.
             await asyncio.wait(workers, timeout=5)
         await self.http.close_all_connections()
         await self.pool.close()
         await self.store.close()
+        self.http = None
         logger.info("stopped")
 
 

@@ -1,0 +1,54 @@
+"""Graceful shutdown: replies in flight finish, then every socket gets 1001."""
+
+import asyncio
+
+import pytest
+
+
+@pytest.mark.gen_test
+async def test_stop_lets_replies_finish_then_closes_with_1001(service, connect, fake_agent, store):
+    gate = asyncio.Event()
+    fake_agent.enqueue("finished in time", gate=gate)
+    busy = await connect("busy")
+    idle = await connect("idle", user="bob")
+    await busy.send({"content": "long question"})
+    while not fake_agent.history:
+        await asyncio.sleep(0.01)
+    stopping = asyncio.ensure_future(service.stop())
+    await asyncio.sleep(0.1)
+    gate.set()
+    assert (await busy.receive())["message"] == "finished in time"
+    assert await busy.wait_closed() == 1001
+    assert await idle.wait_closed() == 1001
+    assert busy.close_reason == "Server shutting down"
+    await stopping
+
+
+@pytest.mark.gen_test
+async def test_a_reply_past_the_grace_time_is_saved_as_cancelled(service, settings, connect, fake_agent):
+    settings.server.shutdown_grace_seconds = 0.2
+    fake_agent.enqueue("partial ", *["more "] * 100, delay=0.1)
+    client = await connect()
+    await client.send({"content": "long", "stream": True})
+    await client.receive_type("ai_response_chunk")
+    conversation_id = await service.store.open_conversation(1, "client-1")
+    # Read through a second engine: stop() disposes of the service's own.
+    from tornado_app.store import Store
+
+    reader = Store.from_url(settings.database.url)
+    await service.stop()
+    assert await client.wait_closed() == 1001
+    saved = await reader.conversation_messages(conversation_id)
+    await reader.close()
+    assert [r.role for r in saved] == ["user", "assistant"]
+    assert saved[-1].status == "cancelled"
+    assert saved[-1].content.startswith("partial ")
+
+
+@pytest.mark.gen_test
+async def test_no_new_connections_after_stop(service, ws_url):
+    from tornado.websocket import websocket_connect
+
+    await service.stop()
+    with pytest.raises((ConnectionRefusedError, OSError)):
+        await websocket_connect(ws_url())
