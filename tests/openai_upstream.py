@@ -13,6 +13,8 @@ Script it per test; each behaviour serves ``times`` requests, in order:
   (``stream_options.include_usage``), as OpenAI does.
 - ``status(429)``, ``status(500, body="...", headers={...})``: an error answer.
 - ``hang(seconds)``: send nothing at all for that long.
+- ``stream_error(pieces, message)``: stream ``pieces``, then an error event
+  (``data: {"error": {...}}``), as vLLM and OpenAI do when generation fails.
 - ``garbage(kind)``: a malformed 200 stream: ``"json"`` (invalid JSON in an
   event), ``"no_choices"`` (a chunk without ``choices``), ``"not_sse"``.
 
@@ -49,7 +51,7 @@ class RecordedRequest:
 
 @dataclass
 class Behaviour:
-    kind: str  # reply, status, hang, garbage
+    kind: str  # reply, status, hang, stream_error, garbage
     times: int = 1
     pieces: list[str] = field(default_factory=list)
     usage: tuple[int, int] | None = None
@@ -132,6 +134,9 @@ class FakeOpenAI:
 
     def hang(self, seconds: float, times=1):
         self._add(Behaviour("hang", times, seconds=seconds))
+
+    def stream_error(self, pieces, message: str = "fake upstream: generation failed", times=1):
+        self._add(Behaviour("stream_error", times, pieces=list(pieces), body=message))
 
     def garbage(self, kind: str = "json", times=1):
         assert kind in ("json", "no_choices", "not_sse"), kind
@@ -240,6 +245,14 @@ class _Handler(tornado.web.RequestHandler):
         # The client has usually given up by now; writing shows it.
         self.set_status(500)
         await self._send('{"error": {"message": "fake upstream: hung"}}')
+        self.finish()
+
+    async def _stream_error(self, behaviour: Behaviour, body: dict) -> None:
+        model = body.get("model", "fake-model")
+        await self._start_stream()
+        for piece in behaviour.pieces:
+            await self._event(_chunk(model, {"content": piece}))
+        await self._event({"error": {"message": behaviour.body, "type": "server_error", "code": 500}})
         self.finish()
 
     async def _garbage(self, behaviour: Behaviour, body: dict) -> None:

@@ -194,6 +194,25 @@ def test_failures_map_to_safe_agent_errors(upstream, debug_logs, script, kind):
     assert len(upstream.requests) == 1
 
 
+def test_an_error_event_mid_stream_ends_the_reply(upstream, debug_logs):
+    upstream.stream_error(["Hel"], message=BODY_MARKER)
+    agent = make_agent(upstream)
+    received: list[str] = []
+
+    async def run():
+        try:
+            async for piece in agent.stream(AgentRequest(list(MESSAGES), "alice")):
+                received.append(piece)
+        finally:
+            await agent.close()
+
+    with pytest.raises(AgentError) as info:
+        asyncio.run(run())
+    assert received == ["Hel"]  # the host keeps the partial reply
+    assert info.value.kind == "upstream"
+    assert_no_leak(info.value, debug_logs)
+
+
 def test_a_hung_server_times_out_within_the_timeout(upstream, debug_logs):
     upstream.hang(5)
     started = time.monotonic()

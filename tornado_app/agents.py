@@ -22,7 +22,10 @@ from .config import ConfigError, Settings, describe_error
 logger = logging.getLogger(__name__)
 
 PROJECT = "tornado_app"
-DEFAULT_PLUGINS = ("plugins.echo_agent",)
+DEFAULT_PLUGINS = (
+    "plugins.echo_agent",
+    "plugins.openai_agent",
+)
 
 
 class AgentError(Exception):

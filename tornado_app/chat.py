@@ -10,6 +10,7 @@ reply) before the caller sends it on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -141,14 +142,21 @@ class ChatService:
                             agent.name, chain[position + 1].name)
 
     async def _stream(self, agent: Agent, request: AgentRequest, reply: Reply, on_chunk) -> None:
-        async for piece in agent.stream(request):
-            if not piece:
-                continue
-            if reply.ttft_ms is None:
-                reply.ttft_ms = (time.perf_counter() - reply.started) * 1000
-            reply.text += piece
-            if on_chunk is not None:
-                await on_chunk(piece)
+        # aclosing: a cancel that lands while a chunk is being sent closes the
+        # agent's stream (an upstream HTTP response, say) at once, not at GC.
+        async with contextlib.aclosing(agent.stream(request)) as pieces:
+            async for piece in pieces:
+                await self._take_piece(piece, reply, on_chunk)
+
+    @staticmethod
+    async def _take_piece(piece: str, reply: Reply, on_chunk) -> None:
+        if not piece:
+            return
+        if reply.ttft_ms is None:
+            reply.ttft_ms = (time.perf_counter() - reply.started) * 1000
+        reply.text += piece
+        if on_chunk is not None:
+            await on_chunk(piece)
 
     def _prompt(self, agent: Agent, username: str, history: list[Row], content: str) -> list[dict]:
         """System prompt, then as many of the latest turns as fit, then the message."""
