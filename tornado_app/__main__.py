@@ -130,14 +130,22 @@ async def ensure_current(store: Store) -> None:
 async def db_command(store: Store, args: argparse.Namespace) -> int:
     if args.action == "upgrade":
         before = await schema.current_revision(store.engine)
+        if before is not None and not schema.is_known_revision(before):
+            raise schema.SchemaError(schema.unknown_revision_message(before))
         await schema.upgrade(store.engine)
         after = await schema.current_revision(store.engine)
         print(f"database at revision {after}" + ("" if before == after else f" (was {before})"))
     else:
         current = await schema.current_revision(store.engine)
         head = schema.head_revision()
-        state = "head" if current == head else f"behind head {head}; run db upgrade"
-        print(f"{current or 'empty'} ({'empty database' if current is None else state})")
+        if current is None:
+            print("empty (no schema yet; run db upgrade, or start the server)")
+        elif current == head:
+            print(f"{current} (head)")
+        elif schema.is_known_revision(current):
+            print(f"{current} (behind head {head}; run db upgrade)")
+        else:
+            raise schema.SchemaError(schema.unknown_revision_message(current))
     return 0
 
 
@@ -169,7 +177,7 @@ async def token_command(store: Store, settings: Settings, args: argparse.Namespa
         raise CommandError(f"no user named {args.name!r}")
     if user.disabled:
         raise CommandError(f"user {args.name!r} is disabled")
-    ttl = args.ttl_minutes or settings.auth.token_ttl_minutes
+    ttl = settings.auth.token_ttl_minutes if args.ttl_minutes is None else args.ttl_minutes
     if ttl < 1:
         raise CommandError("--ttl-minutes must be at least 1")
     print(auth.issue_token(settings.jwt_secret, user.username, ttl))

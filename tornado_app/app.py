@@ -59,6 +59,9 @@ class Service:
 
     async def start(self, sockets: list[socket.socket] | None = None) -> None:
         settings = self.settings
+        if sockets is None:
+            # Bind first: a port in use fails before anything else is opened.
+            sockets = tornado.netutil.bind_sockets(settings.server.port, settings.server.host)
         self.store = Store.from_url(settings.database.url, settings.database.echo)
         if await ensure_schema(self.store.engine) == "created":
             logger.info("created the database schema")
@@ -66,8 +69,6 @@ class Service:
         self.chat = ChatService(settings, self.store, self.pool)
         app = make_app(settings, self.store, self.chat)
         self.http = HTTPServer(app, xheaders=False)
-        if sockets is None:
-            sockets = tornado.netutil.bind_sockets(settings.server.port, settings.server.host)
         self.http.add_sockets(sockets)
         self.port = sockets[0].getsockname()[1]
         logger.info("serving on http://%s:%s (agent: %s)",

@@ -124,12 +124,14 @@ def load_settings(
     """Read, merge and validate; resolve paths; make sure a JWT secret exists."""
     environ = os.environ if environ is None else environ
     raw = _read_yaml(Path(path)) if path else {}
-    for keys, value in _env_overrides(environ):
+    from_env: dict[tuple, str] = {}
+    for name, keys, value in _env_overrides(environ):
         _set_nested(raw, keys, value)
+        from_env[tuple(keys)] = name
     try:
         settings = Settings.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(describe_error(exc)) from None
+        raise ConfigError(describe_error(exc, from_env=from_env)) from None
     base = Path(path).resolve().parent if path else Path.cwd()
     _resolve_paths(settings, base)
     _ensure_jwt_secret(settings)
@@ -155,7 +157,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def _env_overrides(environ: dict[str, str]):
-    """Yield (key path, value) for every TORNADO_APP_SECTION__KEY variable.
+    """Yield (variable, key path, value) for every TORNADO_APP_SECTION__KEY variable.
 
     Values stay strings (pydantic converts "8001" or "true"); a value that
     starts with [ or { is read as YAML, for lists such as agent.fallbacks.
@@ -169,7 +171,7 @@ def _env_overrides(environ: dict[str, str]):
                 value = yaml.safe_load(value)
             except yaml.YAMLError:
                 raise ConfigError(f"{name}: not a valid YAML list or mapping") from None
-        yield keys, value
+        yield name, keys, value
 
 
 def _set_nested(tree: dict[str, Any], keys: list[str], value: Any) -> None:
@@ -186,24 +188,38 @@ def env_name(loc: tuple) -> str:
 
 
 def describe_error(
-    exc: ValidationError, prefix: tuple = (), model: type[BaseModel] | None = None
+    exc: ValidationError,
+    prefix: tuple = (),
+    model: type[BaseModel] | None = None,
+    from_env: dict[tuple, str] | None = None,
 ) -> str:
     """One line for the first error: the key, what is wrong, how to fix it.
 
     ``prefix`` and ``model`` place a plugin's options (validated on their own)
-    at their key, e.g. ``("agent", "openai")``.
+    at their key, e.g. ``("agent", "openai")``. ``from_env`` maps key paths to
+    the environment variables that set them, so the line can name the variable.
     """
     error = exc.errors()[0]
     inner = tuple(part for part in error["loc"] if not isinstance(part, int))
     loc = prefix + inner
     key = ".".join(str(part) for part in loc)
+    origin = _env_origin(loc, from_env or {})
     if error["type"] == "extra_forbidden":
         known = _known_keys(model or Settings, inner[:-1])
-        return f"{key}: unknown key; remove it or use one of: {', '.join(known)}"
+        return f"{key}: unknown key{origin}; remove it or use one of: {', '.join(known)}"
     got = error.get("input")
     secret = any(word in key for word in ("secret", "key", "password"))
     shown = "" if isinstance(got, (dict, list)) or secret else f" (got {got!r})"
-    return f"{key}: {error['msg']}{shown}; fix it in the config file or with {env_name(loc)}"
+    where = origin[2:-1] if origin else f"the config file or {env_name(loc)}"
+    return f"{key}: {error['msg']}{shown}; fix it in {where}"
+
+
+def _env_origin(loc: tuple, from_env: dict[tuple, str]) -> str:
+    """' (set by VAR)' when an environment variable set this key or one below it."""
+    for keys, name in from_env.items():
+        if keys[: len(loc)] == loc:
+            return f" (set by {name})"
+    return ""
 
 
 def _known_keys(model: type[BaseModel], section: tuple) -> list[str]:
@@ -246,13 +262,20 @@ def _stored_secret(path: Path) -> str:
             return path.read_text(encoding="utf-8").strip()
         path.parent.mkdir(parents=True, exist_ok=True)
         secret = secrets.token_hex(MIN_SECRET_BYTES)  # 32 random bytes, hex encoded
-        # O_EXCL: two processes starting together must not overwrite each other.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        # Write a private temporary file, then link it into place: the link
+        # fails if another process got there first, and nobody ever reads a
+        # half-written file.
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(secret + "\n")
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            secret = path.read_text(encoding="utf-8").strip()
+        finally:
+            temporary.unlink()
         return secret
-    except FileExistsError:
-        return path.read_text(encoding="utf-8").strip()
     except OSError as exc:
         raise ConfigError(
             f"auth.jwt_secret_file: cannot use {path} ({exc.strerror}); "

@@ -13,6 +13,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError as AlembicCommandError
 from sqlalchemy import inspect
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -57,8 +58,18 @@ async def _run_command(engine: AsyncEngine, alembic_command, revision: str) -> N
         config.attributes["connection"] = sync_conn
         alembic_command(config, revision)
 
-    async with engine.begin() as conn:
-        await conn.run_sync(run)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(run)
+    except AlembicCommandError as exc:
+        raise SchemaError(str(exc)) from None
+
+
+def is_known_revision(revision: str) -> bool:
+    try:
+        return ScriptDirectory.from_config(alembic_config()).get_revision(revision) is not None
+    except AlembicCommandError:
+        return False
 
 
 async def ensure_schema(engine: AsyncEngine) -> str:
@@ -68,6 +79,8 @@ async def ensure_schema(engine: AsyncEngine) -> str:
     """
     async with engine.connect() as conn:
         tables = await conn.run_sync(lambda sync_conn: inspect(sync_conn).get_table_names())
+    # An alembic_version table alone (a database downgraded to base) is empty too.
+    tables = [name for name in tables if name != "alembic_version"]
     current = await current_revision(engine)
     head = head_revision()
     if current is None and not tables:
@@ -80,13 +93,16 @@ async def ensure_schema(engine: AsyncEngine) -> str:
         )
     if current == head:
         return "current"
-    script = ScriptDirectory.from_config(alembic_config())
-    if script.get_revision(current) is None:
-        raise SchemaError(
-            f"the database is at revision {current}, which this version of the service "
-            f"does not know (it expects {head}); run the newer version"
-        )
+    if not is_known_revision(current):
+        raise SchemaError(unknown_revision_message(current))
     raise SchemaError(
         f"the database is at revision {current}, this version needs {head}; "
         f"run: {UPGRADE_HINT}"
+    )
+
+
+def unknown_revision_message(current: str) -> str:
+    return (
+        f"the database is at revision {current}, which this version of the service "
+        f"does not know (it expects {head_revision()}); run the newer version"
     )

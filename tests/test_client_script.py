@@ -1,0 +1,226 @@
+"""test_ai_chat_websocket.py, the spec's client script, run as a user would run it.
+
+One live server per module: ``python -m tornado_app`` as a real subprocess on a
+free port, with a temporary SQLite database, the ``echo`` agent and a user made
+through the CLI. The script runs as a subprocess against it; every failure must
+be a non-zero exit and exactly one ``error: ...`` line on stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "test_ai_chat_websocket.py"
+PASSWORD = "correct horse battery"
+MAX_CONTENT_CHARS = 50
+TIMEOUT = 60  # seconds any one subprocess may take before the test fails
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment without settings that would leak into the subprocesses."""
+    env = {
+        name: value for name, value in os.environ.items()
+        if not name.startswith(("TORNADO_APP_", "CHAT_"))
+    }
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 20) -> None:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            with opener.open(f"{url}/healthz", timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"no answer on {url}/healthz in {timeout} s:\n{log.read_text()}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def start_server(folder: Path, agent: dict) -> tuple[str, subprocess.Popen]:
+    """Write a config, add alice through the CLI, start serving; wait for /healthz."""
+    port = free_port()
+    config = folder / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "data_dir": "data",
+        "server": {"host": "127.0.0.1", "port": port, "shutdown_grace_seconds": 1},
+        "database": {"url": "sqlite+aiosqlite:///data/chat.db"},
+        "rate_limit": {"messages": 1000, "per_seconds": 60},
+        "chat": {"max_content_chars": MAX_CONTENT_CHARS},
+        "agent": agent,
+    }))
+    command = [sys.executable, "-m", "tornado_app", "--config", str(config)]
+    added = subprocess.run([*command, "users", "add", "alice", "--password-stdin"],
+                           input=PASSWORD + "\n", capture_output=True, text=True,
+                           env=clean_env(), cwd=ROOT, timeout=TIMEOUT)
+    assert added.returncode == 0, added.stderr
+    log = folder / "server.log"
+    with log.open("w") as log_file:
+        proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
+                                env=clean_env(), cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc, log)
+    except BaseException:
+        stop(proc)
+        raise
+    return url, proc
+
+
+@pytest.fixture(scope="module")
+def server_url(tmp_path_factory):
+    url, proc = start_server(tmp_path_factory.mktemp("live-server"),
+                             {"backend": "echo", "echo": {"prefix": "Echo: "}})
+    try:
+        yield url
+    finally:
+        stop(proc)
+
+
+@pytest.fixture(scope="module")
+def slow_server_url(tmp_path_factory):
+    """A server whose echo agent pauses 2 s before each word."""
+    url, proc = start_server(tmp_path_factory.mktemp("slow-server"),
+                             {"backend": "echo", "echo": {"delay_seconds": 2}})
+    try:
+        yield url
+    finally:
+        stop(proc)
+
+
+def run_script(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
+                          env=env or clean_env(), cwd=ROOT, timeout=TIMEOUT)
+
+
+def login_args(url: str, password: str = PASSWORD) -> list[str]:
+    return ["--url", url, "--username", "alice", "--password", password]
+
+
+def assert_failed_with_one_line(result: subprocess.CompletedProcess, *words: str,
+                                code: int = 1) -> str:
+    assert result.returncode == code, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    for word in words:
+        assert word in lines[0]
+    return lines[0]
+
+
+def test_default_messages_all_answered(server_url):
+    result = run_script(*login_args(server_url))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    out = result.stdout
+    assert "[system] Welcome to AI Chat, alice! How can I assist you today?" in out
+    assert "[ai] Echo: Hello, AI!" in out
+    assert out.count("[ai] ") == 3
+    assert out.rstrip().endswith("ok: 3 message(s) answered")
+
+
+def test_given_messages_sent_in_order_in_one_conversation(server_url):
+    result = run_script(*login_args(server_url), "--client-id", "script-conv",
+                        "--message", "first", "--message", "second")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[1:5] == ["[you] first", "[ai] Echo: first", "[you] second", "[ai] Echo: second"]
+
+
+def test_stream_prints_the_reply_once_from_its_chunks(server_url):
+    result = run_script(*login_args(server_url), "--stream", "--message", "one two three")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("Echo: one two three") == 1
+    assert "[ai] Echo: one two three\n" in result.stdout
+    # The echo agent streams word by word: "Echo: ", "one ", "two ", "three".
+    assert "ok: 1 message(s) answered in 4 streamed chunk(s)" in result.stdout
+
+
+def test_credentials_from_the_environment(server_url):
+    env = clean_env(CHAT_USERNAME="alice", CHAT_PASSWORD=PASSWORD)
+    result = run_script("--url", server_url, "--message", "hi", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "[ai] Echo: hi" in result.stdout
+
+
+def test_missing_credentials_say_how_to_pass_them():
+    result = run_script("--url", "http://127.0.0.1:9")
+    assert_failed_with_one_line(result, "--username", "CHAT_USERNAME", code=2)
+
+
+def test_wrong_password_is_one_line(server_url):
+    result = run_script(*login_args(server_url, password="wrong password"))
+    assert_failed_with_one_line(result, "login refused", "401")
+    assert "[system]" not in result.stdout
+
+
+def test_server_not_running_is_one_line():
+    url = f"http://127.0.0.1:{free_port()}"
+    result = run_script(*login_args(url), "--timeout", "5")
+    assert_failed_with_one_line(result, "cannot connect", url)
+
+
+def test_error_frame_instead_of_a_reply_fails(server_url):
+    too_long = "x" * (MAX_CONTENT_CHARS + 1)
+    result = run_script(*login_args(server_url), "--message", "fine", "--message", too_long,
+                        "--message", "never sent")
+    line = assert_failed_with_one_line(result, "message 2", "error", "too long")
+    assert "[ai] Echo: fine" in result.stdout
+    assert "[error] Message too long" in result.stdout
+    assert "never sent" not in result.stdout, line
+
+
+def test_socket_closed_by_the_server_reports_the_code(server_url):
+    # The server accepts, then closes with 1008 a client_id it refuses.
+    result = run_script(*login_args(server_url), "--client-id", "not a valid id!")
+    assert_failed_with_one_line(result, "closed", "1008", "Invalid client_id")
+
+
+def test_silent_server_times_out_with_one_line():
+    with socket.socket() as silent:  # accepts connections (backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        result = run_script(*login_args(url), "--timeout", "0.5")
+    assert_failed_with_one_line(result, "Timeout", url)
+    assert time.monotonic() - started < 10
+
+
+def test_reply_that_does_not_come_in_time_is_one_line(slow_server_url):
+    started = time.monotonic()
+    result = run_script(*login_args(slow_server_url), "--message", "hi", "--timeout", "0.5")
+    assert_failed_with_one_line(result, "timed out", "reply to message 1")
+    assert "[system] Welcome" in result.stdout
+    assert time.monotonic() - started < 10
