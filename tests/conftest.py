@@ -98,6 +98,12 @@ async def _reset_postgres_schema(url: str) -> None:
     engine = create_async_engine(url)
     try:
         async with engine.begin() as conn:
+            # A connection an earlier test leaked would hold locks that block
+            # DROP SCHEMA for ever: end them first.
+            await conn.execute(text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ))
             await conn.execute(text("DROP SCHEMA public CASCADE"))
             await conn.execute(text("CREATE SCHEMA public"))
     finally:
@@ -162,7 +168,7 @@ def service(io_loop, settings):
     running = Service(settings)
     io_loop.run_sync(lambda: running.start(sockets=[sock]))
     yield running
-    io_loop.run_sync(running.stop)
+    io_loop.run_sync(running.stop, timeout=30)
 
 
 @pytest.fixture

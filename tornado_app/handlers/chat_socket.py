@@ -122,7 +122,10 @@ class ChatSocket(WebSocketHandler):
                 await self.current
             except asyncio.CancelledError:
                 if asyncio.current_task().cancelling():
-                    raise  # the socket closed: stop the worker too
+                    # The socket closed, which cancelled the reply too: wait
+                    # while it saves itself as cancelled, then stop.
+                    await asyncio.wait([self.current])
+                    raise
                 await self._send(frames.frame(frames.SYSTEM, CANCELLED))
             except Exception:
                 logger.exception("websocket: unexpected error in an exchange")
