@@ -25,6 +25,7 @@ PROJECT = "tornado_app"
 DEFAULT_PLUGINS = (
     "plugins.echo_agent",
     "plugins.openai_agent",
+    "plugins.transformers_agent",
 )
 
 

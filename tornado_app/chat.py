@@ -127,10 +127,12 @@ class ChatService:
         for position, agent in enumerate(chain):
             reply.agent, reply.model = agent.name, agent.model
             reply.status, reply.error_ref, reply.error_kind = STATUS_OK, None, None
-            request = AgentRequest(self._prompt(agent, username, history, content), username)
+            request = AgentRequest([], username)
             try:
                 async with asyncio.timeout(deadline):
+                    # Ready first: a loaded model counts tokens with its own tokenizer.
                     await agent.wait_ready()
+                    request.messages = self._prompt(agent, username, history, content)
                     await self._stream(agent, request, reply, on_chunk)
                 self._count_tokens(agent, request, reply)
                 return

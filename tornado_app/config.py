@@ -85,7 +85,8 @@ class AgentSettings(BaseModel):
     model_config = ConfigDict(extra="allow", validate_default=True)
 
     backend: str = "echo"
-    system_prompt: str = "You are a helpful assistant talking with {username}."
+    # Small models answer better when the name is a separate fact.
+    system_prompt: str = "You are a helpful assistant. The user's name is {username}."
     fallbacks: list[str] = []
     # Deadline for one whole reply, first token to last.
     timeout_seconds: float = Field(120.0, gt=0)

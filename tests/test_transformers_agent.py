@@ -1,0 +1,353 @@
+"""The ``transformers`` agent on a tiny random model built by tests/tiny_model.py.
+
+Fixtures (this module): ``tiny_model_dir`` (session: the saved tiny model),
+``tiny_tokenizer`` (session). One test, marked slow, loads the real bundled
+SmolLM2 model from its GGUF file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+import pytest
+
+from plugins import transformers_agent
+from plugins.transformers_agent import TransformersAgent, TransformersOptions
+from tornado_app.agents import AgentError, AgentRequest
+from tornado_app.config import ConfigError, Settings
+
+from .tiny_model import build_tokenizer, save_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tokenizer()
+
+
+def make_agent(folder: Path | None, data_dir: Path, **options) -> TransformersAgent:
+    options.setdefault("temperature", 0)
+    if folder is not None:
+        options.setdefault("model_path", str(folder))
+    return TransformersAgent(TransformersOptions(**options), Settings(data_dir=str(data_dir)))
+
+
+def ask(text: str) -> AgentRequest:
+    return AgentRequest([{"role": "system", "content": "Be brief."},
+                         {"role": "user", "content": text}], "alice")
+
+
+async def collect(agent: TransformersAgent, request: AgentRequest) -> str:
+    return "".join([piece async for piece in agent.stream(request)])
+
+
+def run(coroutine_function, *args):
+    """Run an async test body on a fresh event loop."""
+    return asyncio.run(coroutine_function(*args))
+
+
+def test_loads_a_folder_and_streams_an_answer(tiny_model_dir, tmp_path):
+    async def body():
+        agent = make_agent(tiny_model_dir, tmp_path, max_new_tokens=12)
+        await agent.start()
+        try:
+            request = ask("Hello there")
+            pieces = [piece async for piece in agent.stream(request)]
+            assert pieces and "".join(pieces)
+            assert request.usage.tokens_in == len(agent.encode_prompt(request.messages))
+            assert request.usage.tokens_out == 12
+            assert agent.model == "tiny-llama"
+            assert agent.reply_tokens == 12
+            assert agent.context_tokens == 4096  # the model's max_position_embeddings
+            assert agent.count_tokens("héllo") == 6  # byte-level: é is two tokens
+        finally:
+            await agent.close()
+
+    run(body)
+
+
+def test_ready_only_once_loaded(tiny_model_dir, tmp_path):
+    async def body():
+        agent = make_agent(tiny_model_dir, tmp_path)
+        assert not agent.ready
+        waiter = asyncio.create_task(agent.wait_ready())
+        await asyncio.sleep(0.05)
+        assert not waiter.done()
+        await agent.start()
+        await asyncio.wait_for(waiter, 1)
+        assert agent.ready
+        await agent.close()
+        assert not agent.ready
+        assert not agent.engine
+
+    run(body)
+
+
+def test_concurrent_requests_share_decode_steps(tiny_model_dir, tmp_path):
+    prompts = ["one", "a longer second prompt", "3", "the fourth prompt, longest of all of them"]
+
+    async def body():
+        # max_batch_size 4: batches of 3 and 4 rows use the MKL-packed weights.
+        agent = make_agent(tiny_model_dir, tmp_path, max_new_tokens=20, max_batch_size=4)
+        await agent.start()
+        try:
+            alone = [await collect(agent, ask(p)) for p in prompts]
+            sequential_steps = agent.engine.stats.decode_steps
+            assert sequential_steps == 4 * 19  # the first token of each comes from its prefill
+
+            async def staggered(index, prompt):
+                await asyncio.sleep(0.002 * index)  # some join a batch already running
+                return await collect(agent, ask(prompt))
+
+            together = await asyncio.gather(*(staggered(i, p) for i, p in enumerate(prompts)))
+            stats = agent.engine.stats
+            assert stats.max_batch > 1
+            assert stats.joins >= 1  # at least one request joined a running batch
+            assert stats.decode_steps - sequential_steps < sequential_steps
+            # Batching (left padding, joins, trims) must not change any reply.
+            assert together == alone
+        finally:
+            await agent.close()
+
+    run(body)
+
+
+def test_cancel_stops_one_request_and_the_others_finish(tiny_model_dir, tmp_path):
+    budget = 400
+
+    async def body():
+        agent = make_agent(tiny_model_dir, tmp_path, max_new_tokens=budget)
+        await agent.start()
+        try:
+            requests = [ask(f"question {i}") for i in range(3)]
+            first_piece = asyncio.Event()
+
+            async def consume(request, signal=None):
+                async for _ in agent.stream(request):
+                    if signal is not None:
+                        signal.set()
+
+            tasks = [asyncio.create_task(consume(requests[0], first_piece)),
+                     *(asyncio.create_task(consume(r)) for r in requests[1:])]
+            await first_piece.wait()
+            tasks[0].cancel()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            assert isinstance(results[0], asyncio.CancelledError)
+            assert results[1:] == [None, None]
+            assert [r.usage.tokens_out for r in requests[1:]] == [budget, budget]
+            stats = agent.engine.stats
+            assert stats.cancelled == 1
+            assert stats.tokens < 2 * budget + budget // 2  # the cancelled one stopped early
+        finally:
+            await agent.close()
+
+    run(body)
+
+
+def test_max_new_tokens_is_respected(tiny_model_dir, tmp_path):
+    async def body():
+        agent = make_agent(tiny_model_dir, tmp_path, max_new_tokens=5)
+        await agent.start()
+        try:
+            request = ask("count")
+            text = await collect(agent, request)
+            assert request.usage.tokens_out == 5
+            # Five byte tokens: at most five characters, some maybe U+FFFD (3 bytes).
+            assert len(text.encode("utf-8")) <= 5 * 3
+        finally:
+            await agent.close()
+
+    run(body)
+
+
+def test_time_limit_cuts_a_long_generation(tiny_model_dir, tmp_path):
+    async def body():
+        agent = make_agent(tiny_model_dir, tmp_path, max_new_tokens=100_000, time_limit_seconds=0.3)
+        await agent.start()
+        try:
+            request = ask("go on forever")
+            started = time.monotonic()
+            await collect(agent, request)
+            elapsed = time.monotonic() - started
+            assert 0.3 <= elapsed < 3
+            assert 0 < request.usage.tokens_out < 100_000
+        finally:
+            await agent.close()
+
+    run(body)
+
+
+def test_sampling_is_reproducible_with_a_seed(tiny_model_dir, tmp_path):
+    async def reply(seed):
+        agent = make_agent(tiny_model_dir, tmp_path, max_new_tokens=30, temperature=1.0, top_p=0.9,
+                           seed=seed)
+        await agent.start()
+        try:
+            request = ask("surprise me")
+            text = await collect(agent, request)
+            assert request.usage.tokens_out == 30
+            return text
+        finally:
+            await agent.close()
+
+    async def body():
+        first, again, other = await reply(1), await reply(1), await reply(2)
+        assert first == again
+        assert first != other
+
+    run(body)
+
+
+def test_end_of_sequence_stops_the_reply(tiny_model_dir, tmp_path):
+    async def body():
+        agent = make_agent(tiny_model_dir, tmp_path, max_new_tokens=50)
+        await agent.start()
+        try:
+            agent.engine.eos_ids = set(range(len(agent.tokenizer)))  # every token ends it
+            request = ask("stop")
+            assert await collect(agent, request) == ""
+            assert request.usage.tokens_out == 1
+        finally:
+            await agent.close()
+
+    run(body)
+
+
+def test_event_loop_stays_responsive_while_generating(tiny_model_dir, tmp_path):
+    async def body():
+        agent = make_agent(tiny_model_dir, tmp_path, max_new_tokens=100_000, time_limit_seconds=1.0)
+        await agent.start()
+        try:
+            generation = asyncio.gather(*(collect(agent, ask(f"busy {i}")) for i in range(4)))
+            gaps, last = [], time.monotonic()
+            while not generation.done():
+                await asyncio.sleep(0.01)
+                now = time.monotonic()
+                gaps.append(now - last)
+                last = now
+            await generation
+            assert len(gaps) > 20
+            assert max(gaps) < 0.25  # a blocked loop would stall for the whole second
+        finally:
+            await agent.close()
+
+    run(body)
+
+
+def test_incremental_decoding_keeps_multibyte_characters_whole(tiny_tokenizer):
+    from plugins.transformers_batching import IncrementalDecoder
+
+    text = "héllo wörld, 日本語 🎉 done"
+    decoder = IncrementalDecoder(tiny_tokenizer)
+    tokens = tiny_tokenizer.encode(text, add_special_tokens=False)
+    pieces = [decoder.push(token) for token in tokens]
+    pieces.append(decoder.flush())
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in piece for piece in pieces)
+    assert decoder.push(tiny_tokenizer.eos_token_id) == ""  # special tokens are skipped
+
+
+def test_decode_linear_layers_compute_what_nn_linear_does():
+    import torch
+
+    from plugins.transformers_batching import DecodeLinear
+
+    linear = torch.nn.Linear(64, 48)
+    plain, packed = DecodeLinear(linear), DecodeLinear(linear, packed_rows=8)
+    with torch.inference_mode():
+        for rows in (1, 5, 6, 7, 8, 9, 40):  # 6-8 rows take the packed path
+            hidden = torch.randn(rows, 1, 64)
+            assert torch.allclose(plain(hidden), linear(hidden), atol=1e-5)
+            assert torch.allclose(packed(hidden), linear(hidden), atol=1e-5)
+
+
+def test_a_missing_model_path_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"agent\.transformers\.model_path: .*does not exist"):
+        make_agent(tmp_path / "nowhere", tmp_path)
+
+
+def test_a_folder_that_is_not_a_model_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="no config.json"):
+        make_agent(tmp_path, tmp_path)
+    with pytest.raises(ConfigError, match=r"gguf_file: no file 'x\.gguf'"):
+        make_agent(tmp_path, tmp_path, gguf_file="x.gguf")
+
+
+def test_a_relative_model_path_is_taken_from_data_dir(tiny_model_dir):
+    agent = make_agent(None, tiny_model_dir.parent, model_path=tiny_model_dir.name)
+    assert agent.source.folder == tiny_model_dir
+
+
+def test_the_plugin_registers_its_agent_and_options(tiny_model_dir, tmp_path):
+    offered = {}
+    transformers_agent.register_agents(
+        register=lambda name, factory, options=None: offered.update({name: (factory, options)}))
+    factory, options = offered["transformers"]
+    with pytest.raises(Exception, match="extra"):
+        options.model_validate({"modle_path": "typo"})
+    agent = factory(options.model_validate({"model_path": str(tiny_model_dir)}),
+                    Settings(data_dir=str(tmp_path)))
+    assert isinstance(agent, TransformersAgent) and not agent.ready
+
+
+def test_a_model_that_fails_to_load_fails_requests_fast(tmp_path):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "config.json").write_text("{not json")
+
+    async def body():
+        agent = make_agent(folder, tmp_path)
+        with pytest.raises(Exception):
+            await agent.start()
+        assert not agent.ready
+        with pytest.raises(AgentError) as caught:
+            await asyncio.wait_for(collect(agent, ask("hi")), 1)
+        assert caught.value.kind == "local_model"
+
+    run(body)
+
+
+def test_converted_copies_replace_older_ones(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    (tmp_path / "m-0123456789ab").mkdir()  # an older copy of the same file
+    (tmp_path / "m-other-0123456789ab").mkdir()  # another model's copy
+    target = tmp_path / "m-aaaaaaaaaaaa"
+    transformers_agent._save_cache(model, tokenizer, target)
+    assert (target / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m-aaaaaaaaaaaa", "m-other-0123456789ab"]
+
+
+@pytest.mark.slow
+def test_the_bundled_model_answers_and_is_cached(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="plugins.transformers_agent")
+    question = "What is the capital of France?"
+
+    async def answer() -> tuple[str, TransformersAgent]:
+        agent = make_agent(None, tmp_path, max_new_tokens=32)
+        assert agent.model == "SmolLM2-135M-Instruct.Q4_1"
+        await agent.start()
+        try:
+            request = AgentRequest([{"role": "user", "content": question}], "alice")
+            text = await collect(agent, request)
+            assert 0 < request.usage.tokens_out <= 32
+            return text, agent
+        finally:
+            await agent.close()
+
+    first, agent = run(answer)
+    assert "Paris" in first
+    assert agent.context_tokens == 8192
+    assert list((tmp_path / "model-cache").iterdir())  # the converted copy
+    second, _ = run(answer)
+    assert second == first
+    assert "loaded in" in caplog.text and "(converted copy" in caplog.text
