@@ -249,8 +249,16 @@ def test_unknown_revision_stops_the_server_and_the_db_commands(config):
 
 
 def test_a_database_downgraded_to_base_counts_as_empty(config):
-    set_sqlite(upgraded(config), "DELETE FROM alembic_version",
-               *[f"DROP TABLE {t}" for t in ("messages", "rate_limits", "conversations", "users")])
+    upgraded(config)
+
+    async def downgrade():
+        store = Store.from_url(f"sqlite+aiosqlite:///{config.parent / 'data' / 'chat.db'}")
+        try:
+            await schema.downgrade(store.engine, "base")
+        finally:
+            await store.close()
+
+    asyncio.run(downgrade())  # leaves an empty alembic_version table behind
     assert "added user" in ok(cli(config, "users", "add", "alice", "--password-stdin",
                                   input="long enough password\n"))
 

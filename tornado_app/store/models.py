@@ -48,6 +48,8 @@ class User(Base):
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    # Tokens issued before this time are refused ("log out everywhere").
+    tokens_revoked_before: Mapped[datetime | None] = mapped_column(DateTime)
 
 
 class Conversation(Base):
@@ -104,3 +106,28 @@ class RateLimit(Base):
     tat: Mapped[float] = mapped_column(Float)  # unix seconds
     # Whether the last decision let the message through (read back by RETURNING).
     granted: Mapped[bool] = mapped_column(Boolean)
+
+
+class RevokedToken(Base):
+    """A single token revoked before its expiry (POST /logout)."""
+
+    __tablename__ = "revoked_tokens"
+
+    jti: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    # After this the token is refused anyway, and the row can be purged.
+    expires_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+    revoked_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class ConnectionLease(Base):
+    """One open socket of a user, on some instance. Live sockets renew their
+    lease; a process killed with -9 stops renewing, and its leases expire."""
+
+    __tablename__ = "connection_leases"
+    __table_args__ = (Index("ix_connection_leases_user_expires", "user_id", "expires_at"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    instance: Mapped[str] = mapped_column(String(128))
+    expires_at: Mapped[float] = mapped_column(Float)  # unix seconds
