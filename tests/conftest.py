@@ -1,9 +1,9 @@
 """Shared fixtures. Tests talk to real servers over real sockets.
 
 Fixtures:
-- ``db_url``: an empty database per test: a SQLite file in tmp_path, or (for
-  the ``postgresql`` parameter of ``any_db_url``) a fresh schema in a database
-  this session creates and drops.
+- ``any_db_url`` / ``db_url``: an empty database per test, once as a SQLite
+  file in tmp_path and once as a fresh schema in a PostgreSQL database this
+  session creates and drops: every test that uses a service runs on both.
 - ``settings``: Settings for a test server (random port, fake agent, a fixed
   JWT secret); tests adjust fields before asking for ``service``.
 - ``fake_agent``: the FakeAgent behind agent name ``fake``; ``enqueue()``
@@ -121,8 +121,9 @@ def any_db_url(request, tmp_path):
 
 
 @pytest.fixture
-def db_url(tmp_path):
-    return f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}"
+def db_url(any_db_url):
+    """The service's database: every test that runs a service runs on both."""
+    return any_db_url
 
 
 # The service

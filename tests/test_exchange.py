@@ -9,12 +9,6 @@ from tornado_app.agents import AgentError
 from tornado_app.chat import HISTORY_LIMIT
 
 
-@pytest.fixture
-def db_url(any_db_url):
-    """Every test here runs on SQLite and on PostgreSQL."""
-    return any_db_url
-
-
 async def rows(store, client_id="client-1", user_id=1):
     conversation_id = await store.open_conversation(user_id, client_id)
     return await store.conversation_messages(conversation_id)

@@ -9,12 +9,6 @@ from tornado_app.store.schema import ensure_schema
 
 
 @pytest.fixture
-def db_url(any_db_url):
-    """Every test here runs on SQLite and on PostgreSQL."""
-    return any_db_url
-
-
-@pytest.fixture
 def limiter_store(io_loop, any_db_url):
     """A Store on an empty database of each kind, with users 1 and 2."""
     store = Store.from_url(any_db_url)

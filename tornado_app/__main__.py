@@ -17,7 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from . import auth
 from .config import ConfigError, Settings, load_settings
 from .logs import setup_logging
-from .store import Store, StoreError
+from .store import Store, StoreError, revocations
 from .store import schema
 
 EXIT_FAILURE = 1
@@ -49,8 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="read the password from the first line of standard input")
     add.add_argument("--admin", action="store_true", help="give the user the admin flag")
     users.add_parser("list", help="list users")
-    disable = users.add_parser("disable", help="disable a user: no new logins or sockets")
+    disable = users.add_parser("disable", help="disable a user: no new logins; open sockets close")
     disable.add_argument("name")
+    revoke = users.add_parser("revoke", help="revoke every token issued to a user until now")
+    revoke.add_argument("name")
 
     token = commands.add_parser("token", help="print an access token for a user")
     token.add_argument("name")
@@ -168,6 +170,10 @@ async def users_command(store: Store, args: argparse.Namespace) -> int:
         if not await store.set_disabled(args.name):
             raise CommandError(f"no user named {args.name!r}")
         print(f"disabled user {args.name}")
+    elif args.action == "revoke":
+        if not await revocations.revoke_all(store.engine, args.name):
+            raise CommandError(f"no user named {args.name!r}")
+        print(f"revoked every token of {args.name} issued until now")
     return 0
 
 

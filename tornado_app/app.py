@@ -21,6 +21,7 @@ from tornado.httpserver import HTTPServer
 from . import handlers
 from .agent_pool import AgentPool
 from .chat import ChatService
+from .connections import Connections
 from .config import ConfigError, Settings, load_settings
 from .handlers.base import log_request
 from .handlers.chat_socket import GOING_AWAY
@@ -30,7 +31,9 @@ from .store.schema import ensure_schema
 logger = logging.getLogger(__name__)
 
 
-def make_app(settings: Settings, store: Store, chat: ChatService) -> tornado.web.Application:
+def make_app(
+    settings: Settings, store: Store, chat: ChatService, connections: Connections
+) -> tornado.web.Application:
     server = settings.server
     return tornado.web.Application(
         handlers.all_routes(),
@@ -38,6 +41,7 @@ def make_app(settings: Settings, store: Store, chat: ChatService) -> tornado.web
         config=settings,
         store=store,
         chat=chat,
+        connections=connections,
         log_function=log_request,
         websocket_max_message_size=server.max_message_bytes,
         websocket_ping_interval=server.ping_interval_seconds or None,
@@ -54,6 +58,7 @@ class Service:
         self.store: Store | None = None
         self.pool: AgentPool | None = None
         self.chat: ChatService | None = None
+        self.connections: Connections | None = None
         self.http: HTTPServer | None = None
         self.port: int | None = None
 
@@ -67,7 +72,9 @@ class Service:
             logger.info("created the database schema")
         self.pool = AgentPool(settings)
         self.chat = ChatService(settings, self.store, self.pool)
-        app = make_app(settings, self.store, self.chat)
+        self.connections = Connections(settings, self.store)
+        self.connections.start()
+        app = make_app(settings, self.store, self.chat, self.connections)
         self.http = HTTPServer(app, xheaders=False)
         self.http.add_sockets(sockets)
         self.port = sockets[0].getsockname()[1]
@@ -90,21 +97,23 @@ class Service:
         grace = self.settings.server.shutdown_grace_seconds
         logger.info("shutting down: letting replies finish (up to %.0fs)", grace)
         self.http.stop()
-        sockets = list(self.chat.sockets)
+        sockets = list(self.connections.sockets)
         in_flight = [s.current for s in sockets if s.busy]
         if in_flight:
             await asyncio.wait(in_flight, timeout=grace)
         workers = [s.worker for s in sockets if s.worker is not None]
         for sock in sockets:
             sock.close(GOING_AWAY, "Server shutting down")
-            # Cancel now rather than when the client acknowledges the close:
-            # a client that never does must not hold up the shutdown.
+            # Cancel and give the slot back now rather than when the client
+            # acknowledges the close: one that never does must not hold us up.
             if sock.worker is not None:
                 sock.worker.cancel()
+            self.connections.leave(sock)
         if workers:
             # A cancelled reply saves itself (status "cancelled") as it ends.
             await asyncio.wait(workers, timeout=5)
         await self.http.close_all_connections()
+        await self.connections.stop()
         await self.pool.close()
         await self.store.close()
         self.http = None

@@ -36,6 +36,15 @@ class Claims:
     issued_at: datetime
     expires_at: datetime
 
+    @property
+    def issued_at_naive(self) -> datetime:
+        """``issued_at`` as the naive UTC datetime the database stores."""
+        return self.issued_at.replace(tzinfo=None)
+
+    @property
+    def expires_at_naive(self) -> datetime:
+        return self.expires_at.replace(tzinfo=None)
+
 
 def hash_password(password: str) -> str:
     return _hasher.hash(password)

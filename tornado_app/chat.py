@@ -23,7 +23,8 @@ from . import auth
 from .agent_pool import AgentPool
 from .agents import Agent, AgentError, AgentRequest
 from .config import Settings
-from .store import Store
+from .connections import refusal
+from .store import Store, revocations
 from .store.models import ROLE_USER, STATUS_CANCELLED, STATUS_ERROR, STATUS_OK
 from .store.ratelimit import Decision
 
@@ -77,21 +78,24 @@ class ChatService:
         self.settings = settings
         self.store = store
         self.pool = pool
-        # Open, authenticated sockets (tornado_app.handlers.chat_socket.ChatSocket).
-        self.sockets: set = set()
 
-    async def authenticate(self, token: str | None) -> Row | None:
-        """The active user a token names, or None (the reason is logged)."""
+    async def authenticate(self, token: str | None) -> tuple[Row, auth.Claims] | None:
+        """The active user a token names and its claims, or None (the reason is logged)."""
         try:
             claims = auth.decode_token(self.settings.jwt_secret, token or "")
         except auth.AuthError as exc:
             logger.info("websocket refused: %s", exc)
             return None
         user = await self.store.get_user(claims.username)
-        if user is None or user.disabled:
-            logger.info("websocket refused: unknown or disabled user")
+        if user is None:
+            logger.info("websocket refused: unknown user")
             return None
-        return user
+        revoked = await revocations.revoked_jtis(self.store.engine, [claims.jti])
+        reason = refusal(user, claims.jti, claims.issued_at_naive, revoked)
+        if reason is not None:
+            logger.info("websocket refused: %s", reason.lower())
+            return None
+        return user, claims
 
     async def take_rate_limit(self, user_id: int) -> Decision:
         limit = self.settings.rate_limit

@@ -41,6 +41,8 @@ class ServerSettings(Section):
     ping_interval_seconds: float = Field(20.0, ge=0)
     ping_timeout_seconds: float = Field(20.0, gt=0)
     shutdown_grace_seconds: float = Field(10.0, ge=0)
+    # Pre-forked worker processes sharing the port (1: this process serves).
+    processes: int = Field(1, ge=1, le=256)
 
     @model_validator(mode="after")
     def _ping_timeout_within_interval(self):
@@ -63,6 +65,9 @@ class AuthSettings(Section):
     token_ttl_minutes: int = Field(60, ge=1)
     # Set true when the service is reached over HTTPS (adds Secure to the cookie).
     cookie_secure: bool = False
+    # How often each process re-checks its open sockets for revoked tokens and
+    # disabled users (they are closed with 1008).
+    recheck_seconds: float = Field(30.0, gt=0)
 
 
 class RateLimitSettings(Section):
@@ -76,6 +81,16 @@ class ChatSettings(Section):
     max_content_chars: int = Field(4000, ge=1)
     # Unanswered messages one socket may have, the one being answered included.
     max_pending: int = Field(5, ge=1)
+
+
+class LimitsSettings(Section):
+    # Open sockets one process accepts; past it new sockets are closed with 1013.
+    connections_per_process: int = Field(10000, ge=1)
+    # Open sockets one user may have across all processes and instances.
+    connections_per_user: int = Field(10, ge=1)
+    # A socket's slot is a lease row renewed while it lives: a killed process's
+    # slots free themselves within this time.
+    lease_seconds: float = Field(30.0, ge=3)
 
 
 class AgentSettings(BaseModel):
@@ -110,6 +125,7 @@ class Settings(Section):
     auth: AuthSettings = AuthSettings()
     rate_limit: RateLimitSettings = RateLimitSettings()
     chat: ChatSettings = ChatSettings()
+    limits: LimitsSettings = LimitsSettings()
     agent: AgentSettings = AgentSettings()
     logging: LoggingSettings = LoggingSettings()
 

@@ -20,6 +20,7 @@ from tornado.websocket import WebSocketClosedError, WebSocketHandler
 from .. import frames
 from ..auth import bearer_value
 from ..chat import ChatService, error_text
+from ..connections import Connections
 from ..frames import Cancel, ChatMessage, FrameError
 from .base import request_summary
 from .token import COOKIE_NAME
@@ -33,6 +34,7 @@ NORMAL = 1000
 GOING_AWAY = 1001
 POLICY_VIOLATION = 1008
 SERVER_ERROR = 1011
+TRY_AGAIN_LATER = 1013
 
 STORE_UNAVAILABLE = "The service could not save your message; please try again shortly."
 QUEUE_FULL = "Too many messages are waiting for a reply; wait for the current one."
@@ -43,12 +45,17 @@ UNEXPECTED = "An unexpected error occurred while processing your message."
 
 class ChatSocket(WebSocketHandler):
     user = None
+    lease: str | None = None
     worker: asyncio.Task | None = None
     current: asyncio.Task | None = None
 
     @property
     def chat(self) -> ChatService:
         return self.settings["chat"]
+
+    @property
+    def connections(self) -> Connections:
+        return self.settings["connections"]
 
     def _request_summary(self) -> str:
         return request_summary(self)
@@ -57,30 +64,36 @@ class ChatSocket(WebSocketHandler):
         return None  # off: compression costs memory per socket and invites CRIME-style leaks
 
     async def open(self, client_id: str) -> None:
+        if self.connections.full:
+            self.close(TRY_AGAIN_LATER, "Too many connections")
+            return
         token = self.get_query_argument("token", None) or bearer_value(self.get_cookie(COOKIE_NAME))
         try:
-            user = await self.chat.authenticate(token)
-        except (SQLAlchemyError, OSError):
-            logger.exception("websocket: database unavailable during authentication")
-            self.close(SERVER_ERROR, "Service unavailable")
-            return
-        # Accept, then close: a browser sees 1008 only on an open socket.
-        if user is None:
-            self.close(POLICY_VIOLATION, "Authentication failed")
-            return
-        if not CLIENT_ID.fullmatch(client_id):
-            self.close(POLICY_VIOLATION, "Invalid client_id")
-            return
-        try:
+            identity = await self.chat.authenticate(token)
+            # Accept, then close: a browser sees 1008 only on an open socket.
+            if identity is None:
+                self.close(POLICY_VIOLATION, "Authentication failed")
+                return
+            if not CLIENT_ID.fullmatch(client_id):
+                self.close(POLICY_VIOLATION, "Invalid client_id")
+                return
+            user, claims = identity
             self.conversation_id = await self.chat.store.open_conversation(user.id, client_id)
+            self.lease = await self.connections.take_slot(user.id)
         except (SQLAlchemyError, OSError):
-            logger.exception("websocket: database unavailable when opening a conversation")
+            logger.exception("websocket: database unavailable while opening a socket")
             self.close(SERVER_ERROR, "Service unavailable")
             return
-        self.user = user
+        if self.lease is None:
+            self.close(TRY_AGAIN_LATER, "Too many connections for this user")
+            return
+        if self.ws_connection is None or self.ws_connection.is_closing():
+            self.connections.leave(self)  # the client left while we were checking
+            return
+        self.user, self.jti, self.issued_at = user, claims.jti, claims.issued_at_naive
         self.rejections = 0
         self.queue: asyncio.Queue[ChatMessage] = asyncio.Queue()
-        self.chat.sockets.add(self)
+        self.connections.sockets.add(self)
         self.worker = asyncio.create_task(self._work())
         self._send_now(frames.frame(frames.SYSTEM, frames.WELCOME.format(username=user.username)))
 
@@ -104,7 +117,7 @@ class ChatSocket(WebSocketHandler):
         return self.current is not None and not self.current.done()
 
     def on_close(self) -> None:
-        self.chat.sockets.discard(self)
+        self.connections.leave(self)
         if self.worker is not None:
             self.worker.cancel()  # also cancels the reply in flight, which saves it
 

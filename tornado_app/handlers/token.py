@@ -7,6 +7,8 @@ import json
 from tornado.ioloop import IOLoop
 
 from .. import auth
+from ..auth import bearer_value
+from ..store import revocations
 from .base import BaseHandler
 
 COOKIE_NAME = "access_token"
@@ -66,4 +68,29 @@ class TokenHandler(BaseHandler):
         return username, password
 
 
-routes = [(r"/token", TokenHandler)]
+class LogoutHandler(BaseHandler):
+    """POST /logout: revoke the token that authenticates the request (by its
+    ``jti``) and clear the cookie. Sockets opened with it close within
+    ``auth.recheck_seconds``."""
+
+    async def post(self) -> None:
+        token = bearer_value(self.request.headers.get("Authorization")) or bearer_value(
+            self.get_cookie(COOKIE_NAME)
+        )
+        try:
+            claims = auth.decode_token(self.config.jwt_secret, token or "")
+        except auth.AuthError:
+            self.set_header("WWW-Authenticate", "Bearer")
+            self.write_json(401, {"error": "invalid_token",
+                                  "error_description": "A valid token is required."})
+            return
+        user = await self.store.get_user(claims.username)
+        if user is not None:
+            await revocations.revoke_token(
+                self.store.engine, claims.jti, user.id, claims.expires_at_naive
+            )
+        self.clear_cookie(COOKIE_NAME, path="/")
+        self.write_json(200, {"status": "logged_out"})
+
+
+routes = [(r"/token", TokenHandler), (r"/logout", LogoutHandler)]

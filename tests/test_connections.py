@@ -1,0 +1,169 @@
+"""Connection slots (per user, across instances; per process) and revocation."""
+
+import asyncio
+import json
+import time
+
+import pytest
+from tornado.httpclient import AsyncHTTPClient
+
+from tornado_app.store import leases, revocations
+
+from .helpers import connect_ws
+
+
+@pytest.fixture
+def settings(settings):
+    settings.limits.connections_per_user = 2
+    settings.limits.lease_seconds = 3
+    settings.auth.recheck_seconds = 0.2
+    return settings
+
+
+@pytest.mark.gen_test
+async def test_a_user_over_the_connection_cap_gets_1013(connect):
+    first = await connect("a")
+    await connect("b")
+    third = await connect("c", welcome=False)
+    assert await third.wait_closed() == 1013
+    assert third.close_reason == "Too many connections for this user"
+    other_user = await connect("c", user="bob")  # the cap is per user
+    await other_user.send({"content": "hi"})
+    assert (await other_user.receive())["type"] == "ai_response"
+    first.close()
+    for _ in range(50):  # the slot is given back in the background
+        retry = await connect("c", welcome=False)
+        frame = await retry.receive()
+        if frame is not None:
+            assert frame["type"] == "system"
+            break
+        await asyncio.sleep(0.05)
+    else:
+        pytest.fail("the slot of a closed socket was never given back")
+
+
+@pytest.mark.gen_test
+async def test_slots_held_by_other_instances_count_until_they_expire(
+    connect, service, make_user, token_for
+):
+    user = await make_user("alice")
+    engine = service.store.engine
+    now = time.time()
+    # Another instance holds one live slot; a killed one left an expired slot.
+    assert await leases.acquire(engine, user.id, "other:1", now, 60, 5)
+    assert await leases.acquire(engine, user.id, "killed:2", now - 100, 10, 5)
+    await connect("a", token=token_for("alice"))
+    extra = await connect("b", token=token_for("alice"), welcome=False)
+    assert await extra.wait_closed() == 1013
+
+
+@pytest.mark.gen_test
+async def test_concurrent_slot_takers_never_exceed_the_cap(service, make_user):
+    user = await make_user("alice")
+    taken = await asyncio.gather(*(
+        leases.acquire(service.store.engine, user.id, f"i{n}", time.time(), 30, 3)
+        for n in range(20)
+    ))
+    assert sum(lease is not None for lease in taken) == 3
+
+
+@pytest.mark.gen_test
+async def test_renew_extends_only_this_instances_leases(service, make_user):
+    user = await make_user("alice")
+    engine = service.store.engine
+    now = time.time()
+    await leases.acquire(engine, user.id, "mine", now, 5, 9)
+    await leases.acquire(engine, user.id, "theirs", now, 5, 9)
+    await leases.renew(engine, "mine", now + 4, 5)
+    assert await leases.live_count(engine, user.id, now + 6) == 1
+
+
+class TestPerProcessCap:
+    @pytest.fixture
+    def settings(self, settings):
+        settings.limits.connections_per_process = 2
+        settings.limits.connections_per_user = 10
+        return settings
+
+    @pytest.mark.gen_test
+    async def test_a_full_process_answers_1013(self, connect):
+        await connect("a", user="alice")
+        await connect("b", user="bob")
+        third = await connect("c", user="carol", welcome=False)
+        assert await third.wait_closed() == 1013
+        assert third.close_reason == "Too many connections"
+
+
+async def post_logout(base_url, token):
+    return await AsyncHTTPClient().fetch(
+        f"{base_url}/logout", method="POST", body="",
+        headers={"Authorization": f"Bearer {token}"}, raise_error=False,
+    )
+
+
+@pytest.mark.gen_test
+async def test_logout_revokes_that_token_everywhere(base_url, ws_url, make_user, token_for):
+    await make_user("alice")
+    token, other_token = token_for("alice"), token_for("alice")
+    open_socket = await connect_ws(ws_url("a", token))
+    await open_socket.receive()
+    response = await post_logout(base_url, token)
+    assert response.code == 200
+    assert response.headers["Set-Cookie"].startswith("access_token=\"\"; expires=")  # cleared
+    assert await open_socket.wait_closed() == 1008  # within auth.recheck_seconds
+    assert open_socket.close_reason == "Token revoked"
+    refused = await connect_ws(ws_url("b", token))
+    assert await refused.wait_closed() == 1008
+    still_fine = await connect_ws(ws_url("c", other_token))  # another login of alice
+    assert (await still_fine.receive())["type"] == "system"
+
+
+@pytest.mark.gen_test
+async def test_logout_needs_a_valid_token(base_url):
+    response = await post_logout(base_url, "nonsense")
+    assert response.code == 401
+    assert json.loads(response.body)["error"] == "invalid_token"
+
+
+@pytest.mark.gen_test
+async def test_revoke_all_closes_sockets_and_refuses_older_tokens(
+    service, ws_url, make_user, token_for
+):
+    await make_user("alice")
+    old_token = token_for("alice")
+    sock = await connect_ws(ws_url("a", old_token))
+    await sock.receive()
+    await asyncio.sleep(1.01)  # iat has a resolution of one second
+    assert await revocations.revoke_all(service.store.engine, "alice")
+    assert await sock.wait_closed() == 1008
+    refused = await connect_ws(ws_url("b", old_token))
+    assert await refused.wait_closed() == 1008
+    await asyncio.sleep(1.01)
+    fresh = await connect_ws(ws_url("c", token_for("alice")))
+    assert (await fresh.receive())["type"] == "system"
+
+
+@pytest.mark.gen_test
+async def test_disabling_a_user_closes_their_sockets(service, connect):
+    alice = await connect("a", user="alice")
+    bob = await connect("a", user="bob")
+    await service.store.set_disabled("alice")
+    assert await alice.wait_closed() == 1008
+    assert alice.close_reason == "Account disabled"
+    await bob.send({"content": "still here"})
+    assert (await bob.receive())["type"] == "ai_response"
+
+
+@pytest.mark.gen_test
+async def test_expired_revocations_are_purged(service, make_user):
+    from datetime import datetime, timedelta
+
+    user = await make_user("alice")
+    engine = service.store.engine
+    past = datetime.utcnow() - timedelta(minutes=1)
+    future = datetime.utcnow() + timedelta(minutes=5)
+    await revocations.revoke_token(engine, "old", user.id, past)
+    await revocations.revoke_token(engine, "new", user.id, future)
+    await revocations.revoke_token(engine, "new", user.id, future)  # twice is fine
+    assert await revocations.purge_expired(engine) == 1
+    assert await revocations.revoked_jtis(engine, ["old", "new"]) == {"new"}

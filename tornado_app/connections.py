@@ -1,0 +1,142 @@
+"""The open sockets of this process: their slots, and the checks that close them.
+
+Every authenticated socket takes a connection slot (a lease row, see
+store/leases.py) so that ``limits.connections_per_user`` holds across every
+process and instance sharing the database. Two periodic tasks run per process:
+
+- renew: every third of ``limits.lease_seconds``, one UPDATE extends the leases
+  of all of this process's sockets;
+- recheck: every ``auth.recheck_seconds``, the users and tokens behind the open
+  sockets are read again; a disabled user or a revoked token closes the
+  socket with 1008, on whichever instance it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from typing import Protocol
+
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+
+from .config import Settings
+from .store import Store
+from .store import leases, revocations
+from .store.models import User
+
+logger = logging.getLogger(__name__)
+
+POLICY_VIOLATION = 1008
+
+
+class OpenSocket(Protocol):
+    user: object  # the users row
+    jti: str
+    issued_at: object  # naive UTC datetime of the token's iat
+
+    def close(self, code: int | None = None, reason: str | None = None) -> None: ...
+
+
+class Connections:
+    def __init__(self, settings: Settings, store: Store):
+        self.settings = settings
+        self.store = store
+        self.instance = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.sockets: set = set()
+        self._to_release: set[str] = set()
+        self._releases: set[asyncio.Task] = set()
+        self._tasks: list[asyncio.Task] = []
+
+    @property
+    def full(self) -> bool:
+        return len(self.sockets) >= self.settings.limits.connections_per_process
+
+    async def take_slot(self, user_id: int) -> str | None:
+        limits = self.settings.limits
+        return await leases.acquire(
+            self.store.engine, user_id, self.instance, time.time(),
+            limits.lease_seconds, limits.connections_per_user,
+        )
+
+    def leave(self, sock) -> None:
+        """Forget a closed socket and give its slot back (in the background)."""
+        self.sockets.discard(sock)
+        lease_id, sock.lease = sock.lease, None
+        if lease_id is not None:
+            task = asyncio.get_running_loop().create_task(self.release_slot(lease_id))
+            self._releases.add(task)
+            task.add_done_callback(self._releases.discard)
+
+    async def release_slot(self, lease_id: str) -> None:
+        try:
+            await leases.release(self.store.engine, lease_id)
+        except (SQLAlchemyError, OSError):
+            # renew() extends every lease of this instance: it must not keep
+            # this one alive, so it deletes it on its next run.
+            self._to_release.add(lease_id)
+            logger.warning("could not release a connection slot now; retrying later")
+
+    def start(self) -> None:
+        lease_every = self.settings.limits.lease_seconds / 3
+        self._tasks = [
+            asyncio.create_task(self._every(lease_every, self.renew)),
+            asyncio.create_task(self._every(self.settings.auth.recheck_seconds, self.recheck)),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, *self._releases, return_exceptions=True)
+
+    async def _every(self, seconds: float, job) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                await job()
+            except (SQLAlchemyError, OSError) as exc:
+                logger.warning("%s failed (%s); retrying in %.0fs", job.__name__,
+                               type(exc).__name__, seconds)
+
+    async def renew(self) -> None:
+        for lease_id in list(self._to_release):
+            await leases.release(self.store.engine, lease_id)
+            self._to_release.discard(lease_id)
+        await leases.renew(
+            self.store.engine, self.instance, time.time(), self.settings.limits.lease_seconds
+        )
+
+    async def recheck(self) -> None:
+        """Close sockets whose user was disabled or whose token was revoked."""
+        sockets = list(self.sockets)
+        if not sockets:
+            return
+        users = User.__table__
+        async with self.store.engine.connect() as conn:
+            rows = await conn.execute(
+                select(users.c.id, users.c.disabled, users.c.tokens_revoked_before).where(
+                    users.c.id.in_({s.user.id for s in sockets})
+                )
+            )
+            current = {row.id: row for row in rows}
+        revoked = await revocations.revoked_jtis(self.store.engine, [s.jti for s in sockets])
+        for sock in sockets:
+            reason = refusal(current.get(sock.user.id), sock.jti, sock.issued_at, revoked)
+            if reason is not None:
+                logger.info("closing a socket of user %s: %s", sock.user.id, reason)
+                sock.close(POLICY_VIOLATION, reason)
+
+
+def refusal(user, jti: str, issued_at, revoked_jtis: set[str]) -> str | None:
+    """Why a token of this user may no longer be used, or None if it may."""
+    if user is None or user.disabled:
+        return "Account disabled"
+    if jti in revoked_jtis:
+        return "Token revoked"
+    if user.tokens_revoked_before is not None and issued_at < user.tokens_revoked_before:
+        return "Token revoked"
+    return None
