@@ -120,3 +120,62 @@ async def test_concurrent_sockets_of_one_user_share_the_limit(connect, fake_agen
     assert kinds.count("ai_response") == 3
     assert kinds.count("error") == 5
     assert len(fake_agent.history) == 3
+
+
+class ReferenceGCRA:
+    """The limiter's contract in plain Python: a burst of ``messages``, then
+    one message every ``per_seconds / messages`` seconds."""
+
+    def __init__(self, messages: int, per_seconds: float):
+        self.interval = per_seconds / messages
+        self.tolerance = per_seconds - self.interval
+        self.tat = None
+
+    def take(self, now: float) -> bool:
+        start = now if self.tat is None else max(self.tat, now)
+        if start - now > self.tolerance + 1e-6:
+            return False
+        self.tat = start + self.interval
+        return True
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_limiter_matches_the_reference_model(limiter_store):
+    """Hypothesis: random limits and arrival times; SQL decides as the reference does."""
+    from hypothesis import HealthCheck, given, settings as hypothesis_settings
+    from hypothesis import strategies as st
+    from sqlalchemy import delete
+
+    from tornado_app.store.models import RateLimit
+
+    decisions = []
+
+    @hypothesis_settings(max_examples=60, deadline=None, derandomize=True,
+                         suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(
+        messages=st.integers(1, 10),
+        per_seconds=st.sampled_from([1.0, 2.5, 10.0, 60.0]),
+        gaps=st.lists(st.floats(0, 5, allow_nan=False), min_size=1, max_size=40),
+    )
+    def check(messages, per_seconds, gaps):
+        reference = ReferenceGCRA(messages, per_seconds)
+        now = 1_000.0
+        times = []
+        for gap in gaps:
+            now += round(gap, 3)
+            times.append(now)
+        decisions.append((messages, per_seconds, times, [reference.take(t) for t in times]))
+
+    check()
+
+    async with limiter_store.engine.begin() as conn:
+        await conn.execute(delete(RateLimit))
+    for index, (messages, per_seconds, times, expected) in enumerate(decisions):
+        user_id = 1 if index % 2 == 0 else 2
+        async with limiter_store.engine.begin() as conn:
+            await conn.execute(delete(RateLimit))
+        got = [
+            (await limiter_store.take_rate_limit(user_id, t, messages, per_seconds)).allowed
+            for t in times
+        ]
+        assert got == expected, (messages, per_seconds, times)

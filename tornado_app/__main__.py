@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML config file (default: built-in defaults)")
     parser.add_argument("--host", help="override server.host")
     parser.add_argument("--port", type=int, help="override server.port")
+    parser.add_argument("--processes", type=int, help="override server.processes")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("serve", help="serve (the default)")
 
@@ -74,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
             settings.server.host = args.host
         if args.port is not None:
             settings.server.port = args.port
+        if args.processes is not None:
+            if args.processes < 1:
+                raise ConfigError("--processes: must be at least 1")
+            settings.server.processes = args.processes
         setup_logging(settings.logging)
         if args.command in (None, "serve"):
             return serve(settings, args.config)
@@ -94,15 +99,19 @@ def main(argv: list[str] | None = None) -> int:
 def serve(settings: Settings, config_path: str | None) -> int:
     # Imported here: the app loads the agent plugins, which the other commands need not.
     from .agents import available_agents, validate_agent_settings
-    from .app import serve as serve_forever
+    from .app import run
 
     # Refuse an unknown agent or bad plugin options before anything starts.
     validate_agent_settings(settings, available_agents())
     try:
-        asyncio.run(serve_forever(settings, config_path))
+        run(settings, config_path)
     except OSError as exc:
         raise CommandError(
             f"cannot listen on {settings.server.host}:{settings.server.port}: {exc.strerror}"
+        ) from None
+    except SQLAlchemyError as exc:
+        raise CommandError(
+            f"database unavailable ({type(exc).__name__}); check database.url"
         ) from None
     return 0
 

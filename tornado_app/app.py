@@ -18,7 +18,7 @@ import tornado.netutil
 import tornado.web
 from tornado.httpserver import HTTPServer
 
-from . import handlers
+from . import handlers, prefork
 from .agent_pool import AgentPool
 from .chat import ChatService
 from .connections import Connections
@@ -120,9 +120,31 @@ class Service:
         logger.info("stopped")
 
 
-async def serve(settings: Settings, config_path: str | None) -> None:
+def run(settings: Settings, config_path: str | None) -> None:
+    """Serve until SIGTERM or SIGINT, in ``server.processes`` processes."""
+    sockets = tornado.netutil.bind_sockets(settings.server.port, settings.server.host)
+    if settings.server.processes > 1:
+        # Once, before forking, so that the workers do not race to create it.
+        asyncio.run(prepare_database(settings))
+        if prefork.fork_workers(settings.server.processes) is None:
+            return  # the supervisor: every worker has exited
+    asyncio.run(serve(settings, config_path, sockets))
+
+
+async def prepare_database(settings: Settings) -> None:
+    store = Store.from_url(settings.database.url)
+    try:
+        if await ensure_schema(store.engine) == "created":
+            logger.info("created the database schema")
+    finally:
+        await store.close()
+
+
+async def serve(
+    settings: Settings, config_path: str | None, sockets: list[socket.socket] | None = None
+) -> None:
     service = Service(settings, config_path)
-    await service.start()
+    await service.start(sockets)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

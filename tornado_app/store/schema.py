@@ -84,7 +84,14 @@ async def ensure_schema(engine: AsyncEngine) -> str:
     current = await current_revision(engine)
     head = head_revision()
     if current is None and not tables:
-        await upgrade(engine)
+        try:
+            await upgrade(engine)
+        except Exception:
+            # Another process may have created it at the same moment (several
+            # instances starting on one empty database): then all is well.
+            if await current_revision(engine) != head:
+                raise
+            return "current"
         return "created"
     if current is None:
         raise SchemaError(
