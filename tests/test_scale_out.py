@@ -6,6 +6,7 @@ Real server processes (tests/servers.py) on SQLite and on PostgreSQL.
 import asyncio
 import signal
 import time
+import urllib.request
 
 import pytest
 
@@ -55,6 +56,11 @@ def test_rate_limit_is_exact_across_four_processes(tmp_path, any_db_url, servers
     assert "database is locked" not in server.log()
     # The four workers really served: each logged its own start.
     assert server.log().count("serving on http://") == 4
+    # /metrics, from any one worker, sums all four.
+    with urllib.request.urlopen(server.base_url + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    assert 'chat_messages_total{outcome="ok"} 25.0' in text
+    assert f'chat_messages_total{{outcome="rate_limited"}} {100 - limit}.0' in text
 
 
 def lease_config(tmp_path, db_url, name):

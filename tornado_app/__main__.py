@@ -10,7 +10,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import os
+import shutil
 import sys
+from pathlib import Path
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -97,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve(settings: Settings, config_path: str | None) -> int:
+    if settings.server.processes > 1:
+        share_metrics_between_processes(settings)
     # Imported here: the app loads the agent plugins, which the other commands need not.
     from .agents import available_agents, validate_agent_settings
     from .app import run
@@ -114,6 +119,17 @@ def serve(settings: Settings, config_path: str | None) -> int:
             f"database unavailable ({type(exc).__name__}); check database.url"
         ) from None
     return 0
+
+
+def share_metrics_between_processes(settings: Settings) -> None:
+    """Point prometheus-client's multi-process mode at an empty folder. It must
+    happen before tornado_app.metrics is first imported."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return  # the operator chose one
+    folder = Path(settings.data_dir) / "prometheus"
+    shutil.rmtree(folder, ignore_errors=True)  # samples of an earlier run
+    folder.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
 
 
 async def run_command(settings: Settings, args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ from typing import Awaitable, Callable
 
 from sqlalchemy.engine import Row
 
-from . import auth
+from . import auth, metrics
 from .agent_pool import AgentPool
 from .agents import Agent, AgentError, AgentRequest
 from .config import Settings
@@ -121,9 +121,11 @@ class ChatService:
             reply.status = STATUS_CANCELLED
             self._finish(reply)
             await asyncio.shield(self._save(conversation_id, user.id, message_id, reply))
+            metrics.observe_reply(reply)
             raise
         self._finish(reply)
         await self._save(conversation_id, user.id, message_id, reply)
+        metrics.observe_reply(reply)
         return reply
 
     async def _generate(self, chain, username, history, content, reply, on_chunk) -> None:

@@ -24,6 +24,7 @@ from typing import Protocol
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
+from . import metrics
 from .config import Settings
 from .store import Store
 from .store import leases, revocations
@@ -63,9 +64,15 @@ class Connections:
             limits.lease_seconds, limits.connections_per_user,
         )
 
+    def join(self, sock) -> None:
+        self.sockets.add(sock)
+        metrics.open_sockets.inc()
+
     def leave(self, sock) -> None:
         """Forget a closed socket and give its slot back (in the background)."""
-        self.sockets.discard(sock)
+        if sock in self.sockets:
+            self.sockets.discard(sock)
+            metrics.open_sockets.dec()
         lease_id, sock.lease = sock.lease, None
         if lease_id is not None:
             task = asyncio.get_running_loop().create_task(self.release_slot(lease_id))

@@ -7,6 +7,7 @@ query value, in the message and in its arguments.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import re
@@ -25,6 +26,11 @@ REDACTED = "[redacted]"
 
 def redact(text: str) -> str:
     return _SECRETS.sub(REDACTED, text)
+
+
+# Ids of the exchange being handled (set per asyncio task, see chat_socket),
+# so that one exchange can be followed across lines and loggers.
+context: contextvars.ContextVar[dict] = contextvars.ContextVar("log_context", default={})
 
 
 class RedactingFilter(logging.Filter):
@@ -48,6 +54,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
+            **context.get(),
         }
         if record.exc_info:
             entry["exception"] = redact(self.formatException(record.exc_info))

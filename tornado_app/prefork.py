@@ -15,6 +15,8 @@ import os
 import signal
 import time
 
+from . import metrics
+
 logger = logging.getLogger(__name__)
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -60,6 +62,7 @@ def fork_workers(count: int) -> int | None:
         except ChildProcessError:
             break
         index, started = children.pop(pid)
+        metrics.process_exited(pid)
         code = os.waitstatus_to_exitcode(status)
         if stopping or code == 0:
             continue

@@ -13,11 +13,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import secrets
 
 from sqlalchemy.exc import SQLAlchemyError
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
-from .. import frames
+from .. import frames, logs, metrics
 from ..auth import bearer_value
 from ..chat import ChatService, error_text
 from ..connections import Connections
@@ -65,6 +66,7 @@ class ChatSocket(WebSocketHandler):
 
     async def open(self, client_id: str) -> None:
         if self.connections.full:
+            metrics.rejections.labels("process_connections").inc()
             self.close(TRY_AGAIN_LATER, "Too many connections")
             return
         token = self.get_query_argument("token", None) or bearer_value(self.get_cookie(COOKIE_NAME))
@@ -72,6 +74,7 @@ class ChatSocket(WebSocketHandler):
             identity = await self.chat.authenticate(token)
             # Accept, then close: a browser sees 1008 only on an open socket.
             if identity is None:
+                metrics.rejections.labels("auth").inc()
                 self.close(POLICY_VIOLATION, "Authentication failed")
                 return
             if not CLIENT_ID.fullmatch(client_id):
@@ -82,9 +85,11 @@ class ChatSocket(WebSocketHandler):
             self.lease = await self.connections.take_slot(user.id)
         except (SQLAlchemyError, OSError):
             logger.exception("websocket: database unavailable while opening a socket")
+            metrics.errors.labels("database").inc()
             self.close(SERVER_ERROR, "Service unavailable")
             return
         if self.lease is None:
+            metrics.rejections.labels("user_connections").inc()
             self.close(TRY_AGAIN_LATER, "Too many connections for this user")
             return
         if self.ws_connection is None or self.ws_connection.is_closing():
@@ -93,7 +98,7 @@ class ChatSocket(WebSocketHandler):
         self.user, self.jti, self.issued_at = user, claims.jti, claims.issued_at_naive
         self.rejections = 0
         self.queue: asyncio.Queue[ChatMessage] = asyncio.Queue()
-        self.connections.sockets.add(self)
+        self.connections.join(self)
         self.worker = asyncio.create_task(self._work())
         self._send_now(frames.frame(frames.SYSTEM, frames.WELCOME.format(username=user.username)))
 
@@ -103,11 +108,13 @@ class ChatSocket(WebSocketHandler):
         try:
             parsed = frames.parse_client_frame(message, self.chat.settings.chat.max_content_chars)
         except FrameError as exc:
+            metrics.messages.labels("invalid").inc()
             self._send_now(frames.frame(frames.ERROR, str(exc)))
             return
         if isinstance(parsed, Cancel):
             self._cancel_reply()
         elif self.queue.qsize() + self.busy >= self.chat.settings.chat.max_pending:
+            metrics.messages.labels("queue_full").inc()
             self._send_now(frames.frame(frames.ERROR, QUEUE_FULL))
         else:
             self.queue.put_nowait(parsed)
@@ -142,6 +149,7 @@ class ChatSocket(WebSocketHandler):
                 await self._send(frames.frame(frames.SYSTEM, CANCELLED))
             except Exception:
                 logger.exception("websocket: unexpected error in an exchange")
+                metrics.errors.labels("internal").inc()
                 await self._send(frames.frame(frames.ERROR, UNEXPECTED))
                 self.close(SERVER_ERROR, "Unexpected server error")
                 return
@@ -149,6 +157,9 @@ class ChatSocket(WebSocketHandler):
                 self.current = None
 
     async def _exchange(self, message: ChatMessage) -> None:
+        # Every log line of this exchange (agents' included) carries these ids.
+        logs.context.set({"exchange": secrets.token_hex(4), "conversation": self.conversation_id,
+                          "user": self.user.username})
         try:
             decision = await self.chat.take_rate_limit(self.user.id)
             if not decision.allowed:
@@ -159,6 +170,7 @@ class ChatSocket(WebSocketHandler):
             reply = await self.chat.answer(self.user, self.conversation_id, message.content, on_chunk)
         except (SQLAlchemyError, OSError):
             logger.exception("websocket: database error during an exchange")
+            metrics.errors.labels("database").inc()
             await self._send(frames.frame(frames.ERROR, STORE_UNAVAILABLE))
             return
         if reply.ok:
@@ -168,6 +180,8 @@ class ChatSocket(WebSocketHandler):
 
     async def _rate_limited(self, retry_after: float) -> None:
         self.rejections += 1
+        metrics.messages.labels("rate_limited").inc()
+        metrics.rejections.labels("rate_limit").inc()
         await self._send(frames.frame(
             frames.ERROR,
             f"Rate limit exceeded: try again in {max(retry_after, 0.1):.1f} seconds.",

@@ -6,6 +6,7 @@ import logging
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from .. import metrics
 from .base import BaseHandler
 
 logger = logging.getLogger(__name__)
@@ -34,4 +35,17 @@ class ReadyHandler(BaseHandler):
         self.write_json(200 if ready else 503, {"status": "ready" if ready else "not ready", **checks})
 
 
-routes = [(r"/healthz", HealthHandler), (r"/readyz", ReadyHandler)]
+class MetricsHandler(BaseHandler):
+    """Prometheus metrics (see tornado_app.metrics)."""
+
+    def get(self) -> None:
+        body, content_type = metrics.exposition()
+        self.set_header("Content-Type", content_type)
+        self.finish(body)
+
+
+routes = [
+    (r"/healthz", HealthHandler),
+    (r"/readyz", ReadyHandler),
+    (r"/metrics", MetricsHandler),
+]
