@@ -205,7 +205,7 @@ def make_user(service):
 @pytest.fixture
 def token_for(settings):
     def token(name="alice", ttl_minutes=5):
-        return auth.issue_token(settings.jwt_secret, name, ttl_minutes)
+        return auth.TokenVerifier.from_settings(settings).issue(name, ttl_minutes)
 
     return token
 

@@ -7,7 +7,7 @@ import jwt
 import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
-from tornado_app.auth import decode_token
+from tornado_app.auth import TokenVerifier
 
 
 async def post(base_url, body, content_type):
@@ -35,7 +35,7 @@ async def test_login_returns_token_and_cookie(encode, base_url, make_user, setti
     body = json.loads(response.body)
     assert set(body) == {"access_token", "token_type"}
     assert body["token_type"] == "bearer"
-    claims = decode_token(settings.jwt_secret, body["access_token"])
+    claims = TokenVerifier.from_settings(settings).decode(body["access_token"])
     assert claims.username == "alice"
     header = jwt.get_unverified_header(body["access_token"])
     assert header["alg"] == "HS256"

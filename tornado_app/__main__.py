@@ -211,7 +211,7 @@ async def token_command(store: Store, settings: Settings, args: argparse.Namespa
     ttl = settings.auth.token_ttl_minutes if args.ttl_minutes is None else args.ttl_minutes
     if ttl < 1:
         raise CommandError("--ttl-minutes must be at least 1")
-    print(auth.issue_token(settings.jwt_secret, user.username, ttl))
+    print(auth.TokenVerifier.from_settings(settings).issue(user.username, ttl))
     return 0
 
 

@@ -20,6 +20,7 @@ from tornado.httpserver import HTTPServer
 
 from . import handlers, prefork
 from .agent_pool import AgentPool
+from .auth import TokenVerifier
 from .chat import ChatService
 from .connections import Connections
 from .config import ConfigError, Settings, load_settings
@@ -34,6 +35,7 @@ logger = logging.getLogger(__name__)
 def make_app(
     settings: Settings, store: Store, chat: ChatService, connections: Connections
 ) -> tornado.web.Application:
+    """The Application; handlers reach these shared objects through self.settings."""
     server = settings.server
     return tornado.web.Application(
         handlers.all_routes(),
@@ -42,6 +44,7 @@ def make_app(
         store=store,
         chat=chat,
         connections=connections,
+        verifier=chat.verifier,
         log_function=log_request,
         websocket_max_message_size=server.max_message_bytes,
         websocket_ping_interval=server.ping_interval_seconds or None,
@@ -71,7 +74,7 @@ class Service:
         if await ensure_schema(self.store.engine) == "created":
             logger.info("created the database schema")
         self.pool = AgentPool(settings)
-        self.chat = ChatService(settings, self.store, self.pool)
+        self.chat = ChatService(settings, self.store, self.pool, TokenVerifier.from_settings(settings))
         self.connections = Connections(settings, self.store)
         self.connections.start()
         app = make_app(settings, self.store, self.chat, self.connections)

@@ -24,7 +24,7 @@ from .agent_pool import AgentPool
 from .agents import Agent, AgentError, AgentRequest
 from .config import Settings
 from .connections import refusal
-from .store import Store, revocations
+from .store import Store, StoreError, revocations
 from .store.models import ROLE_USER, STATUS_CANCELLED, STATUS_ERROR, STATUS_OK
 from .store.ratelimit import Decision
 
@@ -74,19 +74,24 @@ class Reply:
 
 
 class ChatService:
-    def __init__(self, settings: Settings, store: Store, pool: AgentPool):
+    def __init__(
+        self, settings: Settings, store: Store, pool: AgentPool, verifier: auth.TokenVerifier
+    ):
         self.settings = settings
         self.store = store
         self.pool = pool
+        self.verifier = verifier
 
     async def authenticate(self, token: str | None) -> tuple[Row, auth.Claims] | None:
         """The active user a token names and its claims, or None (the reason is logged)."""
         try:
-            claims = auth.decode_token(self.settings.jwt_secret, token or "")
+            claims = self.verifier.decode(token or "")
         except auth.AuthError as exc:
             logger.info("websocket refused: %s", exc)
             return None
         user = await self.store.get_user(claims.username)
+        if user is None and claims.external and self.settings.auth.auto_create_users:
+            user = await self._create_external_user(claims.username)
         if user is None:
             logger.info("websocket refused: unknown user")
             return None
@@ -96,6 +101,17 @@ class ChatService:
             logger.info("websocket refused: %s", reason.lower())
             return None
         return user, claims
+
+    async def _create_external_user(self, username: str) -> Row | None:
+        """A user named by the other issuer's token: no password, no admin flag."""
+        if not username or len(username) > 64 or not username.isprintable():
+            return None
+        try:
+            user = await self.store.create_user(username, None)
+            logger.info("created user %s on first sight of an external token", username)
+            return user
+        except StoreError:  # another socket created it a moment ago
+            return await self.store.get_user(username)
 
     async def take_rate_limit(self, user_id: int) -> Decision:
         limit = self.settings.rate_limit

@@ -68,6 +68,17 @@ class AuthSettings(Section):
     # How often each process re-checks its open sockets for revoked tokens and
     # disabled users (they are closed with 1008).
     recheck_seconds: float = Field(30.0, gt=0)
+    # Clock skew tolerated on exp, nbf and iat (RFC 8725: keep it small).
+    leeway_seconds: float = Field(30.0, ge=0, le=60)
+    # When set, tokens must carry this aud / iss (ours do).
+    audience: str | None = None
+    issuer: str | None = None
+    # Another issuer's public key (RS256 or ES256), so that its tokens are
+    # accepted without sharing a secret: a PEM file or a JWKS file.
+    public_key_file: str | None = None
+    jwks_file: str | None = None
+    # Create users named by a valid token of that issuer on first sight.
+    auto_create_users: bool = False
 
 
 class RateLimitSettings(Section):
@@ -152,6 +163,7 @@ def load_settings(
     base = Path(path).resolve().parent if path else Path.cwd()
     _resolve_paths(settings, base)
     _ensure_jwt_secret(settings)
+    _check_external_keys(settings)
     return settings
 
 
@@ -251,6 +263,10 @@ def _known_keys(model: type[BaseModel], section: tuple) -> list[str]:
 def _resolve_paths(settings: Settings, base: Path) -> None:
     data_dir = Path(settings.data_dir)
     settings.data_dir = str(data_dir if data_dir.is_absolute() else base / data_dir)
+    for key in ("public_key_file", "jwks_file"):
+        value = getattr(settings.auth, key)
+        if value and not Path(value).is_absolute():
+            setattr(settings.auth, key, str(base / value))
     url = make_url(settings.database.url)
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
         db_path = Path(url.database)
@@ -298,3 +314,20 @@ def _stored_secret(path: Path) -> str:
             f"auth.jwt_secret_file: cannot use {path} ({exc.strerror}); "
             f"set auth.jwt_secret or TORNADO_APP_AUTH__JWT_SECRET instead"
         ) from None
+
+
+def _check_external_keys(settings: Settings) -> None:
+    from .auth import load_external_keys  # auth needs config's types, not the reverse
+
+    auth = settings.auth
+    try:
+        load_external_keys(auth.public_key_file, auth.jwks_file)
+    except ValueError as exc:
+        key = "auth.public_key_file" if auth.public_key_file else "auth.jwks_file"
+        raise ConfigError(f"{key}: {exc}; give a PEM public key or a JWKS file") from None
+    if auth.auto_create_users and not (auth.public_key_file or auth.jwks_file):
+        raise ConfigError(
+            "auth.auto_create_users: only for tokens of another issuer; "
+            "set auth.public_key_file or auth.jwks_file, or turn it off"
+        )
+

@@ -49,6 +49,10 @@ class BaseHandler(RequestHandler):
     def chat(self):
         return self.settings["chat"]
 
+    @property
+    def verifier(self):
+        return self.settings["verifier"]
+
     def _request_summary(self) -> str:  # used by Tornado's own warning lines
         return request_summary(self)
 

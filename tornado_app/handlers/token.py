@@ -36,7 +36,7 @@ class TokenHandler(BaseHandler):
             self.write_json(401, {"error": "invalid_grant", "error_description": INVALID_LOGIN})
             return
         ttl = self.config.auth.token_ttl_minutes
-        token = auth.issue_token(self.config.jwt_secret, user.username, ttl)
+        token = self.verifier.issue(user.username, ttl)
         self.set_cookie(
             COOKIE_NAME,
             token,
@@ -78,7 +78,7 @@ class LogoutHandler(BaseHandler):
             self.get_cookie(COOKIE_NAME)
         )
         try:
-            claims = auth.decode_token(self.config.jwt_secret, token or "")
+            claims = self.verifier.decode(token or "")
         except auth.AuthError:
             self.set_header("WWW-Authenticate", "Bearer")
             self.write_json(401, {"error": "invalid_token",
