@@ -14,6 +14,7 @@ import contextlib
 import logging
 import secrets
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
@@ -43,7 +44,8 @@ OnChunk = Callable[[str], Awaitable[None]]
 class Reply:
     """The outcome of one exchange, as saved in the messages table."""
 
-    text: str = ""
+    # The pieces as they came; joined once (a long reply would make += quadratic).
+    pieces: list[str] = field(default_factory=list)
     status: str = STATUS_OK
     agent: str | None = None
     model: str | None = None
@@ -58,6 +60,12 @@ class Reply:
     @property
     def ok(self) -> bool:
         return self.status == STATUS_OK
+
+    @property
+    def text(self) -> str:
+        if len(self.pieces) > 1:
+            self.pieces[:] = ["".join(self.pieces)]
+        return self.pieces[0] if self.pieces else ""
 
     def columns(self) -> dict:
         return {
@@ -160,7 +168,7 @@ class ChatService:
                 return
             except Exception as exc:  # AgentError, TimeoutError, or a plugin's bug
                 self._fail(reply, agent, exc)
-                if reply.text or position == len(chain) - 1:
+                if reply.pieces or position == len(chain) - 1:
                     return  # fallbacks only take over before the first token
                 logger.info("agent %s failed before its first token; trying %s",
                             agent.name, chain[position + 1].name)
@@ -178,7 +186,7 @@ class ChatService:
             return
         if reply.ttft_ms is None:
             reply.ttft_ms = (time.perf_counter() - reply.started) * 1000
-        reply.text += piece
+        reply.pieces.append(piece)
         if on_chunk is not None:
             await on_chunk(piece)
 
@@ -225,7 +233,9 @@ class ChatService:
             reply.error_kind = "internal"
             # The type only: an exception's text may quote upstream bodies or keys.
             logger.error("agent %s raised %s (ref %s)", agent.name, type(exc).__name__, reply.error_ref)
-            logger.debug("agent %s traceback (ref %s)", agent.name, reply.error_ref, exc_info=exc)
+            # Where it happened, for the plugin's author; never the message text.
+            logger.debug("agent %s raised %s (ref %s) at:\n%s", agent.name, type(exc).__name__,
+                         reply.error_ref, "".join(traceback.format_tb(exc.__traceback__)))
 
     @staticmethod
     def _finish(reply: Reply) -> None:

@@ -43,6 +43,11 @@ class ServerSettings(Section):
     shutdown_grace_seconds: float = Field(10.0, ge=0)
     # Pre-forked worker processes sharing the port (1: this process serves).
     processes: int = Field(1, ge=1, le=256)
+    # Browser origins (scheme://host[:port]) allowed to open the WebSocket.
+    # Empty: only the page's own origin. Requests without Origin (scripts) pass.
+    allowed_origins: list[str] = []
+    # A frame the client does not take within this time closes its socket.
+    write_timeout_seconds: float = Field(10.0, gt=0)
 
     @model_validator(mode="after")
     def _ping_timeout_within_interval(self):

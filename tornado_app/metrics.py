@@ -42,7 +42,7 @@ first_token_seconds = Histogram(
 )
 rejections = Counter(
     "chat_rejections_total",
-    "Refused sockets and messages: auth, rate_limit, user_connections, process_connections",
+    "Refused sockets and messages: auth, origin, rate_limit, user_connections, process_connections",
     ["reason"],
 )
 errors = Counter(

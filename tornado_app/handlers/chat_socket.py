@@ -14,8 +14,10 @@ import asyncio
 import logging
 import re
 import secrets
+from urllib.parse import urlsplit
 
 from sqlalchemy.exc import SQLAlchemyError
+from tornado.iostream import StreamClosedError
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
 from .. import frames, logs, metrics
@@ -64,7 +66,17 @@ class ChatSocket(WebSocketHandler):
     def get_compression_options(self):
         return None  # off: compression costs memory per socket and invites CRIME-style leaks
 
+    def check_origin(self, origin: str) -> bool:
+        # Decided in open() instead: a refused browser then sees close code
+        # 1008 and its reason, not a bare failed handshake.
+        return True
+
     async def open(self, client_id: str) -> None:
+        if not origin_allowed(self.request, self.chat.settings.server.allowed_origins):
+            # Cross-site WebSocket hijacking: another site's page carrying our cookie.
+            metrics.rejections.labels("origin").inc()
+            self.close(POLICY_VIOLATION, "Origin not allowed")
+            return
         if self.connections.full:
             metrics.rejections.labels("process_connections").inc()
             self.close(TRY_AGAIN_LATER, "Too many connections")
@@ -194,10 +206,29 @@ class ChatSocket(WebSocketHandler):
         await self._send(frames.frame(frames.AI_RESPONSE_CHUNK, piece))
 
     async def _send(self, text: str) -> None:
+        """Send a frame, waiting (up to server.write_timeout_seconds) until it is
+        handed to the kernel. Always an await point, so that a cancellation (the
+        socket closed) lands even while an agent yields without awaiting."""
         try:
-            await self.write_message(text)
+            written = self.write_message(text)
         except WebSocketClosedError:
-            pass  # the client left; what it missed is in the transcript
+            await asyncio.sleep(0)  # the client left; what it missed is in the transcript
+            return
+        # asyncio.wait, not wait_for: cancelling Tornado's write future breaks its callback.
+        done, _ = await asyncio.wait({written}, timeout=self.chat.settings.server.write_timeout_seconds)
+        if done:
+            if written.exception() is not None and not isinstance(
+                written.exception(), (WebSocketClosedError, StreamClosedError)
+            ):
+                raise written.exception()
+            return
+        # A client that does not read would make us buffer without bound: close
+        # it, and stop generating for it (the reply is saved as cancelled).
+        logger.info("websocket: closing a socket whose client stopped reading")
+        self.close(POLICY_VIOLATION, "Client too slow")
+        if self.worker is not None:
+            self.worker.cancel()
+        await asyncio.sleep(0)
 
     def _send_now(self, text: str) -> None:
         """Queue a frame without waiting (from on_message and open)."""
@@ -205,6 +236,21 @@ class ChatSocket(WebSocketHandler):
             self.write_message(text)
         except WebSocketClosedError:
             pass
+
+
+def origin_allowed(request, allowed: list[str]) -> bool:
+    """No Origin header (a script, not a browser), or an allowed one.
+
+    With no allowlist only the page's own origin passes (its host and port equal
+    the Host the request was sent to); with one, the exact scheme://host[:port].
+    """
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return True
+    origin = origin.strip().rstrip("/").lower()
+    if allowed:
+        return origin in {entry.strip().rstrip("/").lower() for entry in allowed}
+    return urlsplit(origin).netloc == request.host.lower()
 
 
 routes = [(r"/ws/ai/ai-chat/([^/]+)", ChatSocket)]
