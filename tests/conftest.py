@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import os
 import uuid
 from pathlib import Path
@@ -129,25 +130,29 @@ def db_url(any_db_url):
 # The service
 
 
+@contextlib.contextmanager
+def offered(name: str, agent: FakeAgent):
+    """Offer ``agent`` under ``name`` through the real plugin manager, for one test."""
+    plugin = FakePlugin({name: agent})
+    manager = get_plugin_manager()
+    manager.register(plugin, name=f"{name}-{id(plugin)}")
+    try:
+        yield agent
+    finally:
+        manager.unregister(plugin)
+
+
 @pytest.fixture
 def fake_agent():
-    agent = FakeAgent()
-    plugin = FakePlugin({"fake": agent})
-    manager = get_plugin_manager()
-    manager.register(plugin, name=f"fake-{id(plugin)}")
-    yield agent
-    manager.unregister(plugin)
+    with offered("fake", FakeAgent()) as agent:
+        yield agent
 
 
 @pytest.fixture
 def second_agent():
     """Another FakeAgent, offered as ``fake2`` (for fallbacks and hot swap)."""
-    agent = FakeAgent(model="fake-model-2")
-    plugin = FakePlugin({"fake2": agent})
-    manager = get_plugin_manager()
-    manager.register(plugin, name=f"fake2-{id(plugin)}")
-    yield agent
-    manager.unregister(plugin)
+    with offered("fake2", FakeAgent(model="fake-model-2")) as agent:
+        yield agent
 
 
 @pytest.fixture
