@@ -148,7 +148,14 @@ class ChatService:
             metrics.observe_reply(reply)
             raise
         self._finish(reply)
-        await self._save(conversation_id, user.id, message_id, reply)
+        save = asyncio.ensure_future(self._save(conversation_id, user.id, message_id, reply))
+        try:
+            await asyncio.shield(save)
+        except asyncio.CancelledError:
+            # The reply was complete: a cancel that arrives while it is being
+            # saved comes too late. Finish the save and deliver it all the same.
+            await save
+            asyncio.current_task().uncancel()
         metrics.observe_reply(reply)
         return reply
 

@@ -66,7 +66,18 @@ def parse_client_frame(raw: str | bytes, max_chars: int) -> ChatMessage | Cancel
         raise FrameError("Invalid message format: \"content\" must be a non-empty string.")
     if len(content) > max_chars:
         raise FrameError(f"Message too long: \"content\" is limited to {max_chars} characters.")
+    if "\x00" in content or not _is_encodable(content):
+        # JSON allows "\u0000" and lone surrogates ("\ud800"); no database stores them.
+        raise FrameError("Invalid message format: \"content\" must be valid Unicode text.")
     stream = data.get("stream", False)
     if not isinstance(stream, bool):
         raise FrameError("Invalid message format: \"stream\" must be true or false.")
     return ChatMessage(content=content, stream=stream)
+
+
+def _is_encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

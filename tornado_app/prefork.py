@@ -10,6 +10,7 @@ limit that must hold across processes lives in the database, not here.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -23,6 +24,7 @@ FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # A child that crashes sooner than this after its start is not restarted
 # (a bad config or a broken database would otherwise restart for ever).
 MIN_UPTIME_SECONDS = 5.0
+PR_SET_PDEATHSIG = 1
 
 
 def fork_workers(count: int) -> int | None:
@@ -45,6 +47,7 @@ def fork_workers(count: int) -> int | None:
         if pid == 0:
             for signum in FORWARDED:  # the child's event loop installs its own
                 signal.signal(signum, signal.SIG_DFL)
+            _stop_with_parent()
             return True
         children[pid] = (index, time.monotonic())
         return False
@@ -74,3 +77,13 @@ def fork_workers(count: int) -> int | None:
         if spawn(index):
             return index
     return None
+
+
+def _stop_with_parent() -> None:
+    """Linux: SIGTERM this worker when the supervisor dies, even by kill -9,
+    so that no worker is left serving on its own."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # not Linux: a stopped supervisor's workers run until stopped

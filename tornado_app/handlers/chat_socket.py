@@ -151,7 +151,7 @@ class ChatSocket(WebSocketHandler):
             message = await self.queue.get()
             self.current = asyncio.create_task(self._exchange(message))
             try:
-                await self.current
+                final = await self.current
             except asyncio.CancelledError:
                 if asyncio.current_task().cancelling():
                     # The socket closed, which cancelled the reply too: wait
@@ -159,6 +159,7 @@ class ChatSocket(WebSocketHandler):
                     await asyncio.wait([self.current])
                     raise
                 await self._send(frames.frame(frames.SYSTEM, CANCELLED))
+                continue
             except Exception:
                 logger.exception("websocket: unexpected error in an exchange")
                 metrics.errors.labels("internal").inc()
@@ -167,8 +168,13 @@ class ChatSocket(WebSocketHandler):
                 return
             finally:
                 self.current = None
+            # Sent outside the cancellable task: once saved, a reply is delivered
+            # whole, and a late cancel cannot follow it with "cancelled".
+            if final is not None:
+                await self._send(final)
 
-    async def _exchange(self, message: ChatMessage) -> None:
+    async def _exchange(self, message: ChatMessage) -> str | None:
+        """Rate limit, answer, save; returns the final frame to send, if any."""
         # Every log line of this exchange (agents' included) carries these ids.
         logs.context.set({"exchange": secrets.token_hex(4), "conversation": self.conversation_id,
                           "user": self.user.username})
@@ -186,9 +192,8 @@ class ChatSocket(WebSocketHandler):
             await self._send(frames.frame(frames.ERROR, STORE_UNAVAILABLE))
             return
         if reply.ok:
-            await self._send(frames.frame(frames.AI_RESPONSE, reply.text))
-        else:
-            await self._send(frames.frame(frames.ERROR, error_text(reply)))
+            return frames.frame(frames.AI_RESPONSE, reply.text)
+        return frames.frame(frames.ERROR, error_text(reply))
 
     async def _rate_limited(self, retry_after: float) -> None:
         self.rejections += 1
