@@ -1,8 +1,9 @@
 """Command line: ``python -m tornado_app --config FILE [--host H] [--port P] [COMMAND]``.
 
-Without a command it serves. Commands: ``users add|list|disable``, ``token``,
-``db upgrade|current``. Every failure is one clear line on stderr and a
-non-zero exit code (2 for configuration and usage mistakes), never a traceback.
+Without a command it serves. Commands: ``users add|list|disable|revoke|promote``,
+``token``, ``db upgrade|current``, ``analytics REPORT|export|purge|rollup``. Every
+failure is one clear line on stderr and a non-zero exit code (2 for configuration
+and usage mistakes), never a traceback.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import shutil
 import sys
 from pathlib import Path
 
+from sqlalchemy import update
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import auth
+from .analytics import cli as analytics_cli
 from .config import ConfigError, Settings, load_settings
 from .logs import setup_logging
-from .store import Store, StoreError, revocations
+from .store import Store, StoreError, User, revocations
 from .store import schema
 
 EXIT_FAILURE = 1
@@ -57,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     disable.add_argument("name")
     revoke = users.add_parser("revoke", help="revoke every token issued to a user until now")
     revoke.add_argument("name")
+    promote = users.add_parser("promote", help="give a user the admin flag (analytics API)")
+    promote.add_argument("name")
 
     token = commands.add_parser("token", help="print an access token for a user")
     token.add_argument("name")
@@ -67,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     db.add_parser("upgrade", help="migrate the database to the newest schema")
     db.add_parser("current", help="print the database's schema revision")
+    analytics_cli.add_parser(commands)
     return parser
 
 
@@ -133,7 +139,8 @@ def share_metrics_between_processes(settings: Settings) -> None:
 
 
 async def run_command(settings: Settings, args: argparse.Namespace) -> int:
-    store = Store.from_url(settings.database.url, settings.database.echo)
+    database = settings.database
+    store = Store.from_url(database.url, database.echo, database.timeout_seconds)
     try:
         if args.command == "db":
             return await db_command(store, args)
@@ -142,6 +149,8 @@ async def run_command(settings: Settings, args: argparse.Namespace) -> int:
             return await users_command(store, args)
         if args.command == "token":
             return await token_command(store, settings, args)
+        if args.command == "analytics":
+            return await analytics_cli.run(store, settings, args)
         raise CommandError(f"unknown command {args.command}")
     except (SQLAlchemyError, OSError) as exc:
         raise CommandError(f"database unavailable ({type(exc).__name__}); check database.url") from None
@@ -199,7 +208,20 @@ async def users_command(store: Store, args: argparse.Namespace) -> int:
         if not await revocations.revoke_all(store.engine, args.name):
             raise CommandError(f"no user named {args.name!r}")
         print(f"revoked every token of {args.name} issued until now")
+    elif args.action == "promote":
+        if not await promote_user(store, args.name):
+            raise CommandError(f"no user named {args.name!r}")
+        print(f"{args.name} is now an admin")
     return 0
+
+
+async def promote_user(store: Store, name: str) -> bool:
+    """Set the admin flag; False when there is no such user."""
+    users = User.__table__
+    async with store.engine.begin() as conn:
+        result = await conn.execute(
+            update(users).where(users.c.username == name).values(is_admin=True))
+        return result.rowcount == 1
 
 
 async def token_command(store: Store, settings: Settings, args: argparse.Namespace) -> int:

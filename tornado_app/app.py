@@ -20,6 +20,7 @@ from tornado.httpserver import HTTPServer
 
 from . import handlers, prefork
 from .agent_pool import AgentPool
+from .analytics import AnalyticsTask
 from .auth import TokenVerifier
 from .chat import ChatService
 from .connections import Connections
@@ -62,6 +63,7 @@ class Service:
         self.pool: AgentPool | None = None
         self.chat: ChatService | None = None
         self.connections: Connections | None = None
+        self.analytics: AnalyticsTask | None = None
         self.http: HTTPServer | None = None
         self.port: int | None = None
 
@@ -70,13 +72,18 @@ class Service:
         if sockets is None:
             # Bind first: a port in use fails before anything else is opened.
             sockets = tornado.netutil.bind_sockets(settings.server.port, settings.server.host)
-        self.store = Store.from_url(settings.database.url, settings.database.echo)
+        database = settings.database
+        self.store = Store.from_url(database.url, database.echo, database.timeout_seconds)
         if await ensure_schema(self.store.engine) == "created":
             logger.info("created the database schema")
         self.pool = AgentPool(settings)
         self.chat = ChatService(settings, self.store, self.pool, TokenVerifier.from_settings(settings))
         self.connections = Connections(settings, self.store)
         self.connections.start()
+        # Daily rollups and retention, in the background (tornado_app/analytics).
+        self.analytics = AnalyticsTask(self.store.engine, settings.analytics.retention_days,
+                                       settings.analytics.rollup_interval_seconds)
+        self.analytics.start()
         app = make_app(settings, self.store, self.chat, self.connections)
         self.http = HTTPServer(app, xheaders=False)
         self.http.add_sockets(sockets)
@@ -117,6 +124,7 @@ class Service:
             await asyncio.wait(workers, timeout=5)
         await self.http.close_all_connections()
         await self.connections.stop()
+        await self.analytics.stop()
         await self.pool.close()
         await self.store.close()
         self.http = None
@@ -135,7 +143,7 @@ def run(settings: Settings, config_path: str | None) -> None:
 
 
 async def prepare_database(settings: Settings) -> None:
-    store = Store.from_url(settings.database.url)
+    store = Store.from_url(settings.database.url, timeout=settings.database.timeout_seconds)
     try:
         if await ensure_schema(store.engine) == "created":
             logger.info("created the database schema")

@@ -78,6 +78,7 @@ class Reply:
             "latency_ms": self.latency_ms,
             "ttft_ms": self.ttft_ms,
             "error_ref": self.error_ref,
+            "error_kind": self.error_kind,
         }
 
 

@@ -61,6 +61,10 @@ class DatabaseSettings(Section):
     # Any SQLAlchemy async URL: sqlite+aiosqlite:///file or postgresql+asyncpg://...
     url: str = "sqlite+aiosqlite:///data/chat.db"
     echo: bool = False
+    # Longest wait for the database: connecting and each statement on
+    # PostgreSQL, the write lock (busy timeout) on SQLite. Past it the client
+    # gets an error frame instead of waiting for ever.
+    timeout_seconds: float = Field(10.0, gt=0, le=300)
 
 
 class AuthSettings(Section):
@@ -134,6 +138,14 @@ class LoggingSettings(Section):
     format: Literal["text", "json"] = "text"
 
 
+class AnalyticsSettings(Section):
+    # Transcripts (messages, then emptied conversations) older than this many
+    # whole UTC days are purged; the daily rollups are kept. None: keep forever.
+    retention_days: int | None = Field(None, ge=1)
+    # How often the server rolls up finished days and applies the retention.
+    rollup_interval_seconds: float = Field(3600.0, ge=1)
+
+
 class Settings(Section):
     data_dir: str = "data"
     server: ServerSettings = ServerSettings()
@@ -144,6 +156,7 @@ class Settings(Section):
     limits: LimitsSettings = LimitsSettings()
     agent: AgentSettings = AgentSettings()
     logging: LoggingSettings = LoggingSettings()
+    analytics: AnalyticsSettings = AnalyticsSettings()
 
     @property
     def jwt_secret(self) -> str:

@@ -7,10 +7,11 @@ per-time reports need no join.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 
 from sqlalchemy import (
     Boolean,
+    Date,
     DateTime,
     Float,
     ForeignKey,
@@ -92,6 +93,8 @@ class Message(Base):
     ttft_ms: Mapped[float | None] = mapped_column(Float)
     # Short id quoted to the user in an error frame, to find the log line.
     error_ref: Mapped[str | None] = mapped_column(String(16))
+    # For failed replies: the class of failure (AgentError.kind, "timeout", "internal").
+    error_kind: Mapped[str | None] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
@@ -131,3 +134,99 @@ class ConnectionLease(Base):
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
     instance: Mapped[str] = mapped_column(String(128))
     expires_at: Mapped[float] = mapped_column(Float)  # unix seconds
+
+
+# Analytics (tornado_app/analytics): indexes for the reports, and daily rollups
+# that the retention purge keeps. The rollups are written off the message path;
+# the indexes cost each insert a little (measured in docs/analytics.md).
+
+# The chat_turns view and the rollup join a user message to its reply; the
+# purge deletes messages whose replies point at them (ON DELETE SET NULL).
+Index("ix_messages_reply_to_id", Message.reply_to_id)
+# Failed replies only (a few percent of rows): the errors report over any range.
+Index(
+    "ix_messages_error_created",
+    Message.created_at,
+    sqlite_where=Message.status == STATUS_ERROR,
+    postgresql_where=Message.status == STATUS_ERROR,
+)
+
+
+def _ok_reply_index(name: str, *columns: str) -> Index:
+    ok_reply = (Message.role == ROLE_ASSISTANT) & (Message.status == STATUS_OK)
+    return Index(name, *(Message.__table__.c[c] for c in columns),
+                 sqlite_where=ok_reply, postgresql_where=ok_reply)
+
+
+# Successful replies in latency (and TTFT) order: an exact percentile is read at
+# an offset along one of these, without sorting or visiting the table. The
+# agent-and-model-first pair serves the per-agent report.
+_ok_reply_index("ix_messages_ok_latency", "latency_ms", "created_at", "agent")
+_ok_reply_index("ix_messages_ok_ttft", "ttft_ms", "created_at", "agent")
+_ok_reply_index("ix_messages_ok_agent_latency", "agent", "model", "latency_ms", "created_at")
+_ok_reply_index("ix_messages_ok_agent_ttft", "agent", "model", "ttft_ms", "created_at")
+# One user's successful replies with everything their percentiles need (--user).
+_ok_reply_index("ix_messages_ok_user", "user_id", "created_at", "agent", "model", "latency_ms",
+                "ttft_ms")
+
+
+class DailyRollup(Base):
+    """Additive counters per UTC day, conversation, agent and model.
+
+    A user message counts under the agent and model of its reply ('' when it
+    has none). conversation_id has no foreign key on purpose: the purge deletes
+    old conversations, and their rollups must stay.
+    """
+
+    __tablename__ = "analytics_daily"
+    __table_args__ = (Index("ix_analytics_daily_user_day", "user_id", "day"),)
+
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    conversation_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    agent: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model: Mapped[str] = mapped_column(String(200), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    user_messages: Mapped[int] = mapped_column(Integer)
+    replies: Mapped[int] = mapped_column(Integer)
+    errors: Mapped[int] = mapped_column(Integer)
+    cancelled: Mapped[int] = mapped_column(Integer)
+    tokens_in: Mapped[int] = mapped_column(Integer)
+    tokens_out: Mapped[int] = mapped_column(Integer)
+    # Sums and counts over successful replies, for averages that add up.
+    latency_ms_sum: Mapped[float] = mapped_column(Float)
+    latency_count: Mapped[int] = mapped_column(Integer)
+    ttft_ms_sum: Mapped[float] = mapped_column(Float)
+    ttft_count: Mapped[int] = mapped_column(Integer)
+    first_at: Mapped[datetime] = mapped_column(DateTime)
+    last_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class DailyPercentiles(Base):
+    """Exact p50/p95 of one UTC day's successful replies, per agent ('' = all).
+
+    Percentiles do not add up across days, so the daily report reads them
+    from here; other reports compute theirs from the messages.
+    """
+
+    __tablename__ = "analytics_daily_percentiles"
+
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    agent: Mapped[str] = mapped_column(String(64), primary_key=True)
+    latency_count: Mapped[int] = mapped_column(Integer)
+    latency_p50_ms: Mapped[float | None] = mapped_column(Float)
+    latency_p95_ms: Mapped[float | None] = mapped_column(Float)
+    ttft_count: Mapped[int] = mapped_column(Integer)
+    ttft_p50_ms: Mapped[float | None] = mapped_column(Float)
+    ttft_p95_ms: Mapped[float | None] = mapped_column(Float)
+
+
+class RollupDay(Base):
+    """A UTC day whose rollups are written (and final: the day is over)."""
+
+    __tablename__ = "analytics_rollup_days"
+
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    rolled_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    # Set when the retention purge deleted the day's messages: its rollups no
+    # longer match the rows left, so percentiles must count those instead.
+    purged_at: Mapped[datetime | None] = mapped_column(DateTime)
