@@ -1,0 +1,424 @@
+"""The chat page (``/``) in a real Chromium, against a live server.
+
+Playwright for Python drives Debian's Chromium (``apt-get install chromium``);
+no browser is ever downloaded. Without Chromium (or without Playwright) these
+tests skip with the reason; with ``CHAT_BROWSER_REQUIRED=1`` (set by .ci/run)
+they fail instead.
+
+One server (echo agent, a short pause before each word so that streaming and
+stopping can be watched) and one browser serve the whole module; every test
+gets a fresh browser context (its own cookies and localStorage). The browser
+maps ``localhost:8000`` to the server, so that the spec's JavaScript example,
+which hard-codes that address, runs unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from .servers import PASSWORD, ServerProcess, add_users, write_config
+
+pytestmark = pytest.mark.slow
+
+REQUIRED = os.environ.get("CHAT_BROWSER_REQUIRED") == "1"
+ROOT = Path(__file__).resolve().parents[1]
+SCREENSHOTS = ROOT / "docs" / "screenshots"
+SPEC = ROOT.parent / "shared" / "spec" / "ai-chat-websocket-api.md"
+WORD_DELAY = 0.06
+TIMEOUT_MS = 10_000
+LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+# The spec's JavaScript example, verbatim (test_spec_example_is_verbatim checks it).
+SPEC_EXAMPLE = """\
+const connectToAIChat = async (token, clientId = `client-${Math.random().toString(36).substr(2, 9)}`) => {
+  const wsUrl = `ws://localhost:8000/ws/ai/ai-chat/${clientId}?token=${token}`;
+  
+  const socket = new WebSocket(wsUrl);
+  
+  socket.onopen = () => {
+    console.log('Connected to AI Chat WebSocket');
+  };
+  
+  socket.onmessage = (event) => {
+    const data = JSON.parse(event.data);
+    console.log('Received:', data);
+    
+    // Handle different message types
+    switch(data.type) {
+      case 'system':
+        console.log('System:', data.message);
+        break;
+      case 'ai_response':
+        console.log('AI:', data.message);
+        break;
+      case 'error':
+        console.error('Error:', data.message);
+        break;
+      default:
+        console.log('Unknown message type:', data);
+    }
+  };
+  
+  socket.onclose = (event) => {
+    console.log('Disconnected from AI Chat WebSocket:', event.reason || 'No reason provided');
+  };
+  
+  socket.onerror = (error) => {
+    console.error('WebSocket error:', error);
+  };
+  
+  // Function to send a message
+  const sendMessage = (content) => {
+    if (socket.readyState === WebSocket.OPEN) {
+      socket.send(JSON.stringify({ content }));
+      return true;
+    }
+    return false;
+  };
+  
+  return {
+    socket,
+    sendMessage,
+    close: () => socket.close()
+  };
+};
+
+// Example usage:
+// const chat = await connectToAIChat('your_jwt_token');
+// chat.sendMessage('Hello, AI!');
+"""
+
+
+def _unavailable(reason: str):
+    if REQUIRED:
+        pytest.fail(f"{reason} (CHAT_BROWSER_REQUIRED=1)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def live_server(tmp_path_factory):
+    config = write_config(tmp_path_factory.mktemp("browser"),
+                          agent={"backend": "echo", "echo": {"delay_seconds": WORD_DELAY}})
+    add_users(config, "alice", "bob")
+    server = ServerProcess(config).start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    """Chromium's path and Playwright's entry point; skip (or fail in CI) without them."""
+    executable = shutil.which("chromium")
+    if executable is None:
+        _unavailable("Chromium not found on PATH: `apt-get install chromium` to run the browser tests")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _unavailable("Playwright not installed: `pip install -e .[dev]` to run the browser tests")
+    return executable, sync_playwright
+
+
+@pytest.fixture(scope="module")
+def browser(chromium, live_server):
+    executable, sync_playwright = chromium
+    args = [*LAUNCH_ARGS, f"--host-resolver-rules=MAP localhost:8000 127.0.0.1:{live_server.port}"]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=args)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, live_server):
+    context = browser.new_context(base_url=live_server.base_url,
+                                  viewport={"width": 1100, "height": 760})
+    context.set_default_timeout(TIMEOUT_MS)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield page
+    context.close()
+    assert not errors, errors
+
+
+def expect(locator):
+    from playwright.sync_api import expect as playwright_expect
+    return playwright_expect(locator)
+
+
+# Helpers: every step with the keyboard, as a user without a mouse would.
+
+def log_in(page, username="alice", password=PASSWORD):
+    page.goto("/")
+    expect(page.locator("#username")).to_be_focused()
+    page.keyboard.type(username)
+    page.keyboard.press("Tab")
+    page.keyboard.type(password)
+    page.keyboard.press("Enter")
+
+
+def logged_in(page, username="alice"):
+    log_in(page, username)
+    expect(page.locator("#status")).to_have_text("Connected")
+    expect(page.locator("#message")).to_be_focused()
+
+
+def send(page, text):
+    page.locator("#message").fill(text)
+    page.locator("#message").press("Enter")
+
+
+def last_reply(page):
+    return page.locator(".msg-assistant").last
+
+
+def words(count, stem="word"):
+    return " ".join(f"{stem}{i}" for i in range(count))
+
+
+def run_axe(page) -> list:
+    page.add_script_tag(url="/static/vendor/axe-core/axe.min.js")
+    return page.evaluate("""async () => {
+        const result = await axe.run(document);
+        return result.violations.map(v => ({id: v.id, help: v.help,
+                                            nodes: v.nodes.map(n => n.html)}));
+    }""")
+
+
+# The flows
+
+def test_bad_password_shows_an_error(page):
+    log_in(page, password="not the password")
+    expect(page.locator("#login-error")).to_have_text("Incorrect username or password.")
+    expect(page.locator("#chat-view")).to_be_hidden()
+    assert not [c for c in page.context.cookies() if c["name"] == "access_token"]
+
+
+def test_log_in_and_see_a_streamed_reply(page):
+    received: list[dict] = []
+    sent: list[dict] = []
+    page.on("websocket", lambda ws: (
+        ws.on("framereceived", lambda payload: received.append(json.loads(payload))),
+        ws.on("framesent", lambda payload: sent.append(json.loads(payload))),
+    ))
+    logged_in(page)
+    text = words(12)
+    send(page, text)
+    reply = last_reply(page).locator(".msg-body")
+    # Part of the reply is on screen before the whole of it.
+    expect(reply).to_contain_text("Echo: word0")
+    partial = reply.text_content()
+    expect(reply).to_have_text(f"Echo: {text}")
+    assert partial != f"Echo: {text}"
+    assert sent[-1] == {"content": text, "stream": True}
+    chunks = [f for f in received if f["type"] == "ai_response_chunk"]
+    assert len(chunks) == 13
+    assert received[-1]["type"] == "ai_response"
+    # The token is in an HttpOnly cookie only: never in storage, never readable by script.
+    cookie = next(c for c in page.context.cookies() if c["name"] == "access_token")
+    assert cookie["httpOnly"]
+    assert "access_token" not in page.evaluate("document.cookie")
+    assert cookie["value"] not in json.dumps(page.evaluate("({...localStorage})"))
+
+
+def test_reply_text_is_shown_as_text_not_html(page):
+    logged_in(page)
+    text = '<img src=x onerror="window.pwned=1"> <b>bold</b>'
+    send(page, text)
+    expect(last_reply(page).locator(".msg-body")).to_have_text(f"Echo: {text}")
+    assert page.locator("#messages img, #messages b").count() == 0
+    assert page.evaluate("window.pwned") is None
+
+
+def test_stop_a_reply_then_reload_shows_the_history(page):
+    logged_in(page)
+    send(page, "hello there")
+    expect(last_reply(page).locator(".msg-body")).to_have_text("Echo: hello there")
+    send(page, words(60))
+    expect(last_reply(page).locator(".msg-body")).to_contain_text("word1")
+    expect(page.locator("#stop")).to_be_enabled()
+    page.locator("#stop").click()
+    stopped = last_reply(page)
+    expect(stopped).to_have_class(re.compile("msg-cancelled"))
+    expect(stopped.locator(".msg-meta")).to_contain_text("Stopped")
+    expect(page.locator("#stop")).to_be_disabled()
+    partial = stopped.locator(".msg-body").text_content()
+    assert partial.startswith("Echo: word0") and "word59" not in partial
+    client_id = page.evaluate("localStorage.getItem('aiChat.clientId')")
+
+    page.reload()
+    bodies = page.locator("#messages .msg-body")
+    expect(bodies).to_have_text(["hello there", "Echo: hello there", words(60), partial])
+    expect(last_reply(page).locator(".msg-meta")).to_contain_text("Stopped")
+    assert page.evaluate("localStorage.getItem('aiChat.clientId')") == client_id
+
+
+def test_new_conversation_and_log_out(page, live_server):
+    logged_in(page, "bob")
+    send(page, "first conversation")
+    expect(last_reply(page).locator(".msg-body")).to_have_text("Echo: first conversation")
+    first_id = page.evaluate("localStorage.getItem('aiChat.clientId')")
+    page.locator("#new-conversation").focus()
+    page.keyboard.press("Enter")
+    expect(page.locator("#messages .msg-user")).to_have_count(0)
+    expect(page.locator("#status")).to_have_text("Connected")
+    assert page.evaluate("localStorage.getItem('aiChat.clientId')") != first_id
+
+    page.locator("#logout").focus()
+    with page.expect_response("**/logout") as logout:
+        page.keyboard.press("Enter")
+    assert logout.value.status == 200
+    expect(page.locator("#login-view")).to_be_visible()
+    expect(page.locator("#username")).to_be_focused()
+    expect(page.locator("#session-actions")).to_be_hidden()
+    assert not [c for c in page.context.cookies() if c["name"] == "access_token"]
+    assert page.request.get(f"/api/conversations/{first_id}/messages").status == 401
+
+
+def test_reconnects_with_backoff_after_a_drop(page):
+    connections = []
+
+    def route(ws):
+        server = ws.connect_to_server()
+        connections.append((ws, server))
+
+    page.route_web_socket(re.compile(r".*/ws/ai/ai-chat/.*"), route)
+    logged_in(page)
+    ws, _server = connections[0]
+    ws.close(code=1011, reason="Internal error")  # as if the server had dropped
+    expect(page.locator("#status")).to_contain_text("Reconnecting")
+    expect(page.locator("#send")).to_be_disabled()
+    expect(page.locator("#status")).to_have_text("Connected")
+    assert len(connections) == 2
+    send(page, "still here")
+    expect(last_reply(page).locator(".msg-body")).to_have_text("Echo: still here")
+
+
+def test_rate_limit_and_error_frames_are_shown_readably(page):
+    servers = []
+
+    def route(ws):
+        server = ws.connect_to_server()
+        servers.append(server)
+
+        def from_page(message):
+            if json.loads(message).get("content") == "too fast":
+                # What the server answers a message over the limit.
+                ws.send(json.dumps({"type": "error", "timestamp": "2026-01-01T00:00:00.000000",
+                                    "message": "Rate limit exceeded: try again in 2.5 seconds."}))
+            else:
+                server.send(message)
+        ws.on_message(from_page)
+
+    page.route_web_socket(re.compile(r".*/ws/ai/ai-chat/.*"), route)
+    logged_in(page)
+    send(page, "too fast")
+    expect(page.locator(".msg-warning")).to_have_text(
+        re.compile(r"Rate limit exceeded: try again in 2\.5 seconds\."))
+    expect(page.locator(".msg-assistant")).to_have_count(0)
+    expect(page.locator("#stop")).to_be_disabled()
+    # A real error frame of the server: a cancel with nothing in flight.
+    servers[0].send(json.dumps({"action": "cancel"}))
+    expect(page.locator(".msg-error")).to_have_text(
+        re.compile("There is no reply in progress to cancel."))
+    send(page, "and now slowly")
+    expect(last_reply(page).locator(".msg-body")).to_have_text("Echo: and now slowly")
+
+
+def test_keyboard_only_focus_order_and_visible_focus(page):
+    logged_in(page)
+    page.locator("#message").type("typed with the keyboard")
+    order = []
+    page.locator("#new-conversation").focus()
+    for _ in range(4):
+        order.append(page.evaluate("document.activeElement.id"))
+        page.keyboard.press("Tab")
+    # Stop is disabled with nothing in flight, so it is skipped.
+    assert order == ["new-conversation", "logout", "message", "send"]
+    page.locator("#logout").focus()
+    page.keyboard.press("Shift+Tab")
+    outline = page.evaluate(
+        "getComputedStyle(document.activeElement).outlineStyle + ' '"
+        " + getComputedStyle(document.activeElement).outlineWidth")
+    assert outline.startswith("solid") and outline != "solid 0px"
+    # Escape in the message box stops the reply in flight.
+    page.locator("#message").focus()
+    send(page, words(60))
+    expect(last_reply(page).locator(".msg-body")).to_contain_text("word1")
+    page.keyboard.press("Escape")
+    expect(last_reply(page).locator(".msg-meta")).to_contain_text("Stopped")
+
+
+def test_accessibility_no_axe_violations(page):
+    page.goto("/")
+    expect(page.locator("#login-view")).to_be_visible()
+    assert run_axe(page) == []
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "login.png"))
+    log_in(page)
+    expect(page.locator("#status")).to_have_text("Connected")
+    send(page, "Is this page accessible?")
+    expect(last_reply(page).locator(".msg-body")).to_have_text("Echo: Is this page accessible?")
+    assert run_axe(page) == []
+
+
+def test_screenshot_of_the_chat_page(page):
+    logged_in(page)
+    send(page, "Hello! Can you stream your answer word by word?")
+    expect(last_reply(page).locator(".msg-body")).to_contain_text("word?")
+    send(page, "Tell me a long story about a lighthouse keeper and the sea, the storms "
+               "she saw, the ships she guided home, and the gulls that kept her company "
+               "through every winter night on the rock")
+    expect(last_reply(page).locator(".msg-body")).to_contain_text("keeper")
+    page.locator("#stop").click()
+    expect(last_reply(page)).to_have_class(re.compile("msg-cancelled"))
+    send(page, "Thanks, that is enough for now.")
+    expect(last_reply(page).locator(".msg-body")).to_have_text(
+        "Echo: Thanks, that is enough for now.")
+    page.locator("#message").fill("What does the stop button do?")
+    page.locator("#message").blur()
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "chat.png"))
+    assert (SCREENSHOTS / "chat.png").stat().st_size > 10_000
+
+
+def test_spec_javascript_example_runs_unchanged_in_the_page(page):
+    page.goto("http://localhost:8000/")  # the example's own address, mapped to the server
+    lines: list[str] = []
+    page.on("console", lambda message: lines.append(message.text))
+    token = page.evaluate("""async (password) => {
+        const response = await fetch("/token", {method: "POST",
+            headers: {"Content-Type": "application/json"},
+            body: JSON.stringify({username: "alice", password})});
+        return (await response.json()).access_token;
+    }""", PASSWORD)
+    page.evaluate("async (token) => {\n" + SPEC_EXAMPLE + "\nwindow.chat = await connectToAIChat(token);\n}",
+                  token)
+    page.wait_for_function("window.chat.socket.readyState === WebSocket.OPEN")
+    assert page.evaluate("window.chat.sendMessage('Hello, AI!')") is True
+    _wait_for(page, lambda: any(line == "AI: Echo: Hello, AI!" for line in lines))
+    assert "Connected to AI Chat WebSocket" in lines
+    assert any(line.startswith("System: Welcome to AI Chat, alice!") for line in lines)
+    page.evaluate("window.chat.close()")
+
+
+def test_spec_example_is_verbatim():
+    if not SPEC.exists():
+        pytest.skip(f"{SPEC} not present")
+    block = re.search(r"```javascript\n(.*?)```", SPEC.read_text(), re.S).group(1)
+    assert block == SPEC_EXAMPLE
+
+
+def _wait_for(page, condition, timeout_ms=TIMEOUT_MS):
+    """Poll a Python condition while letting the page's events arrive."""
+    waited = 0
+    while not condition():
+        assert waited < timeout_ms, "timed out"
+        page.wait_for_timeout(50)
+        waited += 50
