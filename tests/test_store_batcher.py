@@ -1,0 +1,133 @@
+"""The SQLite fast path of the Store (store.SqliteBatcher): group commit, same rows.
+
+The exchange's statements on a SQLite file go through one thread and one
+connection, many callers per transaction. These tests check what callers
+rely on: results only after the commit, the same rows as the engine would
+write, one failing statement failing only its own caller, and close()
+finishing what is queued.
+"""
+
+import asyncio
+import datetime
+import sqlite3
+
+import pytest
+from sqlalchemy.exc import IntegrityError
+
+from tornado_app.store import Store
+from tornado_app.store.schema import ensure_schema
+
+
+@pytest.fixture
+def sqlite_url(tmp_path):
+    return f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}"
+
+
+@pytest.fixture
+def sqlite_store(io_loop, sqlite_url):
+    store = Store.from_url(sqlite_url)
+
+    async def prepare():
+        await ensure_schema(store.engine)
+        await store.create_user("u1", None)
+
+    io_loop.run_sync(prepare)
+    yield store
+    io_loop.run_sync(store.close)
+
+
+def test_a_file_database_uses_the_batcher_and_memory_does_not(sqlite_url):
+    assert Store.from_url(sqlite_url).batcher is not None
+    assert Store.from_url("sqlite+aiosqlite:///:memory:").batcher is None
+
+
+@pytest.mark.gen_test
+async def test_concurrent_exchanges_are_saved_and_read_back_through_the_engine(sqlite_store):
+    store = sqlite_store
+    conversation = await store.open_conversation(1, "c1")
+    assert await store.open_conversation(1, "c1") == conversation  # the same one again
+
+    async def exchange(n):
+        message_id = await store.add_user_message(conversation, 1, f"question {n}")
+        reply_id = await store.add_reply(conversation, 1, message_id, content=f"answer {n}",
+                                         status="ok", agent="echo", tokens_out=2,
+                                         latency_ms=1.5)
+        return message_id, reply_id
+
+    ids = await asyncio.gather(*(exchange(n) for n in range(50)))
+    rows = await store.conversation_messages(conversation)  # through SQLAlchemy
+    assert len(rows) == 100 and len({row.id for row in rows}) == 100
+    by_id = {row.id: row for row in rows}
+    for message_id, reply_id in ids:
+        reply = by_id[reply_id]
+        assert reply.reply_to_id == message_id and reply.role == "assistant"
+        assert by_id[message_id].content.replace("question", "answer") == reply.content
+        assert reply.agent == "echo" and reply.tokens_out == 2 and reply.latency_ms == 1.5
+        assert isinstance(reply.created_at, datetime.datetime)
+    newest = max(row.id for row in rows)
+    history = await store.history(conversation, newest, 6)
+    expected = [(row.role, row.content) for row in rows if row.id < newest][-6:]
+    assert [(turn.role, turn.content) for turn in history] == expected
+
+
+@pytest.mark.gen_test
+async def test_a_failing_statement_fails_only_its_caller(sqlite_store):
+    store = sqlite_store
+    conversation = await store.open_conversation(1, "c1")
+    results = await asyncio.gather(
+        store.add_user_message(conversation, 1, "fine"),
+        store.add_user_message(999, 1, "no such conversation"),  # foreign key
+        store.take_rate_limit(1, 100.0, 5, 60.0),
+        return_exceptions=True,
+    )
+    assert isinstance(results[0], int)
+    assert isinstance(results[1], IntegrityError)
+    assert results[2].allowed
+    rows = await store.conversation_messages(conversation)
+    assert [row.content for row in rows] == ["fine"]
+
+
+@pytest.mark.gen_test
+async def test_results_come_after_the_commit(sqlite_store, sqlite_url):
+    store = sqlite_store
+    conversation = await store.open_conversation(1, "c1")
+    message_id = await store.add_user_message(conversation, 1, "durable")
+    # Another connection (another process, say) sees it at once.
+    path = sqlite_url.split("///", 1)[1]
+    with sqlite3.connect(path) as other:
+        assert other.execute("SELECT content FROM messages WHERE id = ?",
+                             (message_id,)).fetchone() == ("durable",)
+
+
+@pytest.mark.gen_test
+async def test_close_finishes_what_is_queued(sqlite_url):
+    store = Store.from_url(sqlite_url)
+    await ensure_schema(store.engine)
+    await store.create_user("u1", None)
+    conversation = await store.open_conversation(1, "c1")
+    pending = [asyncio.ensure_future(store.add_user_message(conversation, 1, f"m{n}"))
+               for n in range(20)]
+    await asyncio.sleep(0)
+    await store.close()
+    assert all(isinstance(task.result(), int) for task in pending)  # done already
+    reader = Store.from_url(sqlite_url)
+    try:
+        assert len(await reader.conversation_messages(conversation)) == 20
+    finally:
+        await reader.close()
+
+
+@pytest.mark.gen_test
+async def test_a_value_the_driver_cannot_bind_fails_only_its_caller(sqlite_store):
+    store = sqlite_store
+    conversation = await store.open_conversation(1, "c1")
+    results = await asyncio.gather(
+        store.add_user_message(conversation, 1, "before"),
+        store.add_user_message(conversation, 1, "lone \ud800 surrogate"),
+        store.add_user_message(conversation, 1, "after"),
+        return_exceptions=True,
+    )
+    assert isinstance(results[1], UnicodeEncodeError)
+    assert isinstance(results[0], int) and isinstance(results[2], int)
+    rows = await store.conversation_messages(conversation)
+    assert [row.content for row in rows] == ["before", "after"]
