@@ -28,12 +28,31 @@ async def test_readyz_reports_an_unreachable_database(base_url, service):
     from sqlalchemy.ext.asyncio import create_async_engine
 
     # Point the store at a port where nothing listens, then put it back.
-    good = service.store.engine
-    service.store.engine = create_async_engine("postgresql+asyncpg://nobody@127.0.0.1:1/none")
+    store = service.store
+    good = store.engine, store.sqlite_file
+    store.engine = create_async_engine("postgresql+asyncpg://nobody@127.0.0.1:1/none")
+    store.sqlite_file = None
     try:
         response = await AsyncHTTPClient().fetch(f"{base_url}/readyz", raise_error=False)
     finally:
-        await service.store.engine.dispose()
-        service.store.engine = good
+        await store.engine.dispose()
+        store.engine, store.sqlite_file = good
+    assert response.code == 503
+    assert json.loads(response.body)["database"] == "unavailable"
+
+
+@pytest.mark.gen_test
+async def test_readyz_reports_a_locked_sqlite_file(base_url, service, settings):
+    import sqlite3
+
+    if service.store.sqlite_file is None:
+        pytest.skip("SQLite only")
+    lock = sqlite3.connect(service.store.sqlite_file, isolation_level=None, timeout=0)
+    lock.execute("BEGIN EXCLUSIVE")  # another writer holds the file
+    try:
+        response = await AsyncHTTPClient().fetch(f"{base_url}/readyz", raise_error=False)
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
     assert response.code == 503
     assert json.loads(response.body)["database"] == "unavailable"
