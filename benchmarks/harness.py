@@ -235,9 +235,6 @@ class ServerProcess:
     def pid(self) -> int:
         return self.proc.pid
 
-    def ws_url(self, path: str) -> str:
-        return f"ws://{HOST}:{self.port}{path}"
-
     def start(self, timeout: float = 60.0) -> "ServerProcess":
         self.spawn()
         self.wait_ready(timeout)
