@@ -36,11 +36,6 @@ class AgentPool:
         self._tasks: set[asyncio.Task] = set()
         self._chain = self._build(settings)
 
-    @staticmethod
-    def validate(settings: Settings) -> None:
-        """Raise ConfigError if the agent section names unknown agents or bad options."""
-        agents.validate_agent_settings(settings, agents.available_agents())
-
     def _build(self, settings: Settings) -> list[Agent]:
         agents.validate_agent_settings(settings, self._specs)
         current = {self._identities[id(a)]: a for a in self._chain}

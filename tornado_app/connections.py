@@ -19,7 +19,6 @@ import os
 import socket
 import time
 import uuid
-from typing import Protocol
 
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
@@ -33,14 +32,6 @@ from .store.models import User
 logger = logging.getLogger(__name__)
 
 POLICY_VIOLATION = 1008
-
-
-class OpenSocket(Protocol):
-    user: object  # the users row
-    jti: str
-    issued_at: object  # naive UTC datetime of the token's iat
-
-    def close(self, code: int | None = None, reason: str | None = None) -> None: ...
 
 
 class Connections:
