@@ -6,7 +6,7 @@ import asyncio
 import pytest
 
 from tornado_app.agents import AgentError
-from tornado_app.chat import HISTORY_LIMIT
+from tornado_app.history import HISTORY_LIMIT
 
 
 async def rows(store, client_id="client-1", user_id=1):

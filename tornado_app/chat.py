@@ -25,15 +25,13 @@ from .agent_pool import AgentPool
 from .agents import Agent, AgentError, AgentRequest
 from .config import Settings
 from .connections import refusal
+from .history import History, Turn
 from .store import Store, StoreError, revocations
 from .store.models import ROLE_USER, STATUS_CANCELLED, STATUS_ERROR, STATUS_OK
 from .store.ratelimit import Decision
 
 logger = logging.getLogger(__name__)
 
-# Most turns read back from the database to build a prompt; the token budget
-# of the agent then trims them further, oldest first.
-HISTORY_LIMIT = 200
 # Tokens counted per message for the chat template's role markers.
 TOKENS_PER_MESSAGE = 4
 
@@ -129,19 +127,22 @@ class ChatService:
         )
 
     async def answer(
-        self, user: Row, conversation_id: int, content: str, on_chunk: OnChunk | None = None
+        self, user: Row, history: History, content: str, on_chunk: OnChunk | None = None
     ) -> Reply:
         """Save the message, get and save the reply, and return it.
 
+        ``history`` is the socket's copy of its conversation (history.py).
         Cancelling the task that runs this saves the partial reply as
         ``cancelled`` before the cancellation goes on.
         """
+        conversation_id = history.conversation_id
         message_id = await self.store.add_user_message(conversation_id, user.id, content)
-        history = await self.store.history(conversation_id, message_id, HISTORY_LIMIT)
+        turns = await history.before(message_id, content, ROLE_USER)
         reply = Reply()
         try:
             with self.pool.lease() as chain:
-                await self._generate(chain, user.username, history, content, reply, on_chunk)
+                await self._generate(chain, user.username, history, turns, content, reply,
+                                     on_chunk)
         except asyncio.CancelledError:
             reply.status = STATUS_CANCELLED
             self._finish(reply)
@@ -160,7 +161,7 @@ class ChatService:
         metrics.observe_reply(reply)
         return reply
 
-    async def _generate(self, chain, username, history, content, reply, on_chunk) -> None:
+    async def _generate(self, chain, username, history, turns, content, reply, on_chunk) -> None:
         deadline = self.settings.agent.timeout_seconds
         for position, agent in enumerate(chain):
             reply.agent, reply.model = agent.name, agent.model
@@ -170,9 +171,10 @@ class ChatService:
                 async with asyncio.timeout(deadline):
                     # Ready first: a loaded model counts tokens with its own tokenizer.
                     await agent.wait_ready()
-                    request.messages = self._prompt(agent, username, history, content)
+                    request.messages, prompt_tokens = self._prompt(
+                        agent, username, history, turns, content)
                     await self._stream(agent, request, reply, on_chunk)
-                self._count_tokens(agent, request, reply)
+                self._count_tokens(agent, request, prompt_tokens, reply)
                 return
             except Exception as exc:  # AgentError, TimeoutError, or a plugin's bug
                 self._fail(reply, agent, exc)
@@ -198,31 +200,32 @@ class ChatService:
         if on_chunk is not None:
             await on_chunk(piece)
 
-    def _prompt(self, agent: Agent, username: str, history: list[Row], content: str) -> list[dict]:
-        """System prompt, then as many of the latest turns as fit, then the message."""
+    def _prompt(
+        self, agent: Agent, username: str, history: History, turns: list[Turn], content: str
+    ) -> tuple[list[dict], int]:
+        """System prompt, then as many of the latest turns as fit, then the
+        message; and the prompt's tokens as the agent counts them."""
         system = self.settings.agent.system_prompt.replace("{username}", username)
+        history.count(agent, turns)
+        used = agent.count_tokens(system) + agent.count_tokens(content) + 2 * TOKENS_PER_MESSAGE
         budget = agent.context_tokens - agent.reply_tokens
-        budget -= agent.count_tokens(system) + agent.count_tokens(content) + 2 * TOKENS_PER_MESSAGE
-        kept: list[dict] = []
-        for row in reversed(history):
-            budget -= agent.count_tokens(row.content) + TOKENS_PER_MESSAGE
-            if budget < 0:
-                break
-            kept.append({"role": row.role, "content": row.content})
-        kept.reverse()
+        start = len(turns)
+        while start > 0 and used + turns[start - 1].tokens + TOKENS_PER_MESSAGE <= budget:
+            start -= 1
+            used += turns[start].tokens + TOKENS_PER_MESSAGE
         # A cut can leave a reply first; models expect a user turn after the system prompt.
-        while kept and kept[0]["role"] != ROLE_USER:
-            kept.pop(0)
-        return [{"role": "system", "content": system}, *kept, {"role": "user", "content": content}]
+        while start < len(turns) and turns[start].role != ROLE_USER:
+            used -= turns[start].tokens + TOKENS_PER_MESSAGE
+            start += 1
+        messages = [{"role": "system", "content": system}]
+        messages += [{"role": turn.role, "content": turn.content} for turn in turns[start:]]
+        messages.append({"role": "user", "content": content})
+        return messages, used
 
     @staticmethod
-    def _count_tokens(agent: Agent, request: AgentRequest, reply: Reply) -> None:
+    def _count_tokens(agent: Agent, request: AgentRequest, prompt_tokens: int, reply: Reply) -> None:
         usage = request.usage
-        reply.tokens_in = usage.tokens_in
-        if reply.tokens_in is None:
-            reply.tokens_in = sum(
-                agent.count_tokens(m["content"]) + TOKENS_PER_MESSAGE for m in request.messages
-            )
+        reply.tokens_in = usage.tokens_in if usage.tokens_in is not None else prompt_tokens
         reply.tokens_out = usage.tokens_out
         if reply.tokens_out is None:
             reply.tokens_out = agent.count_tokens(reply.text) if reply.text else 0

@@ -25,6 +25,7 @@ from ..auth import bearer_value
 from ..chat import ChatService, error_text
 from ..connections import Connections
 from ..frames import Cancel, ChatMessage, FrameError
+from ..history import History
 from .base import request_summary
 from .token import COOKIE_NAME
 
@@ -93,7 +94,7 @@ class ChatSocket(WebSocketHandler):
                 self.close(POLICY_VIOLATION, "Invalid client_id")
                 return
             user, claims = identity
-            self.conversation_id = await self.chat.store.open_conversation(user.id, client_id)
+            conversation_id = await self.chat.store.open_conversation(user.id, client_id)
             self.lease = await self.connections.take_slot(user.id)
         except (SQLAlchemyError, OSError):
             logger.exception("websocket: database unavailable while opening a socket")
@@ -108,6 +109,7 @@ class ChatSocket(WebSocketHandler):
             self.connections.leave(self)  # the client left while we were checking
             return
         self.user, self.jti, self.issued_at = user, claims.jti, claims.issued_at_naive
+        self.history = History(self.chat.store, conversation_id)
         self.rejections = 0
         self.queue: asyncio.Queue[ChatMessage] = asyncio.Queue()
         self.connections.join(self)
@@ -176,7 +178,8 @@ class ChatSocket(WebSocketHandler):
     async def _exchange(self, message: ChatMessage) -> str | None:
         """Rate limit, answer, save; returns the final frame to send, if any."""
         # Every log line of this exchange (agents' included) carries these ids.
-        logs.context.set({"exchange": secrets.token_hex(4), "conversation": self.conversation_id,
+        logs.context.set({"exchange": secrets.token_hex(4),
+                          "conversation": self.history.conversation_id,
                           "user": self.user.username})
         try:
             decision = await self.chat.take_rate_limit(self.user.id)
@@ -185,7 +188,7 @@ class ChatSocket(WebSocketHandler):
                 return
             self.rejections = 0
             on_chunk = self._send_chunk if message.stream else None
-            reply = await self.chat.answer(self.user, self.conversation_id, message.content, on_chunk)
+            reply = await self.chat.answer(self.user, self.history, message.content, on_chunk)
         except (SQLAlchemyError, OSError):
             logger.exception("websocket: database error during an exchange")
             metrics.errors.labels("database").inc()

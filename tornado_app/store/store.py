@@ -233,19 +233,23 @@ class Store:
             )
             return result.scalar_one()
 
-    async def history(self, conversation_id: int, before_id: int, limit: int) -> list[Row]:
-        """The latest ``limit`` turns before a message, oldest first.
+    async def history(
+        self, conversation_id: int, before_id: int, limit: int, after_id: int = 0
+    ) -> list[Row]:
+        """The latest ``limit`` turns between two messages (ids, exclusive),
+        oldest first, as (id, role, content).
 
         User messages are all kept; of the replies only the delivered ones, so
         that an error text never becomes part of the model's context.
         """
         if self.batcher is not None:
-            return await self.batcher.history(conversation_id, before_id, limit)
+            return await self.batcher.history(conversation_id, before_id, limit, after_id)
         query = (
-            select(messages.c.role, messages.c.content)
+            select(messages.c.id, messages.c.role, messages.c.content)
             .where(
                 messages.c.conversation_id == conversation_id,
                 messages.c.id < before_id,
+                messages.c.id > after_id,
                 (messages.c.role == ROLE_USER) | (messages.c.status == STATUS_OK),
             )
             .order_by(messages.c.id.desc())
@@ -332,16 +336,17 @@ _INSERT_MESSAGE = messages.insert().values(
     {name: bindparam(name, type_=messages.c[name].type) for name in _MESSAGE_COLUMNS}
 ).returning(messages.c.id)
 _HISTORY = (
-    select(messages.c.role, messages.c.content)
+    select(messages.c.id, messages.c.role, messages.c.content)
     .where(
         messages.c.conversation_id == bindparam("conversation_id", type_=Integer),
         messages.c.id < bindparam("before_id", type_=Integer),
+        messages.c.id > bindparam("after_id", type_=Integer),
         (messages.c.role == ROLE_USER) | (messages.c.status == STATUS_OK),
     )
     .order_by(messages.c.id.desc())
     .limit(bindparam("limit", type_=Integer))
 )
-HistoryRow = namedtuple("HistoryRow", "role content")
+HistoryRow = namedtuple("HistoryRow", "id role content")
 _INSERT_CONVERSATION = sqlite_dialects.insert(conversations).values(
     user_id=bindparam("user_id", type_=Integer),
     client_id=bindparam("client_id", type_=conversations.c.client_id.type),
@@ -400,11 +405,13 @@ class SqliteBatcher:
         self._insert_conversation.run(cursor, values)
         return self._conversation_id.run(cursor, values)[0][0]
 
-    async def history(self, conversation_id: int, before_id: int, limit: int) -> list:
-        values = {"conversation_id": conversation_id, "before_id": before_id, "limit": limit}
+    async def history(self, conversation_id: int, before_id: int, limit: int,
+                      after_id: int = 0) -> list:
+        values = {"conversation_id": conversation_id, "before_id": before_id, "limit": limit,
+                  "after_id": after_id}
         rows = await self._submit(self._history.run, values, write=False)
         rows.reverse()
-        return list(map(HistoryRow._make, rows))  # half the time of HistoryRow(role, content)
+        return list(map(HistoryRow._make, rows))  # half the time of HistoryRow(*row)
 
     async def take_rate_limit(
         self, user_id: int, now: float, messages: int, per_seconds: float

@@ -1,0 +1,80 @@
+"""A socket's copy of its conversation's latest turns, and their token counts.
+
+Every message needs the conversation's history for its prompt. Reading the
+latest ``HISTORY_LIMIT`` turns back and counting their tokens each time was
+the largest cost of an exchange (docs/benchmarks.md). So each socket keeps
+them: per message it reads only the turns saved since its previous one
+(normally just its own last reply, one row through the index), and counts
+tokens only for turns it has not counted with the current agent.
+
+The database stays the truth. Turns another socket writes to the same
+conversation are read like any other new turn. Once a copy is older than
+``REFRESH_SECONDS`` it is read again in full, so that turns purged by
+retention leave it, and a turn another process committed out of id order
+(PostgreSQL assigns ids before commit) is not missed for longer than that.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from .agents import Agent
+from .store import Store
+
+# Most turns kept for a prompt; the agent's token budget then trims them
+# further, oldest first.
+HISTORY_LIMIT = 200
+# A copy older than this is read again in full.
+REFRESH_SECONDS = 60.0
+
+
+@dataclass(slots=True)
+class Turn:
+    id: int
+    role: str
+    content: str
+    tokens: int | None = None  # by History.counted_by's count_tokens
+
+
+class History:
+    """The latest turns of one conversation, oldest first (see the module)."""
+
+    def __init__(self, store: Store, conversation_id: int, limit: int = HISTORY_LIMIT):
+        self.store = store
+        self.conversation_id = conversation_id
+        self.limit = limit
+        self.turns: deque[Turn] = deque(maxlen=limit)
+        self.counted_by: Agent | None = None
+        self._last_id = 0  # every turn up to this id has been read
+        self._read_at: float | None = None
+
+    async def before(self, message_id: int, content: str, role: str) -> list[Turn]:
+        """The turns before ``message_id``, which is then added as the newest.
+
+        Called by the exchange right after it saved its user message.
+        """
+        now = time.monotonic()
+        if self._read_at is None or now - self._read_at > REFRESH_SECONDS:
+            self.turns.clear()
+            self._last_id, self._read_at = 0, now
+        rows = await self.store.history(
+            self.conversation_id, message_id, self.limit, after_id=self._last_id
+        )
+        self.turns.extend(Turn(row.id, row.role, row.content) for row in rows)
+        earlier = list(self.turns)
+        self.turns.append(Turn(message_id, role, content))
+        self._last_id = message_id
+        return earlier
+
+    def count(self, agent: Agent, turns: list[Turn]) -> None:
+        """Fill in ``turns``' token counts for ``agent`` (all of them again if
+        the last counts were another agent's: a hot swap, a fallback)."""
+        if agent is not self.counted_by:
+            for turn in self.turns:
+                turn.tokens = None
+            self.counted_by = agent
+        for turn in turns:
+            if turn.tokens is None:
+                turn.tokens = agent.count_tokens(turn.content)
