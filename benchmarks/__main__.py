@@ -42,7 +42,7 @@ SIZES = {
         "scaleout": {"clients": 50, "processes": [1, 2], "duration": 3.0, "warmup": 1.0},
     },
     "smoke": {
-        "overhead": {"clients": 4, "rounds": 1, "duration": 0.5, "warmup": 0.2},
+        "overhead": {"clients": 4, "rounds": 1, "duration": 1.5, "warmup": 0.5},
         "connections": {"connections": 40, "client_processes": 2, "probes": 5,
                         "probe_rate": 50, "warmup_sockets": 3, "settle_seconds": 0.1},
         "model": {"users": 2, "rounds": 1, "max_new_tokens": 4, "probes": 3,

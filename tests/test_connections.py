@@ -47,11 +47,11 @@ async def test_slots_held_by_other_instances_count_until_they_expire(
     connect, service, make_user, token_for
 ):
     user = await make_user("alice")
-    engine = service.store.engine
+    store = service.store
     now = time.time()
     # Another instance holds one live slot; a killed one left an expired slot.
-    assert await leases.acquire(engine, user.id, "other:1", now, 60, 5)
-    assert await leases.acquire(engine, user.id, "killed:2", now - 100, 10, 5)
+    assert await store.acquire_lease(user.id, "other:1", now, 60, 5)
+    assert await store.acquire_lease(user.id, "killed:2", now - 100, 10, 5)
     await connect("a", token=token_for("alice"))
     extra = await connect("b", token=token_for("alice"), welcome=False)
     assert await extra.wait_closed() == 1013
@@ -61,7 +61,7 @@ async def test_slots_held_by_other_instances_count_until_they_expire(
 async def test_concurrent_slot_takers_never_exceed_the_cap(service, make_user):
     user = await make_user("alice")
     taken = await asyncio.gather(*(
-        leases.acquire(service.store.engine, user.id, f"i{n}", time.time(), 30, 3)
+        service.store.acquire_lease(user.id, f"i{n}", time.time(), 30, 3)
         for n in range(20)
     ))
     assert sum(lease is not None for lease in taken) == 3
@@ -70,12 +70,12 @@ async def test_concurrent_slot_takers_never_exceed_the_cap(service, make_user):
 @pytest.mark.gen_test
 async def test_renew_extends_only_this_instances_leases(service, make_user):
     user = await make_user("alice")
-    engine = service.store.engine
+    store = service.store
     now = time.time()
-    await leases.acquire(engine, user.id, "mine", now, 5, 9)
-    await leases.acquire(engine, user.id, "theirs", now, 5, 9)
-    await leases.renew(engine, "mine", now + 4, 5)
-    assert await leases.live_count(engine, user.id, now + 6) == 1
+    await store.acquire_lease(user.id, "mine", now, 5, 9)
+    await store.acquire_lease(user.id, "theirs", now, 5, 9)
+    await store.renew_leases("mine", now + 4, 5)
+    assert await leases.live_count(store.engine, user.id, now + 6) == 1
 
 
 class TestPerProcessCap:

@@ -192,7 +192,7 @@ async def server_bug(ctx):
     async def broken(*_args, **_kwargs):
         raise RuntimeError("a bug whose text must not leak: sk-secret")
 
-    ctx.service.chat.take_rate_limit = broken
+    ctx.service.store.admit = broken
     client = await ctx.connect()
     await client.send({"content": "trigger"})
     return client

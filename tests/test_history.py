@@ -7,15 +7,21 @@ PostgreSQL); the end-to-end ones go through real sockets.
 
 from __future__ import annotations
 
+import time
+from collections import namedtuple
+
 import pytest
 from sqlalchemy import delete
 
 from tornado_app import history as history_module
 from tornado_app.history import History
-from tornado_app.store.models import ROLE_USER, STATUS_ERROR, Message
+from tornado_app.store.models import ROLE_USER, STATUS_ERROR, STATUS_OK, Message
 
 from .conftest import offered
 from .helpers import FakeAgent
+
+
+Row = namedtuple("Row", "id role content")
 
 
 class CountingAgent(FakeAgent):
@@ -30,55 +36,51 @@ class CountingAgent(FakeAgent):
         return super().count_tokens(text)
 
 
-class RecordingStore:
-    """The real store, with a note of each history read's ``after_id``."""
-
-    def __init__(self, store):
-        self.store = store
-        self.after_ids: list[int] = []
-
-    async def history(self, conversation_id, before_id, limit, after_id=0):
-        self.after_ids.append(after_id)
-        return await self.store.history(conversation_id, before_id, limit, after_id)
+async def admit(store, copy: History, user, content: str):
+    """What an exchange does first: Store.admit with the copy's read_from, then add."""
+    admission = await store.admit(copy.conversation_id, user.id, content, now=time.time(),
+                                  messages=1000, per_seconds=1.0, after_id=copy.read_from(),
+                                  history_limit=copy.limit)
+    return admission, copy.add(admission.turns, admission.message_id, content)
 
 
-async def exchange(store, user, conversation, text, status="ok"):
-    message_id = await store.add_user_message(conversation, user.id, text)
-    await store.add_reply(conversation, user.id, message_id, content=f"re: {text}", status=status)
-    return message_id
+async def full_read(store, conversation_id: int, before_id: int, limit: int) -> list[tuple]:
+    """The history as the whole conversation gives it: no copy, no shortcut."""
+    rows = await store.conversation_messages(conversation_id)
+    turns = [(row.id, row.role, row.content) for row in rows if row.id < before_id
+             and (row.role == ROLE_USER or row.status == STATUS_OK)]
+    return turns[-limit:]
 
 
 @pytest.mark.gen_test
 async def test_each_prompt_equals_a_full_read_while_only_new_turns_are_read(store, make_user):
     user = await make_user("alice")
     conversation = await store.open_conversation(user.id, "c1")
-    recording = RecordingStore(store)
-    copy = History(recording, conversation, limit=5)
+    copy = History(conversation, limit=5)
     for n in range(8):
-        message_id = await store.add_user_message(conversation, user.id, f"q{n}")
-        turns = await copy.before(message_id, f"q{n}", ROLE_USER)
-        full = await store.history(conversation, message_id, 5)
-        assert [(t.id, t.role, t.content) for t in turns] == [tuple(row) for row in full]
+        after_id = copy.read_from()
+        admission, turns = await admit(store, copy, user, f"q{n}")
+        # Only what was saved since the last message was read (its reply, normally).
+        assert len(admission.turns) == (0 if n in (0, 4) else 1)
+        assert all(turn.id > after_id for turn in admission.turns)
+        expected = await full_read(store, conversation, admission.message_id, 5)
+        assert [(t.id, t.role, t.content) for t in turns] == expected
         # A failed reply is saved but never becomes context.
-        status = STATUS_ERROR if n == 3 else "ok"
-        await store.add_reply(conversation, user.id, message_id, content=f"a{n}", status=status)
-    assert recording.after_ids[0] == 0
-    assert all(after > 0 for after in recording.after_ids[1:])
+        status = STATUS_ERROR if n == 3 else STATUS_OK
+        await store.add_reply(conversation, user.id, admission.message_id, content=f"a{n}",
+                              status=status)
 
 
 @pytest.mark.gen_test
 async def test_turns_another_socket_wrote_are_read(store, make_user):
     user = await make_user("alice")
     conversation = await store.open_conversation(user.id, "c1")
-    mine = History(store, conversation)
-    await exchange(store, user, conversation, "from here")
-    message_id = await store.add_user_message(conversation, user.id, "second")
-    await mine.before(message_id, "second", ROLE_USER)
-    await store.add_reply(conversation, user.id, message_id, content="re: second")
-    await exchange(store, user, conversation, "from another socket")
-    last = await store.add_user_message(conversation, user.id, "third")
-    turns = await mine.before(last, "third", ROLE_USER)
-    assert [t.content for t in turns] == ["from here", "re: from here", "second", "re: second",
+    mine, other = History(conversation), History(conversation)
+    for copy, text in ((mine, "from here"), (other, "from another socket")):
+        admission, _ = await admit(store, copy, user, text)
+        await store.add_reply(conversation, user.id, admission.message_id, content=f"re: {text}")
+    _, turns = await admit(store, mine, user, "third")
+    assert [t.content for t in turns] == ["from here", "re: from here",
                                           "from another socket", "re: from another socket"]
 
 
@@ -86,22 +88,40 @@ async def test_turns_another_socket_wrote_are_read(store, make_user):
 async def test_purged_turns_leave_the_copy_at_its_next_full_read(store, make_user, monkeypatch):
     user = await make_user("alice")
     conversation = await store.open_conversation(user.id, "c1")
-    copy = History(store, conversation)
-    purged = await exchange(store, user, conversation, "old")
-    message_id = await store.add_user_message(conversation, user.id, "new")
-    assert [t.content for t in await copy.before(message_id, "new", ROLE_USER)] == ["old", "re: old"]
+    copy = History(conversation)
+    old, _ = await admit(store, copy, user, "old")
+    await store.add_reply(conversation, user.id, old.message_id, content="re: old")
+    _, turns = await admit(store, copy, user, "new")
+    assert [t.content for t in turns] == ["old", "re: old"]
     async with store.engine.begin() as conn:  # what retention does
-        await conn.execute(delete(Message).where(Message.id <= purged + 1))
+        await conn.execute(delete(Message).where(Message.id <= old.message_id + 1))
+    _, turns = await admit(store, copy, user, "soon")
+    assert [t.content for t in turns] == ["old", "re: old", "new"]  # not re-read yet
     monkeypatch.setattr(history_module, "REFRESH_SECONDS", 0.0)
-    later = await store.add_user_message(conversation, user.id, "later")
-    assert [t.content for t in await copy.before(later, "later", ROLE_USER)] == ["new"]
+    _, turns = await admit(store, copy, user, "later")
+    assert [t.content for t in turns] == ["new", "soon"]
+
+
+@pytest.mark.gen_test
+async def test_a_message_over_the_rate_limit_is_neither_saved_nor_added(store, make_user):
+    user = await make_user("alice")
+    conversation = await store.open_conversation(user.id, "c1")
+    copy = History(conversation)
+    limit = {"now": 100.0, "messages": 1, "per_seconds": 60.0, "history_limit": 10}
+    first = await store.admit(conversation, user.id, "one", after_id=0, **limit)
+    second = await store.admit(conversation, user.id, "two", after_id=0, **limit)
+    assert first.decision.allowed and not second.decision.allowed
+    assert second.message_id is None and second.turns == []
+    assert 59.0 < second.decision.retry_after <= 60.0
+    assert [row.content for row in await store.conversation_messages(conversation)] == ["one"]
+    assert not copy.turns
 
 
 def test_token_counts_are_kept_per_agent_and_recounted_after_a_swap():
     first, second = CountingAgent(), CountingAgent()
-    copy = History(store=None, conversation_id=1)
-    copy.turns.extend(history_module.Turn(i, ROLE_USER, f"turn {i}") for i in range(3))
-    turns = list(copy.turns)
+    copy = History(conversation_id=1)
+    copy.add([Row(i, ROLE_USER, f"turn {i}") for i in range(3)], 3, "the message")
+    turns = list(copy.turns)[:3]
     copy.count(first, turns)
     copy.count(first, turns)
     assert first.counted == ["turn 0", "turn 1", "turn 2"]

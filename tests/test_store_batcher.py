@@ -64,10 +64,10 @@ async def test_concurrent_exchanges_are_saved_and_read_back_through_the_engine(s
         assert by_id[message_id].content.replace("question", "answer") == reply.content
         assert reply.agent == "echo" and reply.tokens_out == 2 and reply.latency_ms == 1.5
         assert isinstance(reply.created_at, datetime.datetime)
-    newest = max(row.id for row in rows)
-    history = await store.history(conversation, newest, 6)
-    expected = [(row.role, row.content) for row in rows if row.id < newest][-6:]
-    assert [(turn.role, turn.content) for turn in history] == expected
+    admitted = await store.admit(conversation, 1, "one more", now=0.0, messages=1,
+                                 per_seconds=1.0, after_id=0, history_limit=6)
+    expected = [(row.id, row.role, row.content) for row in rows][-6:]
+    assert [tuple(turn) for turn in admitted.turns] == expected
 
 
 @pytest.mark.gen_test

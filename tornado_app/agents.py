@@ -53,6 +53,7 @@ class Usage:
 @dataclass
 class AgentRequest:
     # OpenAI chat format: the system prompt, earlier turns, then the new message.
+    # Read-only: the dicts are the socket's copy of its history (history.py).
     messages: list[dict[str, str]]
     username: str
     usage: Usage = field(default_factory=Usage)

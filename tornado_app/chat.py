@@ -26,9 +26,8 @@ from .agents import Agent, AgentError, AgentRequest
 from .config import Settings
 from .connections import refusal
 from .history import History, Turn
-from .store import Store, StoreError, revocations
+from .store import Store, StoreError
 from .store.models import ROLE_USER, STATUS_CANCELLED, STATUS_ERROR, STATUS_OK
-from .store.ratelimit import Decision
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +35,14 @@ logger = logging.getLogger(__name__)
 TOKENS_PER_MESSAGE = 4
 
 OnChunk = Callable[[str], Awaitable[None]]
+
+
+class RateLimited(Exception):
+    """The user is over the rate limit; nothing was saved."""
+
+    def __init__(self, retry_after: float):
+        super().__init__(f"rate limited for {retry_after:.1f} s")
+        self.retry_after = retry_after
 
 
 @dataclass
@@ -96,35 +103,31 @@ class ChatService:
         except auth.AuthError as exc:
             logger.info("websocket refused: %s", exc)
             return None
-        user = await self.store.get_user(claims.username)
+        user = await self.store.token_holder(claims.username, claims.jti)
         if user is None and claims.external and self.settings.auth.auto_create_users:
-            user = await self._create_external_user(claims.username)
+            if await self._create_external_user(claims.username):
+                user = await self.store.token_holder(claims.username, claims.jti)
         if user is None:
             logger.info("websocket refused: unknown user")
             return None
-        revoked = await revocations.revoked_jtis(self.store.engine, [claims.jti])
+        revoked = {claims.jti} if user.jti_revoked else set()
         reason = refusal(user, claims.jti, claims.issued_at_naive, revoked)
         if reason is not None:
             logger.info("websocket refused: %s", reason.lower())
             return None
         return user, claims
 
-    async def _create_external_user(self, username: str) -> Row | None:
-        """A user named by the other issuer's token: no password, no admin flag."""
+    async def _create_external_user(self, username: str) -> bool:
+        """A user named by the other issuer's token: no password, no admin flag.
+        False if the name cannot be a user's."""
         if not username or len(username) > 64 or not username.isprintable():
-            return None
+            return False
         try:
-            user = await self.store.create_user(username, None)
+            await self.store.create_user(username, None)
             logger.info("created user %s on first sight of an external token", username)
-            return user
-        except StoreError:  # another socket created it a moment ago
-            return await self.store.get_user(username)
-
-    async def take_rate_limit(self, user_id: int) -> Decision:
-        limit = self.settings.rate_limit
-        return await self.store.take_rate_limit(
-            user_id, time.time(), limit.messages, limit.per_seconds
-        )
+        except StoreError:
+            pass  # another socket created it a moment ago
+        return True
 
     async def answer(
         self, user: Row, history: History, content: str, on_chunk: OnChunk | None = None
@@ -132,12 +135,20 @@ class ChatService:
         """Save the message, get and save the reply, and return it.
 
         ``history`` is the socket's copy of its conversation (history.py).
-        Cancelling the task that runs this saves the partial reply as
-        ``cancelled`` before the cancellation goes on.
+        Raises :class:`RateLimited` (nothing saved) when the user is over the
+        rate limit. Cancelling the task that runs this saves the partial reply
+        as ``cancelled`` before the cancellation goes on.
         """
         conversation_id = history.conversation_id
-        message_id = await self.store.add_user_message(conversation_id, user.id, content)
-        turns = await history.before(message_id, content, ROLE_USER)
+        limit = self.settings.rate_limit
+        admission = await self.store.admit(
+            conversation_id, user.id, content, now=time.time(), messages=limit.messages,
+            per_seconds=limit.per_seconds, after_id=history.read_from(),
+            history_limit=history.limit)
+        if not admission.decision.allowed:
+            raise RateLimited(admission.decision.retry_after)
+        message_id = admission.message_id
+        turns = history.add(admission.turns, message_id, content)
         reply = Reply()
         try:
             with self.pool.lease() as chain:
@@ -217,8 +228,9 @@ class ChatService:
         while start < len(turns) and turns[start].role != ROLE_USER:
             used -= turns[start].tokens + TOKENS_PER_MESSAGE
             start += 1
+        # The turns' own dicts: agents read a request's messages, never change them.
         messages = [{"role": "system", "content": system}]
-        messages += [{"role": turn.role, "content": turn.content} for turn in turns[start:]]
+        messages += [turn.message for turn in turns[start:]]
         messages.append({"role": "user", "content": content})
         return messages, used
 

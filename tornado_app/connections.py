@@ -26,7 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from . import metrics
 from .config import Settings
 from .store import Store
-from .store import leases, revocations
+from .store import revocations
 from .store.models import User
 
 logger = logging.getLogger(__name__)
@@ -50,9 +50,9 @@ class Connections:
 
     async def take_slot(self, user_id: int) -> str | None:
         limits = self.settings.limits
-        return await leases.acquire(
-            self.store.engine, user_id, self.instance, time.time(),
-            limits.lease_seconds, limits.connections_per_user,
+        return await self.store.acquire_lease(
+            user_id, self.instance, time.time(), limits.lease_seconds,
+            limits.connections_per_user,
         )
 
     def join(self, sock) -> None:
@@ -72,7 +72,7 @@ class Connections:
 
     async def release_slot(self, lease_id: str) -> None:
         try:
-            await leases.release(self.store.engine, lease_id)
+            await self.store.release_lease(lease_id)
         except (SQLAlchemyError, OSError):
             # renew() extends every lease of this instance: it must not keep
             # this one alive, so it deletes it on its next run.
@@ -102,11 +102,10 @@ class Connections:
 
     async def renew(self) -> None:
         for lease_id in list(self._to_release):
-            await leases.release(self.store.engine, lease_id)
+            await self.store.release_lease(lease_id)
             self._to_release.discard(lease_id)
-        await leases.renew(
-            self.store.engine, self.instance, time.time(), self.settings.limits.lease_seconds
-        )
+        await self.store.renew_leases(
+            self.instance, time.time(), self.settings.limits.lease_seconds)
 
     async def recheck(self) -> None:
         """Close sockets whose user was disabled or whose token was revoked."""

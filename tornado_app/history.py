@@ -21,7 +21,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from .agents import Agent
-from .store import Store
+from .store.models import ROLE_USER
 
 # Most turns kept for a prompt; the agent's token budget then trims them
 # further, oldest first.
@@ -33,16 +33,26 @@ REFRESH_SECONDS = 60.0
 @dataclass(slots=True)
 class Turn:
     id: int
-    role: str
-    content: str
+    message: dict  # {"role": ..., "content": ...}, built once, as prompts hold it
     tokens: int | None = None  # by History.counted_by's count_tokens
+
+    @property
+    def role(self) -> str:
+        return self.message["role"]
+
+    @property
+    def content(self) -> str:
+        return self.message["content"]
 
 
 class History:
-    """The latest turns of one conversation, oldest first (see the module)."""
+    """The latest turns of one conversation, oldest first (see the module).
 
-    def __init__(self, store: Store, conversation_id: int, limit: int = HISTORY_LIMIT):
-        self.store = store
+    Per message: :meth:`read_from` says which turns to read, the exchange
+    reads them as it saves the message (Store.admit), :meth:`add` takes them.
+    """
+
+    def __init__(self, conversation_id: int, limit: int = HISTORY_LIMIT):
         self.conversation_id = conversation_id
         self.limit = limit
         self.turns: deque[Turn] = deque(maxlen=limit)
@@ -50,21 +60,21 @@ class History:
         self._last_id = 0  # every turn up to this id has been read
         self._read_at: float | None = None
 
-    async def before(self, message_id: int, content: str, role: str) -> list[Turn]:
-        """The turns before ``message_id``, which is then added as the newest.
-
-        Called by the exchange right after it saved its user message.
-        """
+    def read_from(self) -> int:
+        """The id after which turns are to be read (0: all, the copy is dropped)."""
         now = time.monotonic()
         if self._read_at is None or now - self._read_at > REFRESH_SECONDS:
             self.turns.clear()
             self._last_id, self._read_at = 0, now
-        rows = await self.store.history(
-            self.conversation_id, message_id, self.limit, after_id=self._last_id
-        )
-        self.turns.extend(Turn(row.id, row.role, row.content) for row in rows)
+        return self._last_id
+
+    def add(self, rows: list, message_id: int, content: str) -> list[Turn]:
+        """Take the turns read (id, role, content; oldest first) and the new
+        user message; returns the turns before the message."""
+        self.turns.extend(Turn(row.id, {"role": row.role, "content": row.content})
+                          for row in rows)
         earlier = list(self.turns)
-        self.turns.append(Turn(message_id, role, content))
+        self.turns.append(Turn(message_id, {"role": ROLE_USER, "content": content}))
         self._last_id = message_id
         return earlier
 

@@ -22,7 +22,7 @@ from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
 from .. import frames, logs, metrics
 from ..auth import bearer_value
-from ..chat import ChatService, error_text
+from ..chat import ChatService, RateLimited, error_text
 from ..connections import Connections
 from ..frames import Cancel, ChatMessage, FrameError
 from ..history import History
@@ -109,7 +109,7 @@ class ChatSocket(WebSocketHandler):
             self.connections.leave(self)  # the client left while we were checking
             return
         self.user, self.jti, self.issued_at = user, claims.jti, claims.issued_at_naive
-        self.history = History(self.chat.store, conversation_id)
+        self.history = History(conversation_id)
         self.rejections = 0
         self.queue: asyncio.Queue[ChatMessage] = asyncio.Queue()
         self.connections.join(self)
@@ -182,18 +182,17 @@ class ChatSocket(WebSocketHandler):
                           "conversation": self.history.conversation_id,
                           "user": self.user.username})
         try:
-            decision = await self.chat.take_rate_limit(self.user.id)
-            if not decision.allowed:
-                await self._rate_limited(decision.retry_after)
-                return
-            self.rejections = 0
             on_chunk = self._send_chunk if message.stream else None
             reply = await self.chat.answer(self.user, self.history, message.content, on_chunk)
+        except RateLimited as exc:
+            await self._rate_limited(exc.retry_after)
+            return
         except (SQLAlchemyError, OSError):
             logger.exception("websocket: database error during an exchange")
             metrics.errors.labels("database").inc()
             await self._send(frames.frame(frames.ERROR, STORE_UNAVAILABLE))
             return
+        self.rejections = 0
         if reply.ok:
             return frames.frame(frames.AI_RESPONSE, reply.text)
         return frames.frame(frames.ERROR, error_text(reply))

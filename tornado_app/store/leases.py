@@ -15,51 +15,56 @@ from __future__ import annotations
 
 import uuid
 
-from sqlalchemy import delete, func, literal, select, update
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import Float, Integer, String, bindparam, delete, func, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .models import ConnectionLease, User
 
 leases = ConnectionLease.__table__
 users = User.__table__
 
+# The statements, with bind parameters, so that the Store runs them through
+# the engine or (on a SQLite file) its batcher alike.
+_live = (
+    select(func.count())
+    .select_from(leases)
+    .where(leases.c.user_id == bindparam("user_id", type_=Integer),
+           leases.c.expires_at > bindparam("now", type_=Float))
+    .scalar_subquery()
+)
+ACQUIRE = leases.insert().from_select(
+    ["id", "user_id", "instance", "expires_at"],
+    select(bindparam("lease_id", type_=String), bindparam("user_id", type_=Integer),
+           bindparam("holder", type_=String), bindparam("until", type_=Float))
+    .where(_live < bindparam("cap", type_=Integer)),
+).returning(leases.c.id)
+RELEASE = delete(leases).where(leases.c.id == bindparam("lease_id", type_=String))
+RENEW = update(leases).where(leases.c.instance == bindparam("holder", type_=String)).values(
+    expires_at=bindparam("until", type_=Float))
+FORGET = delete(leases).where(leases.c.expires_at < bindparam("before", type_=Float))
 
-async def acquire(
-    engine: AsyncEngine, user_id: int, instance: str, now: float, ttl: float, cap: int
-) -> str | None:
+
+def acquire_values(user_id: int, instance: str, now: float, ttl: float, cap: int) -> dict:
+    return {"lease_id": uuid.uuid4().hex, "user_id": user_id, "holder": instance,
+            "until": now + ttl, "now": now, "cap": cap}
+
+
+def renew_values(instance: str, now: float, ttl: float) -> dict:
+    """RENEW's and FORGET's: extend this instance's leases, drop long-expired ones of any."""
+    return {"holder": instance, "until": now + ttl, "before": now - ttl}
+
+
+async def acquire(conn: AsyncConnection, values: dict) -> str | None:
     """A new lease id, or None when the user already holds ``cap`` live leases."""
-    lease_id = uuid.uuid4().hex
-    live = (
-        select(func.count())
-        .select_from(leases)
-        .where(leases.c.user_id == user_id, leases.c.expires_at > now)
-        .scalar_subquery()
-    )
-    insert = leases.insert().from_select(
-        ["id", "user_id", "instance", "expires_at"],
-        select(literal(lease_id), literal(user_id), literal(instance), literal(now + ttl)).where(
-            live < cap
-        ),
-    )
-    async with engine.begin() as conn:
-        if conn.dialect.name == "postgresql":
-            await conn.execute(select(users.c.id).where(users.c.id == user_id).with_for_update())
-        result = await conn.execute(insert)
-    return lease_id if result.rowcount == 1 else None
-
-
-async def release(engine: AsyncEngine, lease_id: str) -> None:
-    async with engine.begin() as conn:
-        await conn.execute(delete(leases).where(leases.c.id == lease_id))
-
-
-async def renew(engine: AsyncEngine, instance: str, now: float, ttl: float) -> None:
-    """Extend every lease of this instance, and drop long-expired ones of any."""
-    async with engine.begin() as conn:
+    if conn.dialect.name == "postgresql":
         await conn.execute(
-            update(leases).where(leases.c.instance == instance).values(expires_at=now + ttl)
-        )
-        await conn.execute(delete(leases).where(leases.c.expires_at < now - ttl))
+            select(users.c.id).where(users.c.id == values["user_id"]).with_for_update())
+    return (await conn.execute(ACQUIRE, values)).scalar_one_or_none()
+
+
+async def renew(conn: AsyncConnection, values: dict) -> None:
+    await conn.execute(RENEW, values)
+    await conn.execute(FORGET, values)
 
 
 async def live_count(engine: AsyncEngine, user_id: int, now: float) -> int:
@@ -70,5 +75,3 @@ async def live_count(engine: AsyncEngine, user_id: int, now: float) -> int:
             )
         )
         return result.scalar_one()
-
-

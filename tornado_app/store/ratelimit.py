@@ -39,11 +39,23 @@ def dialect_insert(conn: AsyncConnection):
     raise RuntimeError(f"unsupported database dialect {name!r}")
 
 
+def bounds(messages: int, per_seconds: float) -> tuple[float, float]:
+    """The emission interval T and the burst tolerance tau."""
+    interval = per_seconds / messages
+    return interval, per_seconds - interval
+
+
+def decision(tat: float, granted: bool, tolerance: float, now: float) -> Decision:
+    """The decision the statement returned (the new ``tat`` and whether it passed)."""
+    if granted:
+        return Decision(True, 0.0)
+    return Decision(False, max(0.0, tat - tolerance - now))
+
+
 async def take(
     conn: AsyncConnection, user_id: int, now: float, messages: int, per_seconds: float
 ) -> Decision:
-    interval = per_seconds / messages
-    tolerance = per_seconds - interval
+    interval, tolerance = bounds(messages, per_seconds)
     row = RateLimit.__table__.c
     start = case((row.tat > now, row.tat), else_=literal(now))
     passes = start - now <= tolerance + EPSILON
@@ -58,6 +70,4 @@ async def take(
         },
     ).returning(row.tat, row.granted)
     tat, granted = (await conn.execute(statement)).one()
-    if granted:
-        return Decision(True, 0.0)
-    return Decision(False, max(0.0, tat - tolerance - now))
+    return decision(tat, granted, tolerance, now)

@@ -1,10 +1,11 @@
 """The Store: every SQL statement the service runs, behind small async methods.
 
 It uses SQLAlchemy Core on an async engine (aiosqlite or asyncpg): each method
-is one short transaction, so a reply is durable before it is sent.
+is one short transaction, so a reply is durable before it is sent. An
+exchange is two of them: :meth:`Store.admit` (rate limit, the user's message,
+the new history turns) and :meth:`Store.add_reply`.
 
-On a SQLite file, the four statements of every exchange (rate limit, the
-user's message, the history, the reply) go through :class:`SqliteBatcher`
+On a SQLite file, the exchange's statements go through :class:`SqliteBatcher`
 instead: one thread, one connection, group commit. Through aiosqlite and
 SQLAlchemy each of them cost about 1.2 ms (eight thread hand-offs per
 transaction) and the pool's connections queued on SQLite's write lock in
@@ -19,17 +20,18 @@ import queue
 import sqlite3
 import threading
 from collections import namedtuple
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from sqlalchemy import Float, Integer, bindparam, case, event, select, text, update
+from sqlalchemy import Float, Integer, bindparam, case, event, exists, select, text, update
 from sqlalchemy.dialects import sqlite as sqlite_dialects
 from sqlalchemy.dialects.sqlite import pysqlite
 from sqlalchemy.engine import Row, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from . import ratelimit
+from . import leases, ratelimit, revocations
 from .models import (
     ROLE_ASSISTANT,
     ROLE_USER,
@@ -150,6 +152,15 @@ class Store:
             result = await conn.execute(select(users).where(users.c.username == username))
             return result.one_or_none()
 
+    async def token_holder(self, username: str, jti: str) -> Row | None:
+        """The user a token names, with ``jti_revoked``: whether that one token
+        was revoked (one statement: this runs for every socket that opens)."""
+        jti_revoked = exists().where(revocations.revoked.c.jti == jti).label("jti_revoked")
+        async with self.engine.connect() as conn:
+            result = await conn.execute(
+                select(users, jti_revoked).where(users.c.username == username))
+            return result.one_or_none()
+
     async def list_users(self) -> list[Row]:
         async with self.engine.connect() as conn:
             return list(await conn.execute(select(users).order_by(users.c.username)))
@@ -186,25 +197,67 @@ class Store:
             )
             return result.scalar_one()
 
+    # Connection slots (leases.py); on SQLite through the batcher, so that
+    # they never wait for the write lock in the busy handler's sleeps.
+
+    async def acquire_lease(
+        self, user_id: int, instance: str, now: float, ttl: float, cap: int
+    ) -> str | None:
+        """A new lease id, or None when the user already holds ``cap`` live ones."""
+        values = leases.acquire_values(user_id, instance, now, ttl, cap)
+        if self.batcher is not None:
+            rows = await self.batcher.execute(leases.ACQUIRE, values=values)
+            return rows[0][0] if rows else None
+        async with self.engine.begin() as conn:
+            return await leases.acquire(conn, values)
+
+    async def release_lease(self, lease_id: str) -> None:
+        values = {"lease_id": lease_id}
+        if self.batcher is not None:
+            await self.batcher.execute(leases.RELEASE, values=values)
+            return
+        async with self.engine.begin() as conn:
+            await conn.execute(leases.RELEASE, values)
+
+    async def renew_leases(self, instance: str, now: float, ttl: float) -> None:
+        """Extend this instance's leases; forget long-expired ones of any instance."""
+        values = leases.renew_values(instance, now, ttl)
+        if self.batcher is not None:
+            await self.batcher.execute(leases.RENEW, leases.FORGET, values=values)
+            return
+        async with self.engine.begin() as conn:
+            await leases.renew(conn, values)
+
     async def add_user_message(self, conversation_id: int, user_id: int, content: str) -> int:
         if self.batcher is not None:
             return await self.batcher.insert_message(
                 conversation_id=conversation_id, user_id=user_id, role=ROLE_USER,
                 content=content, status=STATUS_OK)
         async with self.engine.begin() as conn:
-            result = await conn.execute(
-                messages.insert()
-                .values(
-                    conversation_id=conversation_id,
-                    user_id=user_id,
-                    role=ROLE_USER,
-                    content=content,
-                    status=STATUS_OK,
-                    created_at=utcnow(),
-                )
-                .returning(messages.c.id)
-            )
-            return result.scalar_one()
+            return await _insert_user_message(conn, conversation_id, user_id, content)
+
+    async def admit(
+        self, conversation_id: int, user_id: int, content: str, *, now: float, messages: int,
+        per_seconds: float, after_id: int, history_limit: int,
+    ) -> "Admission":
+        """The start of an exchange, in one transaction: take the rate limit
+        (``messages`` per ``per_seconds``) and, if it allows, save the user's
+        message and read the history turns between ``after_id`` and it (see
+        :func:`_history_query`). One round trip instead of three.
+        """
+        if self.batcher is not None:
+            return await self.batcher.admit(
+                conversation_id, user_id, content, now, messages, per_seconds, after_id,
+                history_limit)
+        async with self.engine.begin() as conn:
+            decision = await ratelimit.take(conn, user_id, now, messages, per_seconds)
+            if not decision.allowed:
+                return Admission(decision)
+            message_id = await _insert_user_message(conn, conversation_id, user_id, content)
+            turns = list(await conn.execute(
+                _history_query(conversation_id, message_id, history_limit, after_id)))
+        turns.reverse()
+        return Admission(decision, message_id, turns)
 
     async def add_reply(
         self, conversation_id: int, user_id: int, reply_to_id: int, **fields
@@ -233,33 +286,6 @@ class Store:
             )
             return result.scalar_one()
 
-    async def history(
-        self, conversation_id: int, before_id: int, limit: int, after_id: int = 0
-    ) -> list[Row]:
-        """The latest ``limit`` turns between two messages (ids, exclusive),
-        oldest first, as (id, role, content).
-
-        User messages are all kept; of the replies only the delivered ones, so
-        that an error text never becomes part of the model's context.
-        """
-        if self.batcher is not None:
-            return await self.batcher.history(conversation_id, before_id, limit, after_id)
-        query = (
-            select(messages.c.id, messages.c.role, messages.c.content)
-            .where(
-                messages.c.conversation_id == conversation_id,
-                messages.c.id < before_id,
-                messages.c.id > after_id,
-                (messages.c.role == ROLE_USER) | (messages.c.status == STATUS_OK),
-            )
-            .order_by(messages.c.id.desc())
-            .limit(limit)
-        )
-        async with self.engine.connect() as conn:
-            rows = list(await conn.execute(query))
-        rows.reverse()
-        return rows
-
     async def conversation_messages(self, conversation_id: int) -> list[Row]:
         async with self.engine.connect() as conn:
             result = await conn.execute(
@@ -278,6 +304,47 @@ class Store:
             return await self.batcher.take_rate_limit(user_id, now, limit, per_seconds)
         async with self.engine.begin() as conn:
             return await ratelimit.take(conn, user_id, now, limit, per_seconds)
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What :meth:`Store.admit` decided: the rate limit's decision and, when it
+    allowed the message, the message's id and the history turns before it."""
+
+    decision: ratelimit.Decision
+    message_id: int | None = None
+    turns: list = field(default_factory=list)
+
+
+async def _insert_user_message(conn, conversation_id: int, user_id: int, content: str) -> int:
+    result = await conn.execute(
+        messages.insert()
+        .values(conversation_id=conversation_id, user_id=user_id, role=ROLE_USER,
+                content=content, status=STATUS_OK, created_at=utcnow())
+        .returning(messages.c.id)
+    )
+    return result.scalar_one()
+
+
+def _history_query(conversation_id, before_id, limit, after_id):
+    """A conversation's newest ``limit`` turns between two message ids
+    (exclusive), as (id, role, content), newest first.
+
+    User messages are all kept; of the replies only the delivered ones, so
+    that an error text never becomes part of the model's context. With bind
+    parameters for values, it is also the SQLite batcher's statement.
+    """
+    return (
+        select(messages.c.id, messages.c.role, messages.c.content)
+        .where(
+            messages.c.conversation_id == conversation_id,
+            messages.c.id < before_id,
+            messages.c.id > after_id,
+            (messages.c.role == ROLE_USER) | (messages.c.status == STATUS_OK),
+        )
+        .order_by(messages.c.id.desc())
+        .limit(limit)
+    )
 
 
 # The SQLite fast path
@@ -335,17 +402,8 @@ _MESSAGE_COLUMNS = [c.name for c in messages.c if c.name != "id"]
 _INSERT_MESSAGE = messages.insert().values(
     {name: bindparam(name, type_=messages.c[name].type) for name in _MESSAGE_COLUMNS}
 ).returning(messages.c.id)
-_HISTORY = (
-    select(messages.c.id, messages.c.role, messages.c.content)
-    .where(
-        messages.c.conversation_id == bindparam("conversation_id", type_=Integer),
-        messages.c.id < bindparam("before_id", type_=Integer),
-        messages.c.id > bindparam("after_id", type_=Integer),
-        (messages.c.role == ROLE_USER) | (messages.c.status == STATUS_OK),
-    )
-    .order_by(messages.c.id.desc())
-    .limit(bindparam("limit", type_=Integer))
-)
+_HISTORY = _history_query(*(bindparam(name, type_=Integer) for name in
+                             ("conversation_id", "before_id", "limit", "after_id")))
 HistoryRow = namedtuple("HistoryRow", "id role content")
 _INSERT_CONVERSATION = sqlite_dialects.insert(conversations).values(
     user_id=bindparam("user_id", type_=Integer),
@@ -358,6 +416,35 @@ _CONVERSATION_ID = select(conversations.c.id).where(
 )
 
 _STOP = object()
+
+
+def _run_all(cursor: sqlite3.Cursor, work: tuple) -> list[tuple]:
+    compiled, values = work
+    for statement in compiled:
+        rows = statement.run(cursor, values)
+    return rows
+
+
+def _rate_limit_values(user_id: int, now: float, messages: int, per_seconds: float):
+    """The GCRA statement's parameters, and the burst tolerance."""
+    interval, tolerance = ratelimit.bounds(messages, per_seconds)
+    values = {"user_id": user_id, "now": now, "interval": interval,
+              "slack": tolerance + ratelimit.EPSILON}
+    return values, tolerance
+
+
+def _message_row(values: dict) -> dict:
+    """A messages row for the INSERT: every column, NULL unless given, status ok."""
+    row = dict.fromkeys(_MESSAGE_COLUMNS)
+    row["status"] = STATUS_OK
+    row.update(values, created_at=utcnow())
+    return row
+
+
+def _turns(rows: list) -> list:
+    """History rows, newest first as read, as HistoryRows oldest first."""
+    rows.reverse()
+    return list(map(HistoryRow._make, rows))  # half the time of HistoryRow(*row)
 
 
 class SqliteBatcher:
@@ -387,15 +474,23 @@ class SqliteBatcher:
         self._rate_limit = _Compiled(_rate_limit_statement())
         self._insert_conversation = _Compiled(_INSERT_CONVERSATION)
         self._conversation_id = _Compiled(_CONVERSATION_ID)
+        self._compiled: dict = {}  # execute()'s statements
 
     # The operations (run on the thread; ``cursor`` is inside the transaction)
 
     async def insert_message(self, **values) -> int:
-        row = {name: None for name in _MESSAGE_COLUMNS}
-        row["status"] = STATUS_OK
-        row.update(values, created_at=utcnow())
-        rows = await self._submit(self._insert_message.run, row, write=True)
+        rows = await self._submit(self._insert_message.run, _message_row(values), write=True)
         return rows[0][0]
+
+    async def execute(self, *statements, values: dict) -> list[tuple]:
+        """Run Core statements with bind parameters (module constants: each is
+        compiled once) as one write operation; the last one's rows."""
+        compiled = []
+        for statement in statements:
+            if statement not in self._compiled:
+                self._compiled[statement] = _Compiled(statement)
+            compiled.append(self._compiled[statement])
+        return await self._submit(_run_all, (compiled, values), write=True)
 
     async def open_conversation(self, user_id: int, client_id: str) -> int:
         values = {"user_id": user_id, "client_id": client_id, "created_at": utcnow()}
@@ -405,25 +500,34 @@ class SqliteBatcher:
         self._insert_conversation.run(cursor, values)
         return self._conversation_id.run(cursor, values)[0][0]
 
-    async def history(self, conversation_id: int, before_id: int, limit: int,
-                      after_id: int = 0) -> list:
-        values = {"conversation_id": conversation_id, "before_id": before_id, "limit": limit,
-                  "after_id": after_id}
-        rows = await self._submit(self._history.run, values, write=False)
-        rows.reverse()
-        return list(map(HistoryRow._make, rows))  # half the time of HistoryRow(*row)
-
     async def take_rate_limit(
         self, user_id: int, now: float, messages: int, per_seconds: float
     ) -> ratelimit.Decision:
-        interval = per_seconds / messages
-        tolerance = per_seconds - interval
-        values = {"user_id": user_id, "now": now, "interval": interval,
-                  "slack": tolerance + ratelimit.EPSILON}
+        values, tolerance = _rate_limit_values(user_id, now, messages, per_seconds)
         [(tat, granted)] = await self._submit(self._rate_limit.run, values, write=True)
-        if granted:
-            return ratelimit.Decision(True, 0.0)
-        return ratelimit.Decision(False, max(0.0, tat - tolerance - now))
+        return ratelimit.decision(tat, granted, tolerance, now)
+
+    async def admit(self, conversation_id: int, user_id: int, content: str, now: float,
+                    messages: int, per_seconds: float, after_id: int,
+                    history_limit: int) -> Admission:
+        values, tolerance = _rate_limit_values(user_id, now, messages, per_seconds)
+        message = _message_row({"conversation_id": conversation_id, "user_id": user_id,
+                                "role": ROLE_USER, "content": content})
+        values.update(message=message, conversation_id=conversation_id, after_id=after_id,
+                      limit=history_limit)
+        tat, granted, message_id, rows = await self._submit(self._admit, values, write=True)
+        decision = ratelimit.decision(tat, granted, tolerance, now)
+        if not granted:
+            return Admission(decision)
+        return Admission(decision, message_id, _turns(rows))
+
+    def _admit(self, cursor: sqlite3.Cursor, values: dict) -> tuple:
+        [(tat, granted)] = self._rate_limit.run(cursor, values)
+        if not granted:
+            return tat, granted, None, []
+        message_id = self._insert_message.run(cursor, values["message"])[0][0]
+        values["before_id"] = message_id
+        return tat, granted, message_id, self._history.run(cursor, values)
 
     # Machinery
 
