@@ -5,7 +5,7 @@ from urllib.parse import urlencode
 
 import jwt
 import pytest
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError
+from tornado.httpclient import AsyncHTTPClient
 
 from tornado_app.auth import TokenVerifier
 

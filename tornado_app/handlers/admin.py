@@ -1,25 +1,56 @@
-"""GET /api/admin/analytics/{report}: the analytics reports as JSON, for admins.
+"""The operator dashboard and the analytics API it draws from, for admins.
+
+- ``GET /api/admin/analytics/{report}``: the analytics reports as JSON. Query
+  parameters are the CLI's filters: ``since``, ``until``, ``user``, ``agent``,
+  ``limit``. The ``export`` report streams CSV or JSON lines
+  (``format=csv|json``). No valid token: 401; a valid one without the admin
+  flag: 403.
+- ``GET /admin``: the dashboard page (``templates/admin.html``, rendered here so
+  that the server, not the script, decides what a visitor gets): the charts
+  for an admin, "Administrators only" with a 403 for anyone else signed in,
+  the sign-in form for a visitor without a valid token. Same security headers
+  as the chat page; the data itself comes from the API above.
 
 The token comes from ``Authorization: Bearer`` or the ``access_token`` cookie
-(never the query string: URLs end up in logs and browser history). No valid
-token: 401; a valid one without the admin flag: 403. Query parameters are the
-CLI's filters: ``since``, ``until``, ``user``, ``agent``, ``limit``. The
-``export`` report streams CSV or JSON lines (``format=csv|json``).
+(never the query string: URLs end up in logs and browser history).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from tornado.iostream import StreamClosedError
+from tornado.template import Loader
 
 from ..analytics import REPORTS, ReportError, UnknownUser, export_lines, make_filters, run_report
 from ..analytics.render import render
-from ..auth import bearer_value
 from .base import BaseHandler
-from .token import COOKIE_NAME
+from .pages import set_page_headers
 
 EXPORT_TYPES = {"csv": "text/csv; charset=UTF-8", "json": "application/x-ndjson"}
 # Bytes of export gathered before each write to the socket.
 EXPORT_CHUNK = 64 * 1024
+_templates = Loader(str(Path(__file__).resolve().parents[1] / "templates"))
+
+
+class AdminPageHandler(BaseHandler):
+    """GET /admin: the page shows one of three views, chosen here."""
+
+    async def get(self) -> None:
+        user = await self.signed_in_user()
+        if user is None:
+            view = "login"
+        elif user.is_admin:
+            view = "dashboard"
+        else:
+            view = "forbidden"
+            self.set_status(403)
+        set_page_headers(self)
+        self.set_header("Cache-Control", "no-store")  # the view depends on who asks
+        self.set_header("Content-Type", "text/html; charset=UTF-8")
+        page = _templates.load("admin.html").generate(
+            view=view, username=None if user is None else user.username)
+        self.finish(page)
 
 
 class AnalyticsHandler(BaseHandler):
@@ -50,17 +81,12 @@ class AnalyticsHandler(BaseHandler):
 
     async def _admin(self) -> bool:
         """Whether the request is an admin's; if not, the 401 or 403 is written."""
-        header = self.request.headers.get("Authorization", "")
-        token = header[7:].strip() if header[:7].lower() == "bearer " else None
-        token = token or bearer_value(self.get_cookie(COOKIE_NAME))
-        # The WebSocket's own check: signature, expiry, revocation, disabled users.
-        found = await self.chat.authenticate(token) if token else None
-        if found is None:
+        user = await self.signed_in_user()
+        if user is None:
             self.set_header("WWW-Authenticate", "Bearer")
             self._error(401, "unauthorized",
                         "Send an access token (Authorization: Bearer, or the cookie).")
             return False
-        user, _claims = found
         if not user.is_admin:
             self._error(403, "forbidden", "Analytics are for administrators.")
             return False
@@ -101,4 +127,4 @@ class AnalyticsHandler(BaseHandler):
         self.write_json(status, {"error": error, "error_description": description})
 
 
-routes = [(r"/api/admin/analytics/([a-z_]+)", AnalyticsHandler)]
+routes = [(r"/admin", AdminPageHandler), (r"/api/admin/analytics/([a-z_]+)", AnalyticsHandler)]

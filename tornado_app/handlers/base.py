@@ -8,6 +8,11 @@ import re
 
 from tornado.web import RequestHandler
 
+from ..auth import bearer_value
+
+# The cookie POST /token sets (HttpOnly, SameSite=Strict).
+COOKIE_NAME = "access_token"
+
 access_log = logging.getLogger("tornado.access")
 
 _TOKEN_IN_QUERY = re.compile(r"(?i)([?&](?:access_)?token=)[^&#\s]*")
@@ -52,6 +57,19 @@ class BaseHandler(RequestHandler):
     @property
     def verifier(self):
         return self.settings["verifier"]
+
+    def request_token(self) -> str | None:
+        """The token of ``Authorization: Bearer`` or of the cookie; never of
+        the query string (URLs end up in logs and browser history)."""
+        return bearer_value(self.request.headers.get("Authorization")) or bearer_value(
+            self.get_cookie(COOKIE_NAME))
+
+    async def signed_in_user(self):
+        """The active user the request's token names, or None. The WebSocket's
+        own check: signature, expiry, revocation, disabled users."""
+        token = self.request_token()
+        found = await self.chat.authenticate(token) if token else None
+        return None if found is None else found[0]
 
     def _request_summary(self) -> str:  # used by Tornado's own warning lines
         return request_summary(self)

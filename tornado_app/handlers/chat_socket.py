@@ -26,8 +26,7 @@ from ..chat import ChatService, RateLimited, error_text
 from ..connections import Connections
 from ..frames import Cancel, ChatMessage, FrameError
 from ..history import History
-from .base import request_summary
-from .token import COOKIE_NAME
+from .base import COOKIE_NAME, request_summary
 
 logger = logging.getLogger(__name__)
 

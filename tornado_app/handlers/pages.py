@@ -17,7 +17,6 @@ from pathlib import Path
 from sqlalchemy import select
 from tornado.web import StaticFileHandler
 
-from ..auth import bearer_value
 from ..store.models import (
     ROLE_ASSISTANT,
     ROLE_USER,
@@ -28,7 +27,6 @@ from ..store.models import (
 )
 from .base import BaseHandler
 from .chat_socket import CLIENT_ID
-from .token import COOKIE_NAME
 
 STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
 # The newest this many messages of a conversation are returned.
@@ -40,24 +38,25 @@ CONTENT_SECURITY_POLICY = (
 )
 
 
+def set_page_headers(handler: BaseHandler) -> None:
+    """The security headers of every page and of the files it loads."""
+    handler.set_header("Content-Security-Policy", CONTENT_SECURITY_POLICY)
+    handler.set_header("X-Content-Type-Options", "nosniff")
+    handler.set_header("Referrer-Policy", "no-referrer")
+    handler.set_header("Cache-Control", "no-cache")
+
+
 class PageFileHandler(StaticFileHandler, BaseHandler):
     """Static files with the page's security headers (errors are JSON, as everywhere)."""
 
     def set_extra_headers(self, path: str) -> None:
-        self.set_header("Content-Security-Policy", CONTENT_SECURITY_POLICY)
-        self.set_header("X-Content-Type-Options", "nosniff")
-        self.set_header("Referrer-Policy", "no-referrer")
-        self.set_header("Cache-Control", "no-cache")
+        set_page_headers(self)
 
 
 class ConversationMessagesHandler(BaseHandler):
     async def get(self, client_id: str) -> None:
-        token = bearer_value(self.request.headers.get("Authorization")) or bearer_value(
-            self.get_cookie(COOKIE_NAME)
-        )
-        # The WebSocket's own check: signature, expiry, revocation, disabled users.
-        found = await self.chat.authenticate(token) if token else None
-        if found is None:
+        user = await self.signed_in_user()
+        if user is None:
             self.set_header("WWW-Authenticate", "Bearer")
             self.write_json(401, {"error": "invalid_token",
                                   "error_description": "A valid token is required."})
@@ -66,7 +65,6 @@ class ConversationMessagesHandler(BaseHandler):
             self.write_json(400, {"error": "invalid_request",
                                   "error_description": "Invalid client_id."})
             return
-        user, _claims = found
         rows = await self._messages(user.id, client_id)
         self.write_json(200, {"client_id": client_id, "messages": [
             {"role": row.role, "content": row.content, "status": row.status,

@@ -7,11 +7,9 @@ import json
 from tornado.ioloop import IOLoop
 
 from .. import auth
-from ..auth import bearer_value
 from ..store import revocations
-from .base import BaseHandler
+from .base import COOKIE_NAME, BaseHandler
 
-COOKIE_NAME = "access_token"
 INVALID_LOGIN = "Incorrect username or password."
 
 
@@ -74,11 +72,8 @@ class LogoutHandler(BaseHandler):
     ``auth.recheck_seconds``."""
 
     async def post(self) -> None:
-        token = bearer_value(self.request.headers.get("Authorization")) or bearer_value(
-            self.get_cookie(COOKIE_NAME)
-        )
         try:
-            claims = self.verifier.decode(token or "")
+            claims = self.verifier.decode(self.request_token() or "")
         except auth.AuthError:
             self.set_header("WWW-Authenticate", "Bearer")
             self.write_json(401, {"error": "invalid_token",
