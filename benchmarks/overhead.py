@@ -15,7 +15,7 @@ import contextlib
 from pathlib import Path
 
 from . import harness
-from .harness import HOST, PYTHON, ServerProcess, chat_path, median
+from .harness import PYTHON, ServerProcess, chat_path, median
 
 TARGETS = {"throughput_ratio": 0.5, "p99_extra_ms": 5.0}
 
