@@ -29,7 +29,7 @@ SIZES = {
         "overhead": {"clients": 50, "rounds": 3, "duration": 8.0, "warmup": 2.0},
         "connections": {"connections": 10_000, "client_processes": 4, "probes": 200,
                         "probe_rate": 50},
-        "model": {"users": 8, "rounds": 3, "peer_rounds": 1, "max_new_tokens": 128,
+        "model": {"users": 8, "rounds": 3, "peer_rounds": 3, "max_new_tokens": 128,
                   "probes": 100, "probe_interval": 0.05},
         "scaleout": {"clients": 50, "processes": [1, 2, 4], "duration": 6.0, "warmup": 1.5},
     },
@@ -83,7 +83,8 @@ def details(name: str, result: dict) -> list[str]:
                 if result["peer_single_tok_s"] else "peer not measured")
         notes = f" Notes: {'; '.join(result['notes'])}." if result["notes"] else ""
         return [f"- Figure 3: {result['users']} users, {result['max_new_tokens']} new tokens "
-                f"at most, {result['rounds']} rounds; raw `generate()` "
+                f"at most, {result['rounds']} rounds; all three sides in {result['dtype']} (the "
+                f"agent's `dtype: auto` here); raw `generate()` "
                 f"{result['raw_tok_s']:.1f} tok/s; agent {result['batch_vs_raw']:.2f}x raw at "
                 f"{result['users']} users; {peer}; service started (model loaded) in "
                 f"{result['service_start_seconds']:.0f} s, RSS {result['service_rss_mib']:.0f} "

@@ -66,13 +66,13 @@ def ensure_hf_folder(folder: Path = HF_FOLDER) -> Path:
 class RawGenerate:
     """The baseline process: loads the model, then one generate() per request."""
 
-    def __init__(self, folder: Path, max_new_tokens: int, model_threads: int | None):
+    def __init__(self, folder: Path, max_new_tokens: int, model_threads: int | None, dtype: str):
         env = {**os.environ, **OFFLINE}
         if model_threads:
             env["OMP_NUM_THREADS"] = str(model_threads)
         self.proc = subprocess.Popen(
             [PYTHON, "-m", "benchmarks.model_worker", "generate", str(folder),
-             "--max-new-tokens", str(max_new_tokens)],
+             "--max-new-tokens", str(max_new_tokens), "--dtype", dtype],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             cwd=REPO, env=env, text=True, bufsize=1)
 
@@ -102,14 +102,15 @@ class RawGenerate:
             self.proc.wait(10)
 
 
-def start_peer(workdir: Path, folder: Path, size: dict) -> tuple[ServerProcess | None, str]:
+def start_peer(workdir: Path, folder: Path, size: dict,
+               dtype: str) -> tuple[ServerProcess | None, str]:
     """``transformers serve --continuous-batching`` on loopback; (None, why) if it cannot run."""
     executable = shutil.which("transformers") or str(Path(PYTHON).parent / "transformers")
     if not Path(executable).exists():
         return None, "the `transformers` CLI is not installed (pip install 'transformers[serving]')"
     peer = ServerProcess([], workdir / "peer.log", env=OFFLINE, ready_path="/health")
     peer.argv = [executable, "serve", "--continuous-batching", "--device", "cpu",
-                 "--host", harness.HOST, "--port", str(peer.port),
+                 "--host", harness.HOST, "--port", str(peer.port), "--dtype", dtype,
                  *size.get("peer_args", []), str(folder)]
     try:
         peer.start(timeout=300)
@@ -128,6 +129,14 @@ def peer_run(peer: ServerProcess, folder: Path, prompts: list[list[dict]], workd
         check=True, capture_output=True, text=True, cwd=REPO, timeout=900)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     return {**result, "tok_s": result["tokens"] / result["seconds"]}
+
+
+def agent_dtype() -> str:
+    """What the agent's ``dtype: auto`` picks on this machine; the raw baseline
+    and the peer run in it too, so that all three do the same arithmetic."""
+    from plugins.transformers_batching import compute_dtype
+
+    return str(compute_dtype("auto")).removeprefix("torch.")
 
 
 def messages_for(username: str, prompt: str) -> list[dict]:
@@ -179,9 +188,10 @@ def run(workdir: Path, size: dict) -> dict:
     max_new = size["max_new_tokens"]
     folder = Path(size.get("hf_folder") or ensure_hf_folder())
     prompts = (PROMPTS * (users // len(PROMPTS) + 1))[:users]
+    dtype = agent_dtype()
     agent = {"backend": "transformers", "transformers": {
         # No time limit to speak of: on a busy machine a cut reply would flatter the rate.
-        "max_new_tokens": max_new, "temperature": 0, "max_batch_size": users,
+        "max_new_tokens": max_new, "temperature": 0, "max_batch_size": users, "dtype": dtype,
         "time_limit_seconds": 900,
         "context_tokens": 2048, **size.get("agent_options", {})}}
     notes: list[str] = []
@@ -194,7 +204,7 @@ def run(workdir: Path, size: dict) -> dict:
         started = time.perf_counter()
         service = ServerProcess.service(config, workdir / "model-service.log",
                                         ready_path="/readyz")
-        raw = RawGenerate(folder, max_new, size.get("model_threads"))  # loads meanwhile
+        raw = RawGenerate(folder, max_new, size.get("model_threads"), dtype)  # loads meanwhile
         try:
             service.start(timeout=900)
         except BaseException:
@@ -208,7 +218,7 @@ def run(workdir: Path, size: dict) -> dict:
                 raw.wait_ready()
                 why = "peer skipped (BENCH_PEER=0 or smoke size)"
                 if size.get("peer", True):
-                    peer, why = start_peer(workdir, folder, size)
+                    peer, why = start_peer(workdir, folder, size, dtype)
                 if why:
                     notes.append(why)
                 username = "bench00000"  # the first user; its system prompt
@@ -245,7 +255,7 @@ def run(workdir: Path, size: dict) -> dict:
     # Ratios are taken within each round (measured minutes apart at most), then
     # the median over rounds: slow changes in the machine's load cancel out.
     return {
-        "users": users, "rounds": rounds, "max_new_tokens": max_new,
+        "users": users, "rounds": rounds, "max_new_tokens": max_new, "dtype": dtype,
         "service_start_seconds": load_seconds, "service_rss_mib": service_rss / 1024,
         "raw_tok_s": median(raw_rates), "single_tok_s": median(singles),
         "batch_tok_s": median(batches),

@@ -3,7 +3,7 @@
 - ``convert OUT``: the bundled SmolLM2 GGUF, de-quantized by transformers and
   saved with ``save_pretrained`` as a Hugging Face folder (for the raw
   ``generate()`` baseline and for ``transformers serve``). Done once; kept.
-- ``generate FOLDER``: the baseline. Loads the model on its main thread, then
+- ``generate FOLDER [--dtype D]``: the baseline. Loads the model on its main thread, then
   for every ``go`` line on stdin runs ``model.generate()`` for one prompt
   (greedy, the service's chat template and system prompt) and prints the
   number of new tokens and the seconds it took, as JSON.
@@ -53,14 +53,15 @@ def convert(out: Path) -> None:
     emit({"saved": str(out)})
 
 
-def generate(folder: Path, max_new_tokens: int) -> None:
+def generate(folder: Path, max_new_tokens: int, dtype: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True,
+                                                 dtype=getattr(torch, dtype))
     model.eval()
-    emit({"ready": True, "threads": torch.get_num_threads()})
+    emit({"ready": True, "threads": torch.get_num_threads(), "dtype": str(model.dtype)})
     for line in sys.stdin:
         command = json.loads(line)
         ids = tokenizer.apply_chat_template(
@@ -108,6 +109,7 @@ def main() -> None:
     gen = commands.add_parser("generate")
     gen.add_argument("folder", type=Path)
     gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     peer_args = commands.add_parser("peer")
     peer_args.add_argument("--port", type=int, required=True)
     peer_args.add_argument("--model", required=True)
@@ -117,7 +119,7 @@ def main() -> None:
     if args.command == "convert":
         convert(args.out)
     elif args.command == "generate":
-        generate(args.folder, args.max_new_tokens)
+        generate(args.folder, args.max_new_tokens, args.dtype)
     else:
         peer(args.port, args.model, json.loads(Path(args.prompts).read_text()), args.max_tokens)
 

@@ -9,7 +9,6 @@ Failures must be a non-zero exit and one line on stderr, never a traceback.
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
 import socket
@@ -28,18 +27,14 @@ import yaml
 
 from tornado_app.store import Store, schema
 
+from .servers import clean_env, free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "cli-test-secret-" + "s" * 40
 PASSWORD = "correct horse battery"
 TTL_MINUTES = 45  # configured; differs from the built-in default on purpose
 TIMEOUT = 60
 LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")  # what a service log line starts with
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TORNADO_APP_")}
-    env.update(extra)
-    return env
 
 
 @dataclass
@@ -132,12 +127,6 @@ def add_user(config, name: str = "alice", **env: str) -> None:
 
 def decode(token: str, secret: str = SECRET) -> dict:
     return jwt.decode(token.strip(), secret, algorithms=["HS256"])
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # Users

@@ -8,6 +8,7 @@ SmolLM2 model from its GGUF file.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -39,6 +40,17 @@ def make_agent(folder: Path | None, data_dir: Path, **options) -> TransformersAg
     return TransformersAgent(TransformersOptions(**options), Settings(data_dir=str(data_dir)))
 
 
+@contextlib.asynccontextmanager
+async def started_agent(folder: Path | None, data_dir: Path, **options):
+    """make_agent, started; closed on the way out."""
+    agent = make_agent(folder, data_dir, **options)
+    await agent.start()
+    try:
+        yield agent
+    finally:
+        await agent.close()
+
+
 def ask(text: str) -> AgentRequest:
     return AgentRequest([{"role": "system", "content": "Be brief."},
                          {"role": "user", "content": text}], "alice")
@@ -55,9 +67,7 @@ def run(coroutine_function, *args):
 
 def test_loads_a_folder_and_streams_an_answer(tiny_model_dir, tmp_path):
     async def body():
-        agent = make_agent(tiny_model_dir, tmp_path, max_new_tokens=12)
-        await agent.start()
-        try:
+        async with started_agent(tiny_model_dir, tmp_path, max_new_tokens=12) as agent:
             request = ask("Hello there")
             pieces = [piece async for piece in agent.stream(request)]
             assert pieces and "".join(pieces)
@@ -67,8 +77,6 @@ def test_loads_a_folder_and_streams_an_answer(tiny_model_dir, tmp_path):
             assert agent.reply_tokens == 12
             assert agent.context_tokens == 4096  # the model's max_position_embeddings
             assert agent.count_tokens("héllo") == 6  # byte-level: é is two tokens
-        finally:
-            await agent.close()
 
     run(body)
 
@@ -95,9 +103,8 @@ def test_concurrent_requests_share_decode_steps(tiny_model_dir, tmp_path):
 
     async def body():
         # max_batch_size 4: batches of 3 and 4 rows use the MKL-packed weights.
-        agent = make_agent(tiny_model_dir, tmp_path, max_new_tokens=20, max_batch_size=4)
-        await agent.start()
-        try:
+        async with started_agent(tiny_model_dir, tmp_path, max_new_tokens=20,
+                                 max_batch_size=4) as agent:
             alone = [await collect(agent, ask(p)) for p in prompts]
             sequential_steps = agent.engine.stats.decode_steps
             assert sequential_steps == 4 * 19  # the first token of each comes from its prefill
@@ -113,8 +120,6 @@ def test_concurrent_requests_share_decode_steps(tiny_model_dir, tmp_path):
             assert stats.decode_steps - sequential_steps < sequential_steps
             # Batching (left padding, joins, trims) must not change any reply.
             assert together == alone
-        finally:
-            await agent.close()
 
     run(body)
 
@@ -123,9 +128,7 @@ def test_cancel_stops_one_request_and_the_others_finish(tiny_model_dir, tmp_path
     budget = 400
 
     async def body():
-        agent = make_agent(tiny_model_dir, tmp_path, max_new_tokens=budget)
-        await agent.start()
-        try:
+        async with started_agent(tiny_model_dir, tmp_path, max_new_tokens=budget) as agent:
             requests = [ask(f"question {i}") for i in range(3)]
             first_piece = asyncio.Event()
 
@@ -145,57 +148,44 @@ def test_cancel_stops_one_request_and_the_others_finish(tiny_model_dir, tmp_path
             stats = agent.engine.stats
             assert stats.cancelled == 1
             assert stats.tokens < 2 * budget + budget // 2  # the cancelled one stopped early
-        finally:
-            await agent.close()
 
     run(body)
 
 
 def test_max_new_tokens_is_respected(tiny_model_dir, tmp_path):
     async def body():
-        agent = make_agent(tiny_model_dir, tmp_path, max_new_tokens=5)
-        await agent.start()
-        try:
+        async with started_agent(tiny_model_dir, tmp_path, max_new_tokens=5) as agent:
             request = ask("count")
             text = await collect(agent, request)
             assert request.usage.tokens_out == 5
             # Five byte tokens: at most five characters, some maybe U+FFFD (3 bytes).
             assert len(text.encode("utf-8")) <= 5 * 3
-        finally:
-            await agent.close()
 
     run(body)
 
 
 def test_time_limit_cuts_a_long_generation(tiny_model_dir, tmp_path):
     async def body():
-        agent = make_agent(tiny_model_dir, tmp_path, max_new_tokens=100_000, time_limit_seconds=0.3)
-        await agent.start()
-        try:
+        async with started_agent(tiny_model_dir, tmp_path, max_new_tokens=100_000,
+                                 time_limit_seconds=0.3) as agent:
             request = ask("go on forever")
             started = time.monotonic()
             await collect(agent, request)
             elapsed = time.monotonic() - started
             assert 0.3 <= elapsed < 3
             assert 0 < request.usage.tokens_out < 100_000
-        finally:
-            await agent.close()
 
     run(body)
 
 
 def test_sampling_is_reproducible_with_a_seed(tiny_model_dir, tmp_path):
     async def reply(seed):
-        agent = make_agent(tiny_model_dir, tmp_path, max_new_tokens=30, temperature=1.0, top_p=0.9,
-                           seed=seed)
-        await agent.start()
-        try:
+        async with started_agent(tiny_model_dir, tmp_path, max_new_tokens=30, temperature=1.0,
+                                 top_p=0.9, seed=seed) as agent:
             request = ask("surprise me")
             text = await collect(agent, request)
             assert request.usage.tokens_out == 30
             return text
-        finally:
-            await agent.close()
 
     async def body():
         first, again, other = await reply(1), await reply(1), await reply(2)
@@ -207,24 +197,19 @@ def test_sampling_is_reproducible_with_a_seed(tiny_model_dir, tmp_path):
 
 def test_end_of_sequence_stops_the_reply(tiny_model_dir, tmp_path):
     async def body():
-        agent = make_agent(tiny_model_dir, tmp_path, max_new_tokens=50)
-        await agent.start()
-        try:
+        async with started_agent(tiny_model_dir, tmp_path, max_new_tokens=50) as agent:
             agent.engine.eos_ids = set(range(len(agent.tokenizer)))  # every token ends it
             request = ask("stop")
             assert await collect(agent, request) == ""
             assert request.usage.tokens_out == 1
-        finally:
-            await agent.close()
 
     run(body)
 
 
 def test_event_loop_stays_responsive_while_generating(tiny_model_dir, tmp_path):
     async def body():
-        agent = make_agent(tiny_model_dir, tmp_path, max_new_tokens=100_000, time_limit_seconds=1.0)
-        await agent.start()
-        try:
+        async with started_agent(tiny_model_dir, tmp_path, max_new_tokens=100_000,
+                                 time_limit_seconds=1.0) as agent:
             generation = asyncio.gather(*(collect(agent, ask(f"busy {i}")) for i in range(4)))
             gaps, last = [], time.monotonic()
             while not generation.done():
@@ -235,8 +220,6 @@ def test_event_loop_stays_responsive_while_generating(tiny_model_dir, tmp_path):
             await generation
             assert len(gaps) > 20
             assert max(gaps) < 0.25  # a blocked loop would stall for the whole second
-        finally:
-            await agent.close()
 
     run(body)
 
@@ -351,3 +334,24 @@ def test_the_bundled_model_answers_and_is_cached(tmp_path, caplog):
     second, _ = run(answer)
     assert second == first
     assert "loaded in" in caplog.text and "(converted copy" in caplog.text
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_dtype_sets_the_weights_and_the_float32_layouts_only_in_float32(tiny_model_dir, tmp_path, dtype):
+    import torch
+
+    from plugins.transformers_batching import DecodeLinear
+
+    async def body():
+        async with started_agent(tiny_model_dir, tmp_path, dtype=dtype, max_new_tokens=4,
+                                 packed_weights=True) as agent:
+            model = agent.engine.model
+            assert {p.dtype for p in model.parameters()} == {getattr(torch, dtype)}
+            # The float32 layouts (and MKL packing) are for float32 only.
+            linears = [m for m in model.modules() if isinstance(m, DecodeLinear)]
+            assert bool(linears) == (dtype == "float32")
+            request = ask("hello")
+            await collect(agent, request)
+            assert request.usage.tokens_out == 4
+
+    run(body)

@@ -69,6 +69,22 @@ def empty(metric: Metric) -> dict:
     return {f"{metric.name}_{key}_ms": None for key in FRACTIONS}
 
 
+def _filter_conditions(filters: Filters) -> tuple[list[str], dict]:
+    """SQL conditions and parameters for the filters' time range and agent."""
+    where: list[str] = []
+    params: dict = {}
+    if filters.since is not None:
+        where.append("created_at >= :since")
+        params["since"] = filters.since
+    if filters.until is not None:
+        where.append("created_at < :until")
+        params["until"] = filters.until
+    if filters.agent is not None:
+        where.append("agent = :agent")
+        params["agent"] = filters.agent
+    return where, params
+
+
 class _Query:
     """The WHERE clause and parameters shared by the count and the offset reads."""
 
@@ -77,17 +93,8 @@ class _Query:
         col = metric.column
         # Literal role/status: a partial index is only used when the query
         # repeats its predicate word for word (a bound parameter would not do).
-        where = ["role = 'assistant'", "status = 'ok'", f"{col} IS NOT NULL"]
-        params: dict = {}
-        if filters.since is not None:
-            where.append("created_at >= :since")
-            params["since"] = filters.since
-        if filters.until is not None:
-            where.append("created_at < :until")
-            params["until"] = filters.until
-        if filters.agent is not None:
-            where.append("agent = :agent")
-            params["agent"] = filters.agent
+        where, params = _filter_conditions(filters)
+        where = ["role = 'assistant'", "status = 'ok'", f"{col} IS NOT NULL", *where]
         self.where, self.params, self.dialect = where, params, dialect
 
     def sql(self, select: str, extra: Sequence[str] = (), tail: str = "",
@@ -195,17 +202,9 @@ async def user_replies(conn: AsyncConnection, filters: Filters, user_id: int) ->
     made for this (no table rows) and sorting here beats walking a value
     index past every other user's entries.
     """
-    where = ["user_id = :user_id", "role = 'assistant'", "status = 'ok'"]
-    params: dict = {"user_id": user_id}
-    if filters.since is not None:
-        where.append("created_at >= :since")
-        params["since"] = filters.since
-    if filters.until is not None:
-        where.append("created_at < :until")
-        params["until"] = filters.until
-    if filters.agent is not None:
-        where.append("agent = :agent")
-        params["agent"] = filters.agent
+    where, params = _filter_conditions(filters)
+    where = ["user_id = :user_id", "role = 'assistant'", "status = 'ok'", *where]
+    params["user_id"] = user_id
     source = "messages INDEXED BY ix_messages_ok_user" if (
         conn.dialect.name == "sqlite") else "messages"
     sql = (f"SELECT created_at, agent, model, latency_ms, ttft_ms FROM {source} "
