@@ -167,3 +167,19 @@ async def test_expired_revocations_are_purged(service, make_user):
     await revocations.revoke_token(engine, "new", user.id, future)  # twice is fine
     assert await revocations.purge_expired(engine) == 1
     assert await revocations.revoked_jtis(engine, ["old", "new"]) == {"new"}
+
+
+@pytest.mark.gen_test
+async def test_an_idle_socket_holds_no_worker_task(connect, service):
+    # Idle sockets are most sockets: a task and a queue each would cost
+    # about 4 KiB per socket (docs/benchmarks.md, figure 2).
+    client = await connect()
+    (sock,) = service.connections.sockets
+    assert sock.worker is None
+    await client.send({"content": "one"})
+    await client.send({"content": "two"})
+    assert [(await client.receive())["type"] for _ in range(2)] == ["ai_response"] * 2
+    await asyncio.sleep(0)
+    assert sock.worker.done() and not sock.pending
+    await client.send({"content": "three"})
+    assert (await client.receive())["message"] == "fake reply to: three"

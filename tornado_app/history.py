@@ -48,9 +48,13 @@ class Turn:
 class History:
     """The latest turns of one conversation, oldest first (see the module).
 
+    Every open socket has one (hence the slots).
+
     Per message: :meth:`read_from` says which turns to read, the exchange
     reads them as it saves the message (Store.admit), :meth:`add` takes them.
     """
+
+    __slots__ = ("conversation_id", "limit", "turns", "counted_by", "_last_id", "_read_at")
 
     def __init__(self, conversation_id: int, limit: int = HISTORY_LIMIT):
         self.conversation_id = conversation_id

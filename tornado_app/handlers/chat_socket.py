@@ -2,8 +2,9 @@
 
 Per socket, frames are read in ``on_message`` and never awaited there (Tornado
 reads no further frame, not even a pong, until it returns). Chat messages go
-into a small queue; one worker task per socket answers them in order, so a
-second message sent while a reply is in flight waits its turn. At most
+into a small list; a worker task answers them in order, so a second message
+sent while a reply is in flight waits its turn. The worker exists only while
+there is something to answer: an idle socket holds no task. At most
 ``chat.max_pending`` messages may be unanswered on a socket, the one in flight
 included; one more gets an ``error`` frame.
 """
@@ -110,9 +111,8 @@ class ChatSocket(WebSocketHandler):
         self.user, self.jti, self.issued_at = user, claims.jti, claims.issued_at_naive
         self.history = History(conversation_id)
         self.rejections = 0
-        self.queue: asyncio.Queue[ChatMessage] = asyncio.Queue()
+        self.pending: list[ChatMessage] = []
         self.connections.join(self)
-        self.worker = asyncio.create_task(self._work())
         self._send_now(frames.frame(frames.SYSTEM, frames.WELCOME.format(username=user.username)))
 
     def on_message(self, message: str | bytes) -> None:
@@ -126,11 +126,13 @@ class ChatSocket(WebSocketHandler):
             return
         if isinstance(parsed, Cancel):
             self._cancel_reply()
-        elif self.queue.qsize() + self.busy >= self.chat.settings.chat.max_pending:
+        elif len(self.pending) + self.busy >= self.chat.settings.chat.max_pending:
             metrics.messages.labels("queue_full").inc()
             self._send_now(frames.frame(frames.ERROR, QUEUE_FULL))
         else:
-            self.queue.put_nowait(parsed)
+            self.pending.append(parsed)
+            if self.worker is None or self.worker.done():
+                self.worker = asyncio.create_task(self._work())
 
     @property
     def busy(self) -> bool:
@@ -148,8 +150,8 @@ class ChatSocket(WebSocketHandler):
         self.current.cancel()
 
     async def _work(self) -> None:
-        while True:
-            message = await self.queue.get()
+        while self.pending:
+            message = self.pending.pop(0)
             self.current = asyncio.create_task(self._exchange(message))
             try:
                 final = await self.current
