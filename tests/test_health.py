@@ -13,11 +13,15 @@ async def test_healthz(base_url):
 
 
 @pytest.mark.gen_test
-async def test_readyz_waits_for_the_agent(base_url, fake_agent):
+async def test_readyz_waits_for_the_agent(base_url, fake_agent, caplog):
     fake_agent._ready.clear()
     response = await AsyncHTTPClient().fetch(f"{base_url}/readyz", raise_error=False)
     assert response.code == 503
     assert json.loads(response.body)["agent"] == "loading"
+    # Not ready is a state, not a fault: no ERROR line per load-balancer poll.
+    (line,) = [r for r in caplog.records
+               if r.name == "tornado.access" and "/readyz" in r.getMessage()]
+    assert line.levelname == "WARNING"
     fake_agent._ready.set()
     response = await AsyncHTTPClient().fetch(f"{base_url}/readyz")
     assert json.loads(response.body) == {"status": "ready", "database": "ok", "agent": "ok"}

@@ -235,7 +235,9 @@ class ChatService:
         return messages, used
 
     @staticmethod
-    def _count_tokens(agent: Agent, request: AgentRequest, prompt_tokens: int, reply: Reply) -> None:
+    def _count_tokens(
+        agent: Agent, request: AgentRequest, prompt_tokens: int, reply: Reply
+    ) -> None:
         usage = request.usage
         reply.tokens_in = usage.tokens_in if usage.tokens_in is not None else prompt_tokens
         reply.tokens_out = usage.tokens_out

@@ -33,7 +33,9 @@ def log_request(handler: RequestHandler) -> None:
     status = handler.get_status()
     if status < 400:
         log = access_log.info
-    elif status < 500:
+    elif status < 500 or status == 503:
+        # 503 is this service saying "not ready" on purpose (/readyz while the
+        # model loads, polled every few seconds by a load balancer), not a fault.
         log = access_log.warning
     else:
         log = access_log.error
