@@ -56,6 +56,8 @@ def test_rate_limit_is_exact_across_four_processes(tmp_path, any_db_url, servers
     assert "database is locked" not in server.log()
     # The four workers really served: each logged its own start.
     assert server.log().count("serving on http://") == 4
+    # One of them runs the analytics rollups and retention, not all four.
+    assert server.log().count("analytics: rollups and retention run in this process") == 1
     # /metrics, from any one worker, sums all four.
     with urllib.request.urlopen(server.base_url + "/metrics", timeout=10) as response:
         text = response.read().decode()

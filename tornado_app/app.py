@@ -56,9 +56,13 @@ def make_app(
 class Service:
     """The running service: what start() opened, stop() closes in reverse."""
 
-    def __init__(self, settings: Settings, config_path: str | None = None):
+    def __init__(self, settings: Settings, config_path: str | None = None,
+                 background_jobs: bool = True):
         self.settings = settings
         self.config_path = config_path
+        # The analytics rollups and retention: one worker of a --processes
+        # group runs them (claim rows keep separate instances from repeating work).
+        self.background_jobs = background_jobs
         self.store: Store | None = None
         self.pool: AgentPool | None = None
         self.chat: ChatService | None = None
@@ -80,10 +84,11 @@ class Service:
         self.chat = ChatService(settings, self.store, self.pool, TokenVerifier.from_settings(settings))
         self.connections = Connections(settings, self.store)
         self.connections.start()
-        # Daily rollups and retention, in the background (tornado_app/analytics).
-        self.analytics = AnalyticsTask(self.store.engine, settings.analytics.retention_days,
-                                       settings.analytics.rollup_interval_seconds)
-        self.analytics.start()
+        if self.background_jobs:
+            # Daily rollups and retention, in the background (tornado_app/analytics).
+            self.analytics = AnalyticsTask(self.store.engine, settings.analytics.retention_days,
+                                           settings.analytics.rollup_interval_seconds)
+            self.analytics.start()
         app = make_app(settings, self.store, self.chat, self.connections)
         self.http = HTTPServer(app, xheaders=False)
         self.http.add_sockets(sockets)
@@ -124,7 +129,8 @@ class Service:
             await asyncio.wait(workers, timeout=5)
         await self.http.close_all_connections()
         await self.connections.stop()
-        await self.analytics.stop()
+        if self.analytics is not None:
+            await self.analytics.stop()
         await self.pool.close()
         await self.store.close()
         self.http = None
@@ -134,12 +140,14 @@ class Service:
 def run(settings: Settings, config_path: str | None) -> None:
     """Serve until SIGTERM or SIGINT, in ``server.processes`` processes."""
     sockets = tornado.netutil.bind_sockets(settings.server.port, settings.server.host)
+    worker = 0
     if settings.server.processes > 1:
         # Once, before forking, so that the workers do not race to create it.
         asyncio.run(prepare_database(settings))
-        if prefork.fork_workers(settings.server.processes) is None:
+        worker = prefork.fork_workers(settings.server.processes)
+        if worker is None:
             return  # the supervisor: every worker has exited
-    asyncio.run(serve(settings, config_path, sockets))
+    asyncio.run(serve(settings, config_path, sockets, background_jobs=worker == 0))
 
 
 async def prepare_database(settings: Settings) -> None:
@@ -152,9 +160,10 @@ async def prepare_database(settings: Settings) -> None:
 
 
 async def serve(
-    settings: Settings, config_path: str | None, sockets: list[socket.socket] | None = None
+    settings: Settings, config_path: str | None, sockets: list[socket.socket] | None = None,
+    background_jobs: bool = True,
 ) -> None:
-    service = Service(settings, config_path)
+    service = Service(settings, config_path, background_jobs)
     await service.start(sockets)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -102,6 +102,8 @@ class AnalyticsTask:
         self.task: asyncio.Task | None = None
 
     def start(self) -> None:
+        logger.info("analytics: rollups and retention run in this process (every %.0f s)",
+                    self.interval)
         self.task = asyncio.create_task(self._run(), name="analytics")
 
     async def stop(self) -> None:
