@@ -11,9 +11,10 @@ slot: the database serialises the row update.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
-from sqlalchemy import case, literal
+from sqlalchemy import Float, Integer, bindparam, case
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -39,10 +40,31 @@ def dialect_insert(conn: AsyncConnection):
     raise RuntimeError(f"unsupported database dialect {name!r}")
 
 
-def bounds(messages: int, per_seconds: float) -> tuple[float, float]:
-    """The emission interval T and the burst tolerance tau."""
+@functools.cache  # one statement per dialect, built once
+def upsert(insert):
+    """The decision and the update as one statement, for the dialect's
+    ``insert``, with the bind parameters of :func:`parameters`."""
+    row = RateLimit.__table__.c
+    now = bindparam("now", type_=Float)
+    interval = bindparam("interval", type_=Float)
+    start = case((row.tat > now, row.tat), else_=now)
+    passes = start - now <= bindparam("slack", type_=Float)
+    statement = insert(RateLimit).values(
+        user_id=bindparam("user_id", type_=Integer), tat=now + interval, granted=True
+    )
+    return statement.on_conflict_do_update(
+        index_elements=[row.user_id],
+        set_={"tat": case((passes, start + interval), else_=row.tat), "granted": passes},
+    ).returning(row.tat, row.granted)
+
+
+def parameters(user_id: int, now: float, messages: int, per_seconds: float) -> tuple[dict, float]:
+    """The upsert's bind parameters, and the burst tolerance tau."""
     interval = per_seconds / messages
-    return interval, per_seconds - interval
+    tolerance = per_seconds - interval
+    values = {"user_id": user_id, "now": now, "interval": interval,
+              "slack": tolerance + EPSILON}
+    return values, tolerance
 
 
 def decision(tat: float, granted: bool, tolerance: float, now: float) -> Decision:
@@ -55,19 +77,6 @@ def decision(tat: float, granted: bool, tolerance: float, now: float) -> Decisio
 async def take(
     conn: AsyncConnection, user_id: int, now: float, messages: int, per_seconds: float
 ) -> Decision:
-    interval, tolerance = bounds(messages, per_seconds)
-    row = RateLimit.__table__.c
-    start = case((row.tat > now, row.tat), else_=literal(now))
-    passes = start - now <= tolerance + EPSILON
-    insert = dialect_insert(conn)(RateLimit).values(
-        user_id=user_id, tat=now + interval, granted=True
-    )
-    statement = insert.on_conflict_do_update(
-        index_elements=[row.user_id],
-        set_={
-            "tat": case((passes, start + interval), else_=row.tat),
-            "granted": passes,
-        },
-    ).returning(row.tat, row.granted)
-    tat, granted = (await conn.execute(statement)).one()
+    values, tolerance = parameters(user_id, now, messages, per_seconds)
+    tat, granted = (await conn.execute(upsert(dialect_insert(conn)), values)).one()
     return decision(tat, granted, tolerance, now)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from sqlalchemy import Float, Integer, bindparam, case, event, exists, select, text, update
+from sqlalchemy import Integer, bindparam, event, exists, select, text, update
 from sqlalchemy.dialects import sqlite as sqlite_dialects
 from sqlalchemy.dialects.sqlite import pysqlite
 from sqlalchemy.engine import Row, make_url
@@ -39,7 +39,6 @@ from .models import (
     Conversation,
     Message,
     User,
-    RateLimit,
     utcnow,
 )
 
@@ -182,7 +181,10 @@ class Store:
         conversation at once from failing on the unique constraint.
         """
         if self.batcher is not None:
-            return await self.batcher.open_conversation(user_id, client_id)
+            values = {"user_id": user_id, "client_id": client_id, "created_at": utcnow()}
+            rows = await self.batcher.execute(
+                _INSERT_CONVERSATION, _CONVERSATION_ID, values=values)
+            return rows[0][0]
         async with self.engine.begin() as conn:
             insert = ratelimit.dialect_insert(conn)(conversations)
             await conn.execute(
@@ -229,12 +231,9 @@ class Store:
             await leases.renew(conn, values)
 
     async def add_user_message(self, conversation_id: int, user_id: int, content: str) -> int:
-        if self.batcher is not None:
-            return await self.batcher.insert_message(
-                conversation_id=conversation_id, user_id=user_id, role=ROLE_USER,
-                content=content, status=STATUS_OK)
-        async with self.engine.begin() as conn:
-            return await _insert_user_message(conn, conversation_id, user_id, content)
+        return await self._insert_message(_message_row(
+            {"conversation_id": conversation_id, "user_id": user_id, "role": ROLE_USER,
+             "content": content}))
 
     async def admit(
         self, conversation_id: int, user_id: int, content: str, *, now: float, messages: int,
@@ -253,7 +252,9 @@ class Store:
             decision = await ratelimit.take(conn, user_id, now, messages, per_seconds)
             if not decision.allowed:
                 return Admission(decision)
-            message_id = await _insert_user_message(conn, conversation_id, user_id, content)
+            message_id = (await conn.execute(_INSERT_MESSAGE, _message_row(
+                {"conversation_id": conversation_id, "user_id": user_id, "role": ROLE_USER,
+                 "content": content}))).scalar_one()
             turns = list(await conn.execute(
                 _history_query(conversation_id, message_id, history_limit, after_id)))
         turns.reverse()
@@ -267,24 +268,15 @@ class Store:
         ``fields`` are Message columns: content, status, agent, model,
         tokens_in, tokens_out, latency_ms, ttft_ms, error_ref.
         """
+        return await self._insert_message(_message_row(
+            {"conversation_id": conversation_id, "user_id": user_id,
+             "reply_to_id": reply_to_id, "role": ROLE_ASSISTANT, **fields}))
+
+    async def _insert_message(self, row: dict) -> int:
         if self.batcher is not None:
-            return await self.batcher.insert_message(
-                conversation_id=conversation_id, user_id=user_id, reply_to_id=reply_to_id,
-                role=ROLE_ASSISTANT, **fields)
+            return (await self.batcher.execute(_INSERT_MESSAGE, values=row))[0][0]
         async with self.engine.begin() as conn:
-            result = await conn.execute(
-                messages.insert()
-                .values(
-                    conversation_id=conversation_id,
-                    user_id=user_id,
-                    reply_to_id=reply_to_id,
-                    role=ROLE_ASSISTANT,
-                    created_at=utcnow(),
-                    **fields,
-                )
-                .returning(messages.c.id)
-            )
-            return result.scalar_one()
+            return (await conn.execute(_INSERT_MESSAGE, row)).scalar_one()
 
     async def conversation_messages(self, conversation_id: int) -> list[Row]:
         async with self.engine.connect() as conn:
@@ -301,7 +293,9 @@ class Store:
         self, user_id: int, now: float, limit: int, per_seconds: float
     ) -> ratelimit.Decision:
         if self.batcher is not None:
-            return await self.batcher.take_rate_limit(user_id, now, limit, per_seconds)
+            values, tolerance = ratelimit.parameters(user_id, now, limit, per_seconds)
+            [(tat, granted)] = await self.batcher.execute(_SQLITE_RATE_LIMIT, values=values)
+            return ratelimit.decision(tat, granted, tolerance, now)
         async with self.engine.begin() as conn:
             return await ratelimit.take(conn, user_id, now, limit, per_seconds)
 
@@ -314,16 +308,6 @@ class Admission:
     decision: ratelimit.Decision
     message_id: int | None = None
     turns: list = field(default_factory=list)
-
-
-async def _insert_user_message(conn, conversation_id: int, user_id: int, content: str) -> int:
-    result = await conn.execute(
-        messages.insert()
-        .values(conversation_id=conversation_id, user_id=user_id, role=ROLE_USER,
-                content=content, status=STATUS_OK, created_at=utcnow())
-        .returning(messages.c.id)
-    )
-    return result.scalar_one()
 
 
 def _history_query(conversation_id, before_id, limit, after_id):
@@ -382,22 +366,6 @@ class _Compiled:
         return cursor.execute(self.sql, self.parameters(values)).fetchall()
 
 
-def _rate_limit_statement():
-    """ratelimit.take's GCRA upsert, with bind parameters instead of values."""
-    row = RateLimit.__table__.c
-    now = bindparam("now", type_=Float)
-    interval = bindparam("interval", type_=Float)
-    start = case((row.tat > now, row.tat), else_=now)
-    passes = start - now <= bindparam("slack", type_=Float)
-    insert = sqlite_dialects.insert(RateLimit).values(
-        user_id=bindparam("user_id", type_=Integer), tat=now + interval, granted=True
-    )
-    return insert.on_conflict_do_update(
-        index_elements=[row.user_id],
-        set_={"tat": case((passes, start + interval), else_=row.tat), "granted": passes},
-    ).returning(row.tat, row.granted)
-
-
 _MESSAGE_COLUMNS = [c.name for c in messages.c if c.name != "id"]
 _INSERT_MESSAGE = messages.insert().values(
     {name: bindparam(name, type_=messages.c[name].type) for name in _MESSAGE_COLUMNS}
@@ -405,6 +373,7 @@ _INSERT_MESSAGE = messages.insert().values(
 _HISTORY = _history_query(*(bindparam(name, type_=Integer) for name in
                              ("conversation_id", "before_id", "limit", "after_id")))
 HistoryRow = namedtuple("HistoryRow", "id role content")
+_SQLITE_RATE_LIMIT = ratelimit.upsert(sqlite_dialects.insert)
 _INSERT_CONVERSATION = sqlite_dialects.insert(conversations).values(
     user_id=bindparam("user_id", type_=Integer),
     client_id=bindparam("client_id", type_=conversations.c.client_id.type),
@@ -425,12 +394,15 @@ def _run_all(cursor: sqlite3.Cursor, work: tuple) -> list[tuple]:
     return rows
 
 
-def _rate_limit_values(user_id: int, now: float, messages: int, per_seconds: float):
-    """The GCRA statement's parameters, and the burst tolerance."""
-    interval, tolerance = ratelimit.bounds(messages, per_seconds)
-    values = {"user_id": user_id, "now": now, "interval": interval,
-              "slack": tolerance + ratelimit.EPSILON}
-    return values, tolerance
+def _admit(cursor: sqlite3.Cursor, work: tuple) -> tuple:
+    """Store.admit on the batcher's thread: the message only if the limit allows it."""
+    (rate_limit, insert_message, history), values = work
+    [(tat, granted)] = rate_limit.run(cursor, values)
+    if not granted:
+        return tat, granted, None, []
+    message_id = insert_message.run(cursor, values["message"])[0][0]
+    values["before_id"] = message_id
+    return tat, granted, message_id, history.run(cursor, values)
 
 
 def _message_row(values: dict) -> dict:
@@ -469,65 +441,37 @@ class SqliteBatcher:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
-        self._insert_message = _Compiled(_INSERT_MESSAGE)
-        self._history = _Compiled(_HISTORY)
-        self._rate_limit = _Compiled(_rate_limit_statement())
-        self._insert_conversation = _Compiled(_INSERT_CONVERSATION)
-        self._conversation_id = _Compiled(_CONVERSATION_ID)
-        self._compiled: dict = {}  # execute()'s statements
+        self._compiled: dict = {}  # statement -> _Compiled, filled on first use
+
+    def _compile(self, statement) -> "_Compiled":
+        compiled = self._compiled.get(statement)
+        if compiled is None:
+            compiled = self._compiled[statement] = _Compiled(statement)
+        return compiled
 
     # The operations (run on the thread; ``cursor`` is inside the transaction)
-
-    async def insert_message(self, **values) -> int:
-        rows = await self._submit(self._insert_message.run, _message_row(values), write=True)
-        return rows[0][0]
 
     async def execute(self, *statements, values: dict) -> list[tuple]:
         """Run Core statements with bind parameters (module constants: each is
         compiled once) as one write operation; the last one's rows."""
-        compiled = []
-        for statement in statements:
-            if statement not in self._compiled:
-                self._compiled[statement] = _Compiled(statement)
-            compiled.append(self._compiled[statement])
-        return await self._submit(_run_all, (compiled, values), write=True)
-
-    async def open_conversation(self, user_id: int, client_id: str) -> int:
-        values = {"user_id": user_id, "client_id": client_id, "created_at": utcnow()}
-        return await self._submit(self._open_conversation, values, write=True)
-
-    def _open_conversation(self, cursor: sqlite3.Cursor, values: dict) -> int:
-        self._insert_conversation.run(cursor, values)
-        return self._conversation_id.run(cursor, values)[0][0]
-
-    async def take_rate_limit(
-        self, user_id: int, now: float, messages: int, per_seconds: float
-    ) -> ratelimit.Decision:
-        values, tolerance = _rate_limit_values(user_id, now, messages, per_seconds)
-        [(tat, granted)] = await self._submit(self._rate_limit.run, values, write=True)
-        return ratelimit.decision(tat, granted, tolerance, now)
+        work = ([self._compile(statement) for statement in statements], values)
+        return await self._submit(_run_all, work, write=True)
 
     async def admit(self, conversation_id: int, user_id: int, content: str, now: float,
                     messages: int, per_seconds: float, after_id: int,
                     history_limit: int) -> Admission:
-        values, tolerance = _rate_limit_values(user_id, now, messages, per_seconds)
+        values, tolerance = ratelimit.parameters(user_id, now, messages, per_seconds)
         message = _message_row({"conversation_id": conversation_id, "user_id": user_id,
                                 "role": ROLE_USER, "content": content})
         values.update(message=message, conversation_id=conversation_id, after_id=after_id,
                       limit=history_limit)
-        tat, granted, message_id, rows = await self._submit(self._admit, values, write=True)
+        statements = [self._compile(s) for s in (_SQLITE_RATE_LIMIT, _INSERT_MESSAGE, _HISTORY)]
+        tat, granted, message_id, rows = await self._submit(
+            _admit, (statements, values), write=True)
         decision = ratelimit.decision(tat, granted, tolerance, now)
         if not granted:
             return Admission(decision)
         return Admission(decision, message_id, _turns(rows))
-
-    def _admit(self, cursor: sqlite3.Cursor, values: dict) -> tuple:
-        [(tat, granted)] = self._rate_limit.run(cursor, values)
-        if not granted:
-            return tat, granted, None, []
-        message_id = self._insert_message.run(cursor, values["message"])[0][0]
-        values["before_id"] = message_id
-        return tat, granted, message_id, self._history.run(cursor, values)
 
     # Machinery
 
