@@ -13,8 +13,9 @@ Fixtures:
   database; ``base_url`` / ``ws_url(client_id)`` point at it.
 - ``store``: the service's Store (to read transcripts).
 - ``await make_user(name, password=..., disabled=..., admin=...)`` and ``token_for(name)``.
-- ``await connect(client_id, user=...)``: opens a WebSocket (query token or
-  cookie), creating the user on first use, and returns a helpers.Client.
+- ``await connect(client_id, user=..., subprotocols=...)``: opens a WebSocket
+  (query token or cookie), creating the user on first use, and returns a
+  helpers.Client; ``subprotocols=["ai-chat.v2"]`` asks for protocol v2.
 
 Tests run on pytest-tornado's ``io_loop`` (``@pytest.mark.gen_test``).
 """
@@ -221,13 +222,14 @@ def connect(ws_url, token_for, make_user):
     made: set[str] = set()
 
     async def open_client(client_id="client-1", user="alice", token=None, cookie=None,
-                          welcome=True) -> Client:
+                          welcome=True, subprotocols=None) -> Client:
         if token is None and cookie is None:
             if user not in made:
                 await make_user(user)
                 made.add(user)
             token = token_for(user)
-        client = await connect_ws(ws_url(client_id, token), cookie=cookie)
+        client = await connect_ws(ws_url(client_id, token), cookie=cookie,
+                                  subprotocols=subprotocols)
         if welcome:
             frame = await client.receive()
             assert frame["type"] == "system", frame

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -52,6 +53,20 @@ class Client:
             pass
         return self.close_code
 
+    async def receive_until(self, kind: str, timeout: float = TIMEOUT) -> list[dict]:
+        """Every frame up to and including the first one of the given type."""
+        frames = []
+        while True:
+            frame = await self.receive(timeout)
+            assert frame is not None, f"closed ({self.close_code}) before a {kind} frame"
+            frames.append(frame)
+            if frame["type"] == kind:
+                return frames
+
+    @property
+    def subprotocol(self) -> str | None:
+        return self.conn.selected_subprotocol
+
     @property
     def close_code(self) -> int | None:
         return self.conn.close_code
@@ -64,14 +79,16 @@ class Client:
         self.conn.close()
 
 
-async def connect_ws(url: str, cookie: str | None = None, origin: str | None = None) -> Client:
+async def connect_ws(url: str, cookie: str | None = None, origin: str | None = None,
+                     subprotocols: list[str] | None = None) -> Client:
     headers = {}
     if cookie is not None:
         headers["Cookie"] = cookie
     if origin is not None:
         headers["Origin"] = origin
     request = HTTPRequest(url, headers=headers, connect_timeout=TIMEOUT)
-    conn = await websocket_connect(request, max_message_size=64 * 1024 * 1024)
+    conn = await websocket_connect(request, max_message_size=64 * 1024 * 1024,
+                                   subprotocols=subprotocols)
     return Client(conn)
 
 
@@ -146,17 +163,30 @@ async def saved_messages(store, conversation_id: int) -> list:
         return list(result)
 
 
+# Store.admit's arguments for a test's messages: a process name, and a lease
+# that never runs out (no sweep saves a test's reply as interrupted).
+ADMIT = {"instance": "test", "lease_seconds": 1e9}
+
+
 async def add_user_message(store, conversation_id: int, user_id: int, content: str) -> int:
     """Save a user message as an exchange does (with a rate limit no test reaches)."""
     admission = await store.admit(conversation_id, user_id, content, now=time.time(),
                                   messages=1_000_000, per_seconds=1.0, after_id=0,
-                                  history_limit=0)
+                                  history_limit=0, **ADMIT)
     return admission.message_id
+
+
+async def add_reply(store, conversation_id: int, user_id: int, message_id: int,
+                    **columns) -> int:
+    """Save a reply to a message as an exchange does (Store.finish_reply)."""
+    pieces = [columns["content"]] if columns.get("content") else []
+    return await store.finish_reply(uuid.uuid4().hex, conversation_id, user_id, message_id,
+                                    pieces, False, **columns)
 
 
 async def take_rate_limit(store, user_id: int, now: float, messages: int, per_seconds: float):
     """The rate limit's decision for one message, through Store.admit."""
     conversation = await store.open_conversation(user_id, "rate-limit")
     admission = await store.admit(conversation, user_id, "a message", now=now, messages=messages,
-                                  per_seconds=per_seconds, after_id=0, history_limit=0)
+                                  per_seconds=per_seconds, after_id=0, history_limit=0, **ADMIT)
     return admission.decision

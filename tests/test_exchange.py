@@ -143,8 +143,8 @@ async def test_cancel_stops_the_reply_and_saves_the_partial_text(connect, fake_a
     assert (await client.receive())["type"] == "ai_response"
 
 
-@pytest.mark.gen_test
-async def test_closing_the_socket_cancels_and_saves(connect, fake_agent, store):
+async def close_mid_reply(connect, fake_agent, store) -> list:
+    """Close the socket after the first chunk; the rows once the reply is saved."""
     fake_agent.enqueue("partial ", "rest", delay=0.2)
     client = await connect()
     await client.send({"content": "long one", "stream": True})
@@ -155,7 +155,25 @@ async def test_closing_the_socket_cancels_and_saves(connect, fake_agent, store):
         if len(saved) == 2:
             break
         await asyncio.sleep(0.02)
-    assert (saved[-1].status, saved[-1].content) == ("cancelled", "partial ")
+    return saved
+
+
+@pytest.mark.gen_test
+async def test_a_reply_goes_on_when_its_socket_closes(connect, fake_agent, store):
+    saved = await close_mid_reply(connect, fake_agent, store)
+    assert (saved[-1].status, saved[-1].content) == ("ok", "partial rest")
+
+
+class TestNotFinishingAfterDisconnect:
+    @pytest.fixture
+    def settings(self, settings):
+        settings.chat.finish_after_disconnect = False
+        return settings
+
+    @pytest.mark.gen_test
+    async def test_closing_the_socket_cancels_and_saves(self, connect, fake_agent, store):
+        saved = await close_mid_reply(connect, fake_agent, store)
+        assert (saved[-1].status, saved[-1].content) == ("cancelled", "partial ")
 
 
 @pytest.mark.gen_test

@@ -132,6 +132,9 @@ class TestSlowReader:
     @pytest.fixture
     def settings(self, settings):
         settings.server.write_timeout_seconds = 0.5
+        # Closing the socket cancels its reply (by default the reply goes on:
+        # see test_a_client_that_does_not_read_is_closed_its_reply_saved_whole).
+        settings.chat.finish_after_disconnect = False
         return settings
 
     @pytest.mark.gen_test(timeout=30)
@@ -140,7 +143,9 @@ class TestSlowReader:
     ):
         await make_user("alice")
         pieces = ["x" * 60_000] * 2000  # 120 MB if nothing stopped it
-        fake_agent.enqueue(*pieces)
+        # At a finite pace (the reply no longer waits for the socket's writes):
+        # 2000 pieces take seconds, the write timeout half of one.
+        fake_agent.enqueue(*pieces, delay=0.002)
         _reader, writer = await raw_handshake(service.port, f"/ws/ai/ai-chat/c1?token={token_for()}")
         writer.write(masked_text_frame('{"content": "flood me", "stream": true}'))
         conversation = await store.open_conversation(1, "c1")
@@ -152,6 +157,38 @@ class TestSlowReader:
         writer.close()
         assert rows[-1].status == "cancelled"
         assert len(rows[-1].content) < len(pieces) * 60_000 / 4  # stopped early
+
+
+class TestSlowReaderWhoseReplyGoesOn:
+    @pytest.fixture
+    def settings(self, settings):
+        settings.server.write_timeout_seconds = 0.5
+        return settings
+
+    @pytest.mark.gen_test(timeout=30)
+    async def test_a_client_that_does_not_read_is_closed_its_reply_saved_whole(
+        self, service, make_user, token_for, fake_agent, store
+    ):
+        await make_user("alice")
+        pieces = ["x" * 60_000] * 200  # 12 MB: more than the socket's buffers take
+        fake_agent.enqueue(*pieces)
+        _reader, writer = await raw_handshake(service.port, f"/ws/ai/ai-chat/c1?token={token_for()}")
+        writer.write(masked_text_frame('{"content": "flood me", "stream": true}'))
+        conversation = await store.open_conversation(1, "c1")
+        for _ in range(300):
+            rows = await saved_messages(store, conversation)
+            if len(rows) == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert (rows[-1].status, len(rows[-1].content)) == ("ok", 200 * 60_000)
+        # And the socket was closed for not reading (Tornado aborts it 5 s
+        # after its close frame went unanswered).
+        for _ in range(200):
+            if not service.connections.sockets:
+                break
+            await asyncio.sleep(0.05)
+        writer.close()
+        assert not service.connections.sockets
 
 
 # Close codes: every trigger in docs/protocol.md's list

@@ -18,7 +18,7 @@ from tornado_app.history import History
 from tornado_app.store.models import ROLE_USER, STATUS_ERROR, STATUS_OK, Message
 
 from .conftest import offered
-from .helpers import FakeAgent, saved_messages
+from .helpers import ADMIT, FakeAgent, add_reply, saved_messages
 
 
 Row = namedtuple("Row", "id role content")
@@ -40,7 +40,7 @@ async def admit(store, copy: History, user, content: str):
     """What an exchange does first: Store.admit with the copy's read_from, then add."""
     admission = await store.admit(copy.conversation_id, user.id, content, now=time.time(),
                                   messages=1000, per_seconds=1.0, after_id=copy.read_from(),
-                                  history_limit=copy.limit)
+                                  history_limit=copy.limit, **ADMIT)
     return admission, copy.add(admission.turns, admission.message_id, content)
 
 
@@ -67,7 +67,7 @@ async def test_each_prompt_equals_a_full_read_while_only_new_turns_are_read(stor
         assert [(t.id, t.role, t.content) for t in turns] == expected
         # A failed reply is saved but never becomes context.
         status = STATUS_ERROR if n == 3 else STATUS_OK
-        await store.add_reply(conversation, user.id, admission.message_id, content=f"a{n}",
+        await add_reply(store, conversation, user.id, admission.message_id, content=f"a{n}",
                               status=status)
 
 
@@ -78,7 +78,7 @@ async def test_turns_another_socket_wrote_are_read(store, make_user):
     mine, other = History(conversation), History(conversation)
     for copy, text in ((mine, "from here"), (other, "from another socket")):
         admission, _ = await admit(store, copy, user, text)
-        await store.add_reply(conversation, user.id, admission.message_id, content=f"re: {text}")
+        await add_reply(store, conversation, user.id, admission.message_id, content=f"re: {text}")
     _, turns = await admit(store, mine, user, "third")
     assert [t.content for t in turns] == ["from here", "re: from here",
                                           "from another socket", "re: from another socket"]
@@ -90,7 +90,7 @@ async def test_purged_turns_leave_the_copy_at_its_next_full_read(store, make_use
     conversation = await store.open_conversation(user.id, "c1")
     copy = History(conversation)
     old, _ = await admit(store, copy, user, "old")
-    await store.add_reply(conversation, user.id, old.message_id, content="re: old")
+    await add_reply(store, conversation, user.id, old.message_id, content="re: old")
     _, turns = await admit(store, copy, user, "new")
     assert [t.content for t in turns] == ["old", "re: old"]
     async with store.engine.begin() as conn:  # what retention does
@@ -107,7 +107,7 @@ async def test_a_message_over_the_rate_limit_is_neither_saved_nor_added(store, m
     user = await make_user("alice")
     conversation = await store.open_conversation(user.id, "c1")
     copy = History(conversation)
-    limit = {"now": 100.0, "messages": 1, "per_seconds": 60.0, "history_limit": 10}
+    limit = {"now": 100.0, "messages": 1, "per_seconds": 60.0, "history_limit": 10, **ADMIT}
     first = await store.admit(conversation, user.id, "one", after_id=0, **limit)
     second = await store.admit(conversation, user.id, "two", after_id=0, **limit)
     assert first.decision.allowed and not second.decision.allowed

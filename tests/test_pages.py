@@ -10,7 +10,7 @@ from tornado.httpclient import AsyncHTTPClient
 
 from tornado_app.handlers.pages import STATIC_DIR
 
-from .helpers import add_user_message
+from .helpers import add_reply, add_user_message, saved_messages
 
 
 async def get(url, **headers):
@@ -21,11 +21,11 @@ async def seed(store, user, client_id="chat-1"):
     """A conversation: an answered message, a stopped reply, a failed one."""
     conversation = await store.open_conversation(user.id, client_id)
     first = await add_user_message(store, conversation, user.id, "hello")
-    await store.add_reply(conversation, user.id, first, content="Hi <b>there</b>", status="ok")
+    await add_reply(store, conversation, user.id, first, content="Hi <b>there</b>", status="ok")
     second = await add_user_message(store, conversation, user.id, "a long story")
-    await store.add_reply(conversation, user.id, second, content="Once upon", status="cancelled")
+    await add_reply(store, conversation, user.id, second, content="Once upon", status="cancelled")
     third = await add_user_message(store, conversation, user.id, "and again")
-    await store.add_reply(conversation, user.id, third, content="agent failed (reference x)",
+    await add_reply(store, conversation, user.id, third, content="agent failed (reference x)",
                           status="error", error_ref="x")
 
 
@@ -48,8 +48,11 @@ async def test_messages_with_bearer_token(base_url, make_user, token_for, store)
         ("assistant", "Once upon", "cancelled"),
         ("user", "and again", "ok"),
     ]
+    saved = await saved_messages(store, await store.open_conversation(1, "chat-1"))
+    ids = {row.content: row.public_id for row in saved}
     for row in rows:
-        assert set(row) == {"role", "content", "status", "created_at"}
+        assert set(row) == {"id", "role", "content", "status", "created_at"}
+        assert row["id"] == ids[row["content"]]  # the ids frames carry (protocol v2)
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", row["created_at"])
 
 

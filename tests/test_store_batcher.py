@@ -17,7 +17,7 @@ import pytest
 from tornado_app.store import Conflict, Store
 from tornado_app.store.sqlite_batcher import SqliteBatcher
 
-from .helpers import add_user_message, saved_messages, take_rate_limit
+from .helpers import ADMIT, add_reply, add_user_message, saved_messages, take_rate_limit
 
 
 @pytest.fixture
@@ -52,7 +52,7 @@ async def test_concurrent_exchanges_are_saved_and_read_back_through_the_engine(s
 
     async def exchange(n):
         message_id = await add_user_message(store, conversation, 1, f"question {n}")
-        reply_id = await store.add_reply(conversation, 1, message_id, content=f"answer {n}",
+        reply_id = await add_reply(store, conversation, 1, message_id, content=f"answer {n}",
                                          status="ok", agent="echo", tokens_out=2,
                                          latency_ms=1.5)
         return message_id, reply_id
@@ -69,7 +69,7 @@ async def test_concurrent_exchanges_are_saved_and_read_back_through_the_engine(s
         assert isinstance(reply.created_at, datetime.datetime)
     # add_user_message took the rate limit at time.time(): later than that.
     admitted = await store.admit(conversation, 1, "one more", now=time.time() + 1, messages=1,
-                                 per_seconds=1.0, after_id=0, history_limit=6)
+                                 per_seconds=1.0, after_id=0, history_limit=6, **ADMIT)
     expected = [(row.id, row.role, row.content) for row in rows][-6:]
     assert [tuple(turn) for turn in admitted.turns] == expected
 

@@ -23,9 +23,10 @@ from .agent_pool import AgentPool
 from .analytics import AnalyticsTask
 from .auth import TokenVerifier
 from .chat import ChatService
-from .connections import Connections
+from .connections import Connections, instance_name
 from .config import ConfigError, Settings, load_settings
 from .handlers.base import log_request
+from .replies import Replies
 from .store import Store
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,8 @@ class Service:
         self.store: Store | None = None
         self.pool: AgentPool | None = None
         self.chat: ChatService | None = None
+        self.replies: Replies | None = None
+        self.notifications = None
         self.connections: Connections | None = None
         self.analytics: AnalyticsTask | None = None
         self.http: HTTPServer | None = None
@@ -79,8 +82,16 @@ class Service:
         if await self.store.ensure_schema() == "created":
             logger.info("created the database schema")
         self.pool = AgentPool(settings)
-        self.chat = ChatService(settings, self.store, self.pool, TokenVerifier.from_settings(settings))
-        self.connections = Connections(settings, self.store)
+        self.replies = Replies(self.store, instance_name(), settings.limits.lease_seconds,
+                               settings.chat.resume_window_seconds)
+        self.replies.start_background()
+        self.notifications = self.store.reply_notifications(
+            self.replies.notified, self.replies.listening)
+        if self.notifications is not None:
+            self.notifications.start()
+        self.chat = ChatService(settings, self.store, self.pool,
+                                TokenVerifier.from_settings(settings), self.replies)
+        self.connections = Connections(settings, self.store, self.replies)
         self.connections.start()
         if self.background_jobs:
             # Daily rollups and retention, in the background (tornado_app/analytics).
@@ -110,16 +121,18 @@ class Service:
         grace = self.settings.server.shutdown_grace_seconds
         logger.info("shutting down: letting replies finish (up to %.0fs)", grace)
         self.http.stop()
+        # Replies in flight get the grace, then are cancelled (each saves
+        # itself as cancelled, and its sockets get the cancelled frame).
+        await self.replies.stop(grace)
         sockets = list(self.connections.sockets)
-        in_flight = [s.current for s in sockets if s.busy]
-        if in_flight:
-            await asyncio.wait(in_flight, timeout=grace)
         workers = [worker for s in sockets if (worker := s.shut_down()) is not None]
         if workers:
             # A cancelled reply saves itself (status "cancelled") as it ends.
             await asyncio.wait(workers, timeout=5)
         await self.http.close_all_connections()
         await self.connections.stop()
+        if self.notifications is not None:
+            await self.notifications.stop()
         if self.analytics is not None:
             await self.analytics.stop()
         await self.pool.close()

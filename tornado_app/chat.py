@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Awaitable, Callable
 
 from . import auth, metrics
 from .agent_pool import AgentPool
@@ -21,16 +20,17 @@ from .agents import Agent, AgentRequest
 from .config import Settings
 from .connections import refusal
 from .history import History, Turn
-from .reply import Reply
-from .store import Conflict, Store
-from .store.models import ROLE_USER
+from .replies import Ending, LiveReply, Replies
+from .store import Conflict, Store, StoreError
+from .store.models import ROLE_USER, STATUS_ERROR
 
 logger = logging.getLogger(__name__)
 
 # Tokens counted per message for the chat template's role markers.
 TOKENS_PER_MESSAGE = 4
 
-OnChunk = Callable[[str], Awaitable[None]]
+# The error frame's text when a message or reply could not be saved.
+STORE_UNAVAILABLE = "The service could not save your message; please try again shortly."
 
 
 class RateLimited(Exception):
@@ -42,13 +42,13 @@ class RateLimited(Exception):
 
 
 class ChatService:
-    def __init__(
-        self, settings: Settings, store: Store, pool: AgentPool, verifier: auth.TokenVerifier
-    ):
+    def __init__(self, settings: Settings, store: Store, pool: AgentPool,
+                 verifier: auth.TokenVerifier, replies: Replies):
         self.settings = settings
         self.store = store
         self.pool = pool
         self.verifier = verifier
+        self.replies = replies
 
     async def authenticate(self, token: str | None) -> tuple[object, auth.Claims] | None:
         """The active user a token names and its claims, or None (the reason is logged)."""
@@ -83,39 +83,52 @@ class ChatService:
             pass  # another socket created it a moment ago
         return True
 
-    async def answer(
-        self, user, history: History, content: str, on_chunk: OnChunk | None = None
-    ) -> Reply:
-        """Save the message, get and save the reply, and return it.
+    async def admit(self, user, history: History, content: str):
+        """Save the user's message and open its reply's stream, in one
+        transaction with the rate limit; returns the Admission and the history
+        turns before the message. Raises :class:`RateLimited` (nothing saved)
+        when the user is over the rate limit.
 
         ``history`` is the socket's copy of its conversation (history.py).
-        Raises :class:`RateLimited` (nothing saved) when the user is over the
-        rate limit. Cancelling the task that runs this saves the partial reply
-        as ``cancelled`` before the cancellation goes on.
         """
-        conversation_id = history.conversation_id
         limit = self.settings.rate_limit
         admission = await self.store.admit(
-            conversation_id, user.id, content, now=time.time(), messages=limit.messages,
-            per_seconds=limit.per_seconds, after_id=history.read_from(),
-            history_limit=history.limit)
+            history.conversation_id, user.id, content, now=time.time(),
+            messages=limit.messages, per_seconds=limit.per_seconds,
+            after_id=history.read_from(), history_limit=history.limit,
+            instance=self.replies.instance, lease_seconds=self.settings.limits.lease_seconds)
         if not admission.decision.allowed:
             raise RateLimited(admission.decision.retry_after)
-        message_id = admission.message_id
-        turns = history.add(admission.turns, message_id, content)
-        reply = Reply()
+        turns = history.add(admission.turns, admission.message_id, content)
+        return admission, turns
+
+    def start_reply(self, user, history: History, admission, turns: list[Turn],
+                    content: str) -> LiveReply:
+        """Generate the reply to an admitted message in a task of its own
+        (replies.py): it goes on when the socket that asked closes."""
+        live = LiveReply(admission.reply_id, admission.message_public_id, user.id,
+                         history.conversation_id, admission.message_id)
+        return self.replies.start(
+            live, lambda live: self._answer(live, user.username, history, turns, content))
+
+    async def _answer(self, live: LiveReply, username: str, history: History,
+                      turns: list[Turn], content: str) -> None:
+        """Get the reply from the agent chain, save it, and end it. Cancelling
+        the task saves the partial reply as ``cancelled`` first."""
+        reply = live.reply
         try:
+            if live.cancel_pending:  # cancelled before the task first ran
+                raise asyncio.CancelledError
             with self.pool.lease() as chain:
-                await self._generate(chain, user.username, history, turns, content, reply,
-                                     on_chunk)
+                await self._generate(chain, username, history, turns, content, live)
         except asyncio.CancelledError:
             reply.cancel()
             reply.finish()
-            await asyncio.shield(self._save(conversation_id, user.id, message_id, reply))
-            metrics.observe_reply(reply)
+            await asyncio.shield(self._save_and_end(live))
             raise
+        live.complete = True  # from here on a cancel comes too late
         reply.finish()
-        save = asyncio.ensure_future(self._save(conversation_id, user.id, message_id, reply))
+        save = asyncio.ensure_future(self._save_and_end(live))
         try:
             await asyncio.shield(save)
         except asyncio.CancelledError:
@@ -123,10 +136,26 @@ class ChatService:
             # saved comes too late. Finish the save and deliver it all the same.
             await save
             asyncio.current_task().uncancel()
-        metrics.observe_reply(reply)
-        return reply
 
-    async def _generate(self, chain, username, history, turns, content, reply, on_chunk) -> None:
+    async def _save_and_end(self, live: LiveReply) -> None:
+        reply = live.reply
+        try:
+            await self.store.finish_reply(
+                live.reply_id, live.conversation_id, live.user_id, live.message_row_id,
+                reply.pieces, live.saved_any or live.flushing, **reply.columns())
+        except StoreError:
+            # Not saved: its stream is no longer renewed, so the sweep saves it
+            # as interrupted with the chunks saved so far once the database is back.
+            logger.exception("could not save reply %s", live.reply_id)
+            metrics.errors.labels("database").inc()
+            live.end(Ending(STATUS_ERROR, reply.text, STORE_UNAVAILABLE))
+            return
+        metrics.observe_reply(reply)
+        live.end(Ending(reply.status, reply.text,
+                        reply.error_text() if reply.status == STATUS_ERROR else None))
+
+    async def _generate(self, chain, username, history, turns, content, live) -> None:
+        reply = live.reply
         deadline = self.settings.agent.timeout_seconds
         for position, agent in enumerate(chain):
             reply.attempt(agent)
@@ -137,7 +166,7 @@ class ChatService:
                     await agent.wait_ready()
                     request.messages, prompt_tokens = self._prompt(
                         agent, username, history, turns, content)
-                    await self._stream(agent, request, reply, on_chunk)
+                    await self._stream(agent, request, live)
                 reply.count_tokens(agent, request.usage, prompt_tokens)
                 return
             except Exception as exc:  # AgentError, TimeoutError, or a plugin's bug
@@ -147,16 +176,16 @@ class ChatService:
                 logger.info("agent %s failed before its first token; trying %s",
                             agent.name, chain[position + 1].name)
 
-    async def _stream(self, agent: Agent, request: AgentRequest, reply: Reply, on_chunk) -> None:
-        # aclosing: a cancel that lands while a chunk is being sent closes the
-        # agent's stream (an upstream HTTP response, say) at once, not at GC.
+    async def _stream(self, agent: Agent, request: AgentRequest, live: LiveReply) -> None:
+        # aclosing: a cancel closes the agent's stream (an upstream HTTP
+        # response, say) at once, not at garbage collection.
         async with contextlib.aclosing(agent.stream(request)) as pieces:
             async for piece in pieces:
-                if not piece:
-                    continue
-                reply.take(piece)
-                if on_chunk is not None:
-                    await on_chunk(piece)
+                if piece:
+                    live.take(piece)
+                    # A yield point: an agent that yields without awaiting must
+                    # not keep the event loop (and a cancel) waiting.
+                    await asyncio.sleep(0)
 
     def _prompt(
         self, agent: Agent, username: str, history: History, turns: list[Turn], content: str
@@ -180,7 +209,3 @@ class ChatService:
         messages += [turn.message for turn in turns[start:]]
         messages.append({"role": "user", "content": content})
         return messages, used
-
-    async def _save(self, conversation_id: int, user_id: int, message_id: int, reply: Reply) -> None:
-        await self.store.add_reply(conversation_id, user_id, message_id, **reply.columns())
-

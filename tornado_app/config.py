@@ -101,6 +101,11 @@ class ChatSettings(Section):
     max_content_chars: int = Field(4000, ge=1)
     # Unanswered messages one socket may have, the one being answered included.
     max_pending: int = Field(5, ge=1)
+    # A reply whose socket closes goes on to its end (false: it is cancelled).
+    finish_after_disconnect: bool = True
+    # How long after its end a reply can still be resumed chunk by chunk
+    # (later, a resume gets its whole text at once).
+    resume_window_seconds: float = Field(3600.0, ge=0)
 
 
 class LimitsSettings(Section):

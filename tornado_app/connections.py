@@ -4,8 +4,10 @@ Every authenticated socket takes a connection slot (a lease row, see
 store/leases.py) so that ``limits.connections_per_user`` holds across every
 process and instance sharing the database. Two periodic tasks run per process:
 
-- renew: every third of ``limits.lease_seconds``, one UPDATE extends the leases
-  of all of this process's sockets;
+- renew: every third of ``limits.lease_seconds``, one transaction extends the
+  leases of all of this process's sockets and of its replies in flight
+  (replies.py), then any reply whose process stopped renewing is saved as
+  interrupted;
 - recheck: every ``auth.recheck_seconds``, the users and tokens behind the open
   sockets are read again; a disabled user or a revoked token closes the
   socket with 1008, on whichever instance it is. About once an hour the same
@@ -24,19 +26,26 @@ import uuid
 from . import closes, metrics
 from .closes import Close
 from .config import Settings
+from .replies import Replies
 from .store import Store, StoreUnavailable
 
 logger = logging.getLogger(__name__)
+
+
+def instance_name() -> str:
+    """This process's name in lease rows: unique across machines and restarts."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 class Connections:
     # How often the recheck also purges expired revocations.
     purge_every_seconds = 3600.0
 
-    def __init__(self, settings: Settings, store: Store):
+    def __init__(self, settings: Settings, store: Store, replies: Replies):
         self.settings = settings
         self.store = store
-        self.instance = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.replies = replies
+        self.instance = replies.instance
         self.sockets: set = set()
         self._to_release: set[str] = set()
         self._releases: set[asyncio.Task] = set()
@@ -105,7 +114,9 @@ class Connections:
             await self.store.release_lease(lease_id)
             self._to_release.discard(lease_id)
         await self.store.renew_leases(
-            self.instance, time.time(), self.settings.limits.lease_seconds)
+            self.instance, time.time(), self.settings.limits.lease_seconds,
+            list(self.replies.live))
+        await self.replies.sweep()
 
     async def recheck(self) -> None:
         """Close sockets whose user was disabled or whose token was revoked."""

@@ -1,4 +1,4 @@
-"""The WebSocket of the spec: /ws/ai/ai-chat/{client_id}.
+"""The WebSocket of the spec: /ws/ai/ai-chat/{client_id}, and protocol v2.
 
 Per socket, frames are read in ``on_message`` and never awaited there (Tornado
 reads no further frame, not even a pong, until it returns). Chat messages go
@@ -7,6 +7,12 @@ sent while a reply is in flight waits its turn. The worker exists only while
 there is something to answer: an idle socket holds no task. At most
 ``chat.max_pending`` messages may be unanswered on a socket, the one in flight
 included; one more gets an ``error`` frame.
+
+The reply itself runs in a task of its own (replies.py): the socket listens
+to it. When the socket closes, the reply goes on to its end unless
+``chat.finish_after_disconnect`` is false. A client that asks for the
+``ai-chat.v2`` subprotocol gets ids on the frames about replies, an ``ack`` per
+message, and the ``resume`` and ``cancel``-by-id actions (docs/protocol.md).
 """
 
 from __future__ import annotations
@@ -21,19 +27,20 @@ from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
 from .. import closes, frames, logs, metrics
 from ..auth import bearer_value
-from ..chat import ChatService, RateLimited
+from ..chat import STORE_UNAVAILABLE, ChatService, RateLimited
 from ..connections import Connections
-from ..frames import Cancel, ChatMessage, FrameError
+from ..frames import Cancel, ChatMessage, FrameError, Resume
 from ..history import History
+from ..replies import Chunk, Ending, Listener, LiveReply
 from ..store import StoreError
+from ..store.models import STATUS_CANCELLED, STATUS_OK
 from .base import COOKIE_NAME, request_summary
 
 logger = logging.getLogger(__name__)
 
-STORE_UNAVAILABLE = "The service could not save your message; please try again shortly."
 QUEUE_FULL = "Too many messages are waiting for a reply; wait for the current one."
 NOTHING_TO_CANCEL = "There is no reply in progress to cancel."
-CANCELLED = "The reply was cancelled."
+UNKNOWN_REPLY = "There is no such reply of yours."
 UNEXPECTED = "An unexpected error occurred while processing your message."
 
 
@@ -46,10 +53,14 @@ class ChatSocket(WebSocketHandler):
         self.issued_at = None
         self.lease: str | None = None
         self.history: History | None = None
+        self.v2 = False  # the client asked for the ai-chat.v2 subprotocol
         self.rejections = 0  # messages refused by the rate limit in a row
         self.pending: list[ChatMessage] = []  # waiting for the worker
         self.worker: asyncio.Task | None = None  # answers ``pending``, in order
-        self.current: asyncio.Task | None = None  # the exchange in flight
+        self.busy = False  # an exchange is under way (being admitted or answered)
+        self.replying: LiveReply | None = None  # the reply the worker waits for
+        self.cancel_next = False  # a cancel came before the reply existed
+        self.extras: set[asyncio.Task] = set()  # v2 actions: resume, cancel by id
 
     @property
     def chat(self) -> ChatService:
@@ -64,6 +75,10 @@ class ChatSocket(WebSocketHandler):
 
     def get_compression_options(self):
         return None  # off: compression costs memory per socket and invites CRIME-style leaks
+
+    def select_subprotocol(self, subprotocols: list[str]) -> str | None:
+        # Any other (or none): the spec's protocol, and no subprotocol echoed.
+        return frames.V2 if frames.V2 in subprotocols else None
 
     def check_origin(self, origin: str) -> bool:
         # Decided in open() instead: a refused browser then sees close code
@@ -107,21 +122,40 @@ class ChatSocket(WebSocketHandler):
             self.connections.leave(self)  # the client left while we were checking
             return
         self.user, self.jti, self.issued_at = user, claims.jti, claims.issued_at_naive
+        self.v2 = self.selected_subprotocol == frames.V2
         self.history = History(conversation_id)
         self.connections.join(self)
         self._send_now(frames.frame(frames.SYSTEM, frames.WELCOME.format(username=user.username)))
+        if self.v2:
+            self._extra(self._announce_replies_in_progress())
+
+    async def _announce_replies_in_progress(self) -> None:
+        """v2: name the conversation's replies in flight (on any instance), so
+        that a client that lost its state can resume them."""
+        for row in await self.chat.store.live_replies(self.history.conversation_id):
+            live = self.chat.replies.local(row.reply_id)
+            seq = live.last_seq if live is not None else row.last_seq
+            await self._send(frames.frame(frames.SYSTEM, frames.IN_PROGRESS,
+                                          reply_id=row.reply_id, message_id=row.message_id,
+                                          seq=seq))
 
     def on_message(self, message: str | bytes) -> None:
         if self.user is None:
             return
         try:
-            parsed = frames.parse_client_frame(message, self.chat.settings.chat.max_content_chars)
+            parsed = frames.parse_client_frame(
+                message, self.chat.settings.chat.max_content_chars, self.v2)
         except FrameError as exc:
             metrics.messages.labels("invalid").inc()
             self._send_now(frames.frame(frames.ERROR, str(exc)))
             return
         if isinstance(parsed, Cancel):
-            self._cancel_reply()
+            if parsed.reply_id is None:
+                self._cancel_own_reply()
+            else:
+                self._extra(self._cancel_by_id(parsed.reply_id))
+        elif isinstance(parsed, Resume):
+            self._extra(self._resume(parsed.reply_id, parsed.after_seq))
         elif len(self.pending) + self.busy >= self.chat.settings.chat.max_pending:
             metrics.messages.labels("queue_full").inc()
             self._send_now(frames.frame(frames.ERROR, QUEUE_FULL))
@@ -130,18 +164,16 @@ class ChatSocket(WebSocketHandler):
             if self.worker is None or self.worker.done():
                 self.worker = asyncio.create_task(self._work())
 
-    @property
-    def busy(self) -> bool:
-        return self.current is not None and not self.current.done()
-
     def on_close(self) -> None:
         self.connections.leave(self)
         if self.worker is not None:
-            self.worker.cancel()  # also cancels the reply in flight, which saves it
+            self.worker.cancel()  # stops listening; the reply itself goes on (see _work)
+        for task in self.extras:
+            task.cancel()
 
     def shut_down(self) -> asyncio.Task | None:
-        """Close with 1001 for a server shutdown and cancel the reply in flight
-        (which saves itself); returns the worker task to wait for, if any.
+        """Close with 1001 for a server shutdown (the replies were given their
+        grace and ended before); returns the worker task to wait for, if any.
         The slot is given back now: a client that never acknowledges the close
         must not hold the shutdown up."""
         self.close(*closes.SHUTTING_DOWN)
@@ -151,26 +183,70 @@ class ChatSocket(WebSocketHandler):
         self.connections.leave(self)
         return worker
 
-    def _cancel_reply(self) -> None:
-        if not self.busy:
-            self._send_now(frames.frame(frames.ERROR, NOTHING_TO_CANCEL))
+    def _cancel_own_reply(self) -> None:
+        """``{"action": "cancel"}``: the reply this socket waits for."""
+        if self.replying is not None and self.replying.cancel():
             return
-        self.current.cancel()
+        if self.busy and self.replying is None:
+            self.cancel_next = True  # still being admitted: cancel it as it starts
+            return
+        self._send_now(frames.frame(frames.ERROR, NOTHING_TO_CANCEL))
+
+    async def _cancel_by_id(self, reply_id: str) -> None:
+        """v2 ``{"action": "cancel", "reply_id": ...}``: any reply of the user,
+        on any instance. This socket gets the cancelled frame too."""
+        own = self.replying is not None and self.replying.reply_id == reply_id
+        listener = None
+        if not own:
+            # Listen before cancelling, so that the end cannot be missed.
+            listener = await self.chat.replies.listen(reply_id, self.user.id, after_seq=1 << 62)
+        if listener is None and not own:
+            await self._send(frames.frame(frames.ERROR, UNKNOWN_REPLY))
+            return
+        if not await self.chat.replies.cancel(reply_id, self.user.id):
+            if listener is not None:
+                listener.close()
+            await self._send(frames.frame(frames.ERROR, NOTHING_TO_CANCEL))
+            return
+        if listener is not None:
+            await self._forward(listener, stream=False)
+
+    async def _resume(self, reply_id: str, after_seq: int) -> None:
+        """v2 ``{"action": "resume", ...}``: the chunks after ``after_seq``, the
+        live ones, then the end, of any reply of the user on any instance."""
+        listener = await self.chat.replies.listen(reply_id, self.user.id, after_seq)
+        if listener is None:
+            await self._send(frames.frame(frames.ERROR, UNKNOWN_REPLY))
+            return
+        await self._forward(listener, stream=True)
+
+    def _extra(self, coroutine) -> None:
+        """Run a v2 action (or announcement) beside the worker; the socket's
+        close cancels it."""
+        task = asyncio.create_task(self._guarded(coroutine))
+        self.extras.add(task)
+        task.add_done_callback(self.extras.discard)
+
+    async def _guarded(self, coroutine) -> None:
+        try:
+            await coroutine
+        except StoreError:
+            logger.exception("websocket: database error in a v2 action")
+            metrics.errors.labels("database").inc()
+            await self._send(frames.frame(frames.ERROR, STORE_UNAVAILABLE))
 
     async def _work(self) -> None:
         while self.pending:
             message = self.pending.pop(0)
-            self.current = asyncio.create_task(self._exchange(message))
+            self.busy = True
             try:
-                final = await self.current
+                await self._exchange(message)
             except asyncio.CancelledError:
-                if asyncio.current_task().cancelling():
-                    # The socket closed, which cancelled the reply too: wait
-                    # while it saves itself as cancelled, then stop.
-                    await asyncio.wait([self.current])
-                    raise
-                await self._send(frames.frame(frames.SYSTEM, CANCELLED))
-                continue
+                # The socket is closing. Its reply goes on to its end, unless
+                # the operator prefers to save the compute.
+                if self.replying is not None and not self.chat.settings.chat.finish_after_disconnect:
+                    self.replying.cancel()
+                raise
             except Exception:
                 logger.exception("websocket: unexpected error in an exchange")
                 metrics.errors.labels("internal").inc()
@@ -178,21 +254,16 @@ class ChatSocket(WebSocketHandler):
                 self.close(*closes.UNEXPECTED_ERROR)
                 return
             finally:
-                self.current = None
-            # Sent outside the cancellable task: once saved, a reply is delivered
-            # whole, and a late cancel cannot follow it with "cancelled".
-            if final is not None:
-                await self._send(final)
+                self.busy, self.replying, self.cancel_next = False, None, False
 
-    async def _exchange(self, message: ChatMessage) -> str | None:
-        """Rate limit, answer, save; returns the final frame to send, if any."""
+    async def _exchange(self, message: ChatMessage) -> None:
+        """Admit the message, start its reply, pass the reply on."""
         # Every log line of this exchange (agents' included) carries these ids.
         logs.context.set({"exchange": secrets.token_hex(4),
                           "conversation": self.history.conversation_id,
                           "user": self.user.username})
         try:
-            on_chunk = self._send_chunk if message.stream else None
-            reply = await self.chat.answer(self.user, self.history, message.content, on_chunk)
+            admission, turns = await self.chat.admit(self.user, self.history, message.content)
         except RateLimited as exc:
             await self._rate_limited(exc.retry_after)
             return
@@ -202,9 +273,31 @@ class ChatSocket(WebSocketHandler):
             await self._send(frames.frame(frames.ERROR, STORE_UNAVAILABLE))
             return
         self.rejections = 0
-        if reply.ok:
-            return frames.frame(frames.AI_RESPONSE, reply.text)
-        return frames.frame(frames.ERROR, reply.error_text())
+        live = self.chat.start_reply(self.user, self.history, admission, turns, message.content)
+        self.replying = live
+        if self.cancel_next:
+            live.cancel()
+        listener = live.listen()
+        if self.v2:
+            await self._send(frames.frame(frames.ACK, "", message_id=live.message_id,
+                                          reply_id=live.reply_id))
+        await self._forward(listener, stream=message.stream)
+
+    async def _forward(self, listener: Listener, stream: bool) -> None:
+        """Send a reply's chunks (if ``stream``) and its final frame."""
+        v2 = self.v2
+        ids = {"reply_id": listener.reply_id, "message_id": listener.message_id} if v2 else {}
+        try:
+            async for event in listener.events():
+                if isinstance(event, Chunk):
+                    if stream:
+                        extra = {**ids, "seq": event.seq} if v2 else ids
+                        await self._send(frames.frame(frames.AI_RESPONSE_CHUNK, event.text,
+                                                      **extra))
+                else:
+                    await self._send(final_frame(event, ids))
+        finally:
+            listener.close()
 
     async def _rate_limited(self, retry_after: float) -> None:
         self.rejections += 1
@@ -218,13 +311,9 @@ class ChatSocket(WebSocketHandler):
             logger.info("websocket: closing %s for sending while rate limited", self.user.username)
             self.close(*closes.RATE_LIMIT_EXCEEDED)
 
-    async def _send_chunk(self, piece: str) -> None:
-        await self._send(frames.frame(frames.AI_RESPONSE_CHUNK, piece))
-
     async def _send(self, text: str) -> None:
         """Send a frame, waiting (up to server.write_timeout_seconds) until it is
-        handed to the kernel. Always an await point, so that a cancellation (the
-        socket closed) lands even while an agent yields without awaiting."""
+        handed to the kernel. Always an await point."""
         try:
             written = self.write_message(text)
         except WebSocketClosedError:
@@ -239,7 +328,7 @@ class ChatSocket(WebSocketHandler):
                 raise written.exception()
             return
         # A client that does not read would make us buffer without bound: close
-        # it, and stop generating for it (the reply is saved as cancelled).
+        # it (its reply goes on, or is cancelled, as on any close).
         logger.info("websocket: closing a socket whose client stopped reading")
         self.close(*closes.CLIENT_TOO_SLOW)
         if self.worker is not None:
@@ -252,6 +341,15 @@ class ChatSocket(WebSocketHandler):
             self.write_message(text)
         except WebSocketClosedError:
             pass
+
+
+def final_frame(ending: Ending, ids: dict) -> str:
+    """The frame that ends a reply: its text, its error, or that it was cancelled."""
+    if ending.status == STATUS_OK:
+        return frames.frame(frames.AI_RESPONSE, ending.text, **ids)
+    if ending.status == STATUS_CANCELLED:
+        return frames.frame(frames.SYSTEM, frames.CANCELLED, **ids)
+    return frames.frame(frames.ERROR, ending.error, **ids)
 
 
 def origin_allowed(request, allowed: list[str]) -> bool:

@@ -58,7 +58,7 @@ class ConversationMessagesHandler(BaseHandler):
             return
         rows = await self.store.transcript(user.id, client_id, HISTORY_LIMIT)
         self.write_json(200, {"client_id": client_id, "messages": [
-            {"role": row.role, "content": row.content, "status": row.status,
+            {"id": row.id, "role": row.role, "content": row.content, "status": row.status,
              "created_at": iso_utc(row.created_at)}
             for row in rows
         ]})

@@ -74,7 +74,8 @@ class Database(Protocol):
 
     dialect: str
 
-    def execute(self, statement, values: dict | None = None) -> Rows: ...
+    def execute(self, statement, values: dict | list[dict] | None = None) -> Rows:
+        """Run a statement; with a list of values, once per item (no rows back)."""
 
 
 Work = Callable[..., T]
@@ -98,7 +99,7 @@ class _Connection:
         self.conn = conn
         self.dialect = dialect
 
-    def execute(self, statement, values: dict | None = None) -> Rows:
+    def execute(self, statement, values: dict | list[dict] | None = None) -> Rows:
         result = self.conn.execute(statement, values)
         return Rows(result.all() if result.returns_rows else [], result.rowcount)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import uuid
 
 from sqlalchemy import Integer, bindparam, select
 
@@ -26,6 +27,11 @@ INSERT_MESSAGE = messages.insert().values(
 ).returning(messages.c.id)
 
 
+def new_public_id() -> str:
+    """A message's id for clients: random, 32 hex digits."""
+    return uuid.uuid4().hex
+
+
 def message_row(**values) -> dict:
     """A messages row for INSERT_MESSAGE: every column, NULL unless given, status ok."""
     row = dict.fromkeys(_COLUMNS)
@@ -34,14 +40,16 @@ def message_row(**values) -> dict:
     return row
 
 
-def user_message(conversation_id: int, user_id: int, content: str) -> dict:
+def user_message(conversation_id: int, user_id: int, content: str, public_id: str) -> dict:
     return message_row(conversation_id=conversation_id, user_id=user_id, role=ROLE_USER,
-                       content=content)
+                       content=content, public_id=public_id)
 
 
-def reply_row(conversation_id: int, user_id: int, reply_to_id: int, **columns) -> dict:
+def reply_row(conversation_id: int, user_id: int, reply_to_id: int, public_id: str,
+              **columns) -> dict:
     return message_row(conversation_id=conversation_id, user_id=user_id,
-                       reply_to_id=reply_to_id, role=ROLE_ASSISTANT, **columns)
+                       reply_to_id=reply_to_id, role=ROLE_ASSISTANT, public_id=public_id,
+                       **columns)
 
 
 # The history a prompt is built from: a conversation's newest ``limit`` turns
@@ -80,7 +88,8 @@ CONVERSATION_ID = select(conversations.c.id).where(
 # What the chat page shows of a conversation: the delivered turns (user
 # messages, finished or stopped replies), newest first.
 TRANSCRIPT = (
-    select(messages.c.role, messages.c.content, messages.c.status, messages.c.created_at)
+    select(messages.c.public_id.label("id"), messages.c.role, messages.c.content,
+           messages.c.status, messages.c.created_at)
     .join(conversations, conversations.c.id == messages.c.conversation_id)
     .where(
         conversations.c.user_id == bindparam("user_id", type_=Integer),

@@ -71,9 +71,14 @@ class Message(Base):
         Index("ix_messages_conversation_id", "conversation_id", "id"),
         Index("ix_messages_user_created", "user_id", "created_at"),
         Index("ix_messages_created", "created_at"),
+        Index("ix_messages_public_id", "public_id", unique=True),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # The id clients see (frames' message_id and reply_id, the history API):
+    # random, so that it tells nothing and is unique across instances. Always
+    # set; nullable only so that adding it needs no rebuild of a SQLite table.
+    public_id: Mapped[str | None] = mapped_column(String(32))
     conversation_id: Mapped[int] = mapped_column(
         ForeignKey("conversations.id", ondelete="CASCADE")
     )
@@ -96,6 +101,49 @@ class Message(Base):
     # For failed replies: the class of failure (AgentError.kind, "timeout", "internal").
     error_kind: Mapped[str | None] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class ReplyStream(Base):
+    """A reply while it is generated, and for ``chat.resume_window_seconds``
+    after: what a socket on any instance needs to resume it (replies.py).
+
+    The generating instance holds a lease on it, renewed while it works; a
+    reply whose lease ran out is saved as interrupted by any instance. Once
+    the reply is saved, ``chunk_lengths`` keeps where its chunks began, so
+    that its saved text can be cut into the same chunks again.
+    """
+
+    __tablename__ = "reply_streams"
+    __table_args__ = (
+        Index("ix_reply_streams_conversation", "conversation_id", "finished_at"),
+        Index("ix_reply_streams_instance", "instance", "finished_at"),
+        Index("ix_reply_streams_lease", "finished_at", "lease_until"),
+    )
+
+    reply_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    conversation_id: Mapped[int] = mapped_column(
+        ForeignKey("conversations.id", ondelete="CASCADE"))
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    # The user message it answers (messages.id).
+    message_id: Mapped[int] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"))
+    instance: Mapped[str] = mapped_column(String(128))
+    lease_until: Mapped[float] = mapped_column(Float)  # unix seconds
+    last_seq: Mapped[int] = mapped_column(Integer)  # of the chunks saved so far (-1: none)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+    chunk_lengths: Mapped[str | None] = mapped_column(Text)  # "12,5,9": set when finished
+
+
+class ReplyChunk(Base):
+    """A piece of a reply in flight, saved in batches; deleted when the reply is saved."""
+
+    __tablename__ = "reply_chunks"
+
+    reply_id: Mapped[str] = mapped_column(
+        ForeignKey("reply_streams.reply_id", ondelete="CASCADE"), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    text: Mapped[str] = mapped_column(Text)
 
 
 class RateLimit(Base):

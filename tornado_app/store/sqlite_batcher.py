@@ -71,7 +71,10 @@ class _Compiled:
             for name, process in zip(self.names, self.processors)
         )
 
-    def run(self, cursor: sqlite3.Cursor, values: dict | None) -> Rows:
+    def run(self, cursor: sqlite3.Cursor, values: dict | list | None) -> Rows:
+        if isinstance(values, list):  # executemany: no rows come back
+            cursor.executemany(self.sql, map(self.parameters, values))
+            return Rows([], cursor.rowcount)
         cursor.execute(self.sql, self.parameters(values or {}))
         rows = cursor.fetchall()
         if self.results is not None:
@@ -90,7 +93,7 @@ class _Cursor:
         self.cursor = cursor
         self.compiled = compiled
 
-    def execute(self, statement, values: dict | None = None) -> Rows:
+    def execute(self, statement, values: dict | list | None = None) -> Rows:
         compiled = self.compiled.get(statement)
         if compiled is None:
             if len(self.compiled) >= SqliteBatcher.max_compiled:

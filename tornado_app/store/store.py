@@ -15,15 +15,17 @@ locked) or :class:`Conflict` (a constraint).
 from __future__ import annotations
 
 import asyncio
+import secrets
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from sqlalchemy import select
 
-from . import leases, messages, ratelimit, revocations, schema, users
+from . import leases, messages, ratelimit, revocations, schema, streams, users
 from .engine import DEFAULT_TIMEOUT, create_engine, probe_sqlite_write_lock, sqlite_file
 from .executor import Conflict, EngineExecutor, Executor, store_errors
-from .models import utcnow
+from .models import STATUS_ERROR, utcnow
+from .notifications import Notifications
 from .sqlite_batcher import SqliteBatcher
 
 _SELECT_ONE = select(1)
@@ -32,11 +34,14 @@ _SELECT_ONE = select(1)
 @dataclass(frozen=True)
 class Admission:
     """What :meth:`Store.admit` decided: the rate limit's decision and, when it
-    allowed the message, the message's id and the history turns before it
+    allowed the message, the message's row id and public id, the reply's
+    public id (its stream is open), and the history turns before the message
     (rows with ``id``, ``role`` and ``content``, oldest first)."""
 
     decision: ratelimit.Decision
     message_id: int | None = None
+    message_public_id: str | None = None
+    reply_id: str | None = None
     turns: list = field(default_factory=list)
 
 
@@ -146,25 +151,73 @@ class Store:
 
     async def admit(
         self, conversation_id: int, user_id: int, content: str, *, now: float, messages: int,
-        per_seconds: float, after_id: int, history_limit: int,
+        per_seconds: float, after_id: int, history_limit: int, instance: str,
+        lease_seconds: float,
     ) -> Admission:
         """The start of an exchange, in one transaction: take the rate limit
         (``messages`` per ``per_seconds``) and, if it allows, save the user's
-        message and read the history turns between ``after_id`` and it. One
-        round trip instead of three.
+        message, open its reply's stream (leased to ``instance``) and read the
+        history turns between ``after_id`` and the message.
         """
         return await self.writer.run(_admit, conversation_id, user_id, content, now, messages,
-                                     per_seconds, after_id, history_limit)
+                                     per_seconds, after_id, history_limit, instance,
+                                     now + lease_seconds)
 
-    async def add_reply(self, conversation_id: int, user_id: int, reply_to_id: int,
-                        **columns) -> int:
-        """Save a reply (or the record of a failed or cancelled one).
+    async def finish_reply(self, reply_id: str, conversation_id: int, user_id: int,
+                           reply_to_id: int, pieces: list[str], flushed: bool,
+                           **columns) -> int:
+        """Save a reply (or the record of a failed or cancelled one) and close
+        its stream, in one transaction. ``pieces`` are its chunks (for a later
+        resume); ``flushed``: whether any of them were saved on the way.
 
         ``columns`` are Message columns: content, status, agent, model,
         tokens_in, tokens_out, latency_ms, ttft_ms, error_ref, error_kind.
         """
-        row = messages.reply_row(conversation_id, user_id, reply_to_id, **columns)
-        return await self.writer.run(_scalar, messages.INSERT_MESSAGE, row)
+        row = messages.reply_row(conversation_id, user_id, reply_to_id, reply_id, **columns)
+        return await self.writer.run(streams.finish, reply_id, row, pieces, flushed)
+
+    # Replies in flight (streams.py; the design is in tornado_app/replies.py)
+
+    async def flush_chunks(self, new_chunks: list[dict], last_seqs: list[dict],
+                           instance: str) -> list[str]:
+        """Save chunks of replies in flight; the ids of this instance's
+        replies someone asked to cancel."""
+        return await self.writer.run(streams.flush, new_chunks, last_seqs, instance)
+
+    async def cancel_requests(self, instance: str) -> list[str]:
+        return await self.reader.run(streams.cancel_requests, instance, write=False)
+
+    async def request_cancel(self, reply_id: str, user_id: int) -> bool:
+        """Ask whichever instance generates the reply to cancel it. False: not
+        the user's reply, or not in flight."""
+        return await self.writer.run(streams.request_cancel, reply_id, user_id)
+
+    async def sweep_replies(self, now: float, forget_before: datetime) -> list[str]:
+        """Save replies whose instance died as interrupted; forget old streams."""
+        return await self.writer.run(streams.sweep, now, _interrupted_row, forget_before)
+
+    async def reply_state(self, reply_id: str):
+        """A reply's stream (and its saved row, once saved), or None."""
+        return await self.reader.run(streams.state, reply_id, write=False)
+
+    async def saved_reply(self, reply_id: str):
+        """A saved reply's row (user_id, content, status, error_ref, error_kind,
+        message_id), or None."""
+        return await self.reader.run(streams.saved_reply, reply_id, write=False)
+
+    async def reply_chunks_after(self, reply_id: str, after: int) -> list:
+        return await self.reader.run(streams.chunks_after, reply_id, after, write=False)
+
+    def reply_notifications(self, on_notify, on_state) -> Notifications | None:
+        """PostgreSQL's notifications of changed replies (None on SQLite, which
+        has none: watchers poll)."""
+        if self.reader.dialect != "postgresql":
+            return None
+        return Notifications(self.engine, self.timeout, on_notify, on_state)
+
+    async def live_replies(self, conversation_id: int) -> list:
+        """The replies of a conversation in flight, on any instance."""
+        return await self.reader.run(streams.live_in_conversation, conversation_id, write=False)
 
     async def transcript(self, user_id: int, client_id: str, limit: int) -> list:
         """The newest ``limit`` delivered turns of a user's conversation
@@ -186,9 +239,11 @@ class Store:
     async def release_lease(self, lease_id: str) -> None:
         await self.writer.run(leases.release, lease_id)
 
-    async def renew_leases(self, instance: str, now: float, ttl: float) -> None:
-        """Extend this instance's leases; forget long-expired ones of any instance."""
-        await self.writer.run(leases.renew, instance, now, ttl)
+    async def renew_leases(self, instance: str, now: float, ttl: float,
+                           reply_ids: list[str] = ()) -> None:
+        """Extend this instance's connection slots and the leases of its
+        replies in flight; forget long-expired slots of any instance."""
+        await self.writer.run(_renew, instance, now, ttl, list(reply_ids))
 
 
 # Units of work (run by an executor; see executor.py)
@@ -228,14 +283,30 @@ def _open_conversation(db, user_id: int, client_id: str) -> int:
 
 
 def _admit(db, conversation_id, user_id, content, now, limit, per_seconds, after_id,
-           history_limit) -> Admission:
+           history_limit, instance, lease_until) -> Admission:
     decision = ratelimit.take(db, user_id, now, limit, per_seconds)
     if not decision.allowed:
         return Admission(decision)
-    row = messages.user_message(conversation_id, user_id, content)
+    public_id, reply_id = messages.new_public_id(), messages.new_public_id()
+    row = messages.user_message(conversation_id, user_id, content, public_id)
     message_id = db.execute(messages.INSERT_MESSAGE, row).scalar()
+    streams.open_stream(db, reply_id, conversation_id, user_id, message_id, instance,
+                        lease_until)
     turns = db.execute(messages.HISTORY, {
         "conversation_id": conversation_id, "before_id": message_id, "after_id": after_id,
         "limit": history_limit}).all()
     turns.reverse()
-    return Admission(decision, message_id, turns)
+    return Admission(decision, message_id, public_id, reply_id, turns)
+
+
+def _renew(db, instance: str, now: float, ttl: float, reply_ids: list[str]) -> None:
+    leases.renew(db, instance, now, ttl)
+    streams.renew(db, reply_ids, now + ttl)
+
+
+def _interrupted_row(expired, text: str) -> dict:
+    """The saved row of a reply whose instance died while generating it."""
+    return messages.reply_row(
+        expired.conversation_id, expired.user_id, expired.message_id, expired.reply_id,
+        content=text, status=STATUS_ERROR, error_kind="interrupted",
+        error_ref=secrets.token_hex(4))

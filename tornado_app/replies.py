@@ -1,0 +1,431 @@
+"""Replies that belong to their conversation, not to the socket that asked.
+
+A reply starts when the user's message is admitted: ``Store.admit`` saves the
+message and opens the reply's *stream* row, leased to this process. From
+then on (docs/architecture.md, "Durable replies"):
+
+- **It runs in a task of its own** (:class:`LiveReply`, kept by this
+  process's :class:`Replies`), not in the socket's. A socket that closes only
+  stops listening; the reply goes on to its end (bounded by
+  ``agent.timeout_seconds``) unless ``chat.finish_after_disconnect`` is false.
+- **Listeners.** The socket that asked, and any socket that resumes the reply,
+  listen to it: each gets every chunk (``seq`` 0, 1, 2, ...) and then the end,
+  through a queue of its own, so a slow socket never slows the reply.
+- **Chunks are saved in batches**: every ``FLUSH_SECONDS`` one transaction
+  saves the new chunks of all of this process's replies. So a socket on any
+  instance can resume a reply in flight, and a reply whose process dies keeps
+  what it had generated. When the reply is saved whole its chunks are dropped
+  in the same transaction; the stream row keeps their lengths (to cut the
+  saved text into the same chunks for a late resume) for
+  ``chat.resume_window_seconds``.
+- **Another instance's reply is watched**: its new chunks and its end are read
+  from the database when PostgreSQL notifies this process (LISTEN/NOTIFY), or
+  on SQLite every ``POLL_SECONDS``.
+- **Leases.** This process renews its streams' leases with its connection
+  slots (``limits.lease_seconds``). Any process saves a reply whose lease ran
+  out (its process was killed) as failed, ``error_kind`` ``interrupted``, with
+  the text saved so far, and its watchers get the end.
+- **Cancel by id**, from any socket of the user on any instance: a reply of
+  this process is cancelled at once; another's gets a cancel request in its
+  stream row, which its process reads at its next flush or poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import AsyncIterator, Awaitable, Callable
+
+from .reply import Reply
+from .store import Store, StoreError
+from .store.models import STATUS_CANCELLED, STATUS_ERROR, STATUS_OK, utcnow
+from .store.streams import cut
+
+logger = logging.getLogger(__name__)
+
+# How often the chunks of replies in flight are saved: at most this much text
+# is lost when a process dies, and a resume on another instance lags by this.
+FLUSH_SECONDS = 0.1
+# How often, without PostgreSQL's notifications, watched replies and cancel
+# requests are read (with them: a safety net in case one is missed).
+POLL_SECONDS = 0.1
+NOTIFIED_POLL_SECONDS = 2.0
+
+INTERRUPTED = "The reply was interrupted (reference {ref})."
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How a reply ended: ``status`` ok, error or cancelled; ``text`` the
+    whole reply; ``error`` the error frame's text (status error only)."""
+
+    status: str
+    text: str
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Chunk:
+    seq: int
+    text: str
+
+
+class Listener:
+    """One socket's view of one reply: its chunks, then its Ending."""
+
+    def __init__(self, reply_id: str, message_id: str, on_close: Callable | None = None):
+        self.reply_id = reply_id
+        self.message_id = message_id
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._on_close = on_close
+        self.closed = False
+
+    def put(self, event: Chunk | Ending) -> None:
+        if not self.closed:
+            self._queue.put_nowait(event)
+
+    async def events(self) -> AsyncIterator[Chunk | Ending]:
+        """Chunks in order, then the Ending; stops after it."""
+        while True:
+            event = await self._queue.get()
+            yield event
+            if isinstance(event, Ending):
+                self.close()
+                return
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self._on_close is not None:
+                self._on_close(self)
+
+
+class LiveReply:
+    """A reply this process is generating."""
+
+    def __init__(self, reply_id: str, message_id: str, user_id: int, conversation_id: int,
+                 message_row_id: int):
+        self.reply_id = reply_id
+        self.message_id = message_id  # the public id of the message it answers
+        self.user_id = user_id
+        self.conversation_id = conversation_id
+        self.message_row_id = message_row_id
+        self.reply = Reply()
+        self.flushed = 0  # pieces saved so far
+        self.saved_any = False  # whether any chunk row was written
+        self.flushing = False  # a flush with some of its chunks is under way
+        self.listeners: set[Listener] = set()
+        self.ending: Ending | None = None
+        self.task: asyncio.Task | None = None
+        self.started = False  # the task has begun to run
+        self.cancel_pending = False  # cancelled before it began
+        self.complete = False  # generated whole, being saved: too late to cancel
+
+    @property
+    def last_seq(self) -> int:
+        return len(self.reply.pieces) - 1
+
+    def take(self, piece: str) -> None:
+        """A new piece of text: keep it and pass it to every listener."""
+        self.reply.take(piece)
+        chunk = Chunk(len(self.reply.pieces) - 1, piece)
+        for listener in self.listeners:
+            listener.put(chunk)
+
+    def listen(self, after_seq: int = -1) -> Listener:
+        """A new listener, given the chunks after ``after_seq`` so far."""
+        listener = Listener(self.reply_id, self.message_id, self.listeners.discard)
+        for seq in range(max(after_seq + 1, 0), len(self.reply.pieces)):
+            listener.put(Chunk(seq, self.reply.pieces[seq]))
+        if self.ending is not None:
+            listener.put(self.ending)
+        else:
+            self.listeners.add(listener)
+        return listener
+
+    def end(self, ending: Ending) -> None:
+        self.ending = ending
+        for listener in list(self.listeners):
+            listener.put(ending)
+        self.listeners.clear()
+
+    def cancel(self) -> bool:
+        """Cancel the generation (it saves the reply as cancelled); False if it
+        has ended already or is complete (being saved)."""
+        if self.complete or self.ending is not None or self.task is None or self.task.done():
+            return False
+        if not self.started:
+            # A task cancelled before its first step never runs its code, so
+            # it could not save the reply: it cancels itself when it starts.
+            self.cancel_pending = True
+        else:
+            self.task.cancel()
+        return True
+
+
+class Replies:
+    """This process's replies in flight, and its watches on other instances' ones."""
+
+    def __init__(self, store: Store, instance: str, lease_seconds: float,
+                 resume_window_seconds: float):
+        self.store = store
+        self.instance = instance
+        self.lease_seconds = lease_seconds
+        self.resume_window = resume_window_seconds
+        self.live: dict[str, LiveReply] = {}
+        self._watches: dict[str, _Watch] = {}
+        self._wake = asyncio.Event()  # set by notifications and new work
+        self._idle = True  # the loop waits for work without a timeout
+        self._notified = False  # PostgreSQL notifications are arriving
+        self._tasks: list[asyncio.Task] = []
+
+    # Replies of this process
+
+    def start(self, live: LiveReply, run: Callable[[LiveReply], Awaitable[None]]) -> LiveReply:
+        """Run ``run(live)`` (the generation, which ends with live.end()) in a task."""
+        self.live[live.reply_id] = live
+        live.task = asyncio.get_running_loop().create_task(self._run(live, run))
+        if self._idle:
+            self._wake.set()  # from now on the loop flushes every FLUSH_SECONDS
+        return live
+
+    async def _run(self, live: LiveReply, run) -> None:
+        live.started = True
+        try:
+            await run(live)
+        finally:
+            self.live.pop(live.reply_id, None)
+
+    def local(self, reply_id: str) -> LiveReply | None:
+        return self.live.get(reply_id)
+
+    # Resume and cancel by id, for any socket of the user
+
+    async def listen(self, reply_id: str, user_id: int, after_seq: int) -> Listener | None:
+        """A listener for the user's reply, wherever it is generated or saved;
+        None if there is no such reply of that user."""
+        live = self.live.get(reply_id)
+        if live is not None:
+            return live.listen(after_seq) if live.user_id == user_id else None
+        state = await self.store.reply_state(reply_id)
+        if state is None:
+            return await self._listen_saved(reply_id, user_id, after_seq)
+        if state.user_id != user_id:
+            return None
+        if state.finished_at is not None and state.status is not None:
+            listener = Listener(reply_id, state.message_id)
+            _replay(listener, cut(state.content, state.chunk_lengths), after_seq)
+            listener.put(_ending(state))
+            return listener
+        watch = self._watches.get(reply_id)
+        if watch is None:
+            watch = self._watches[reply_id] = _Watch(reply_id)
+        listener = Listener(reply_id, state.message_id, watch.listeners.pop_listener)
+        watch.add(listener, after_seq)
+        self._wake.set()
+        return listener
+
+    async def _listen_saved(self, reply_id: str, user_id: int, after_seq: int):
+        """A reply saved so long ago that its stream is gone: its whole text
+        comes as one chunk (its old boundaries are forgotten), then the end."""
+        saved = await self.store.saved_reply(reply_id)
+        if saved is None or saved.user_id != user_id:
+            return None
+        listener = Listener(reply_id, saved.message_id)
+        if after_seq < 0 and saved.content:
+            listener.put(Chunk(0, saved.content))
+        listener.put(_ending(saved))
+        return listener
+
+    async def cancel(self, reply_id: str, user_id: int) -> bool:
+        """Cancel the user's reply in flight on any instance; False if there is none."""
+        live = self.live.get(reply_id)
+        if live is not None:
+            return live.user_id == user_id and live.cancel()
+        asked = await self.store.request_cancel(reply_id, user_id)
+        self._wake.set()
+        return asked
+
+    # Background work: flush chunks, read cancel requests and watched replies
+
+    def start_background(self) -> None:
+        self._tasks = [asyncio.create_task(self._loop())]
+
+    def notified(self, reply_ids: list[str]) -> None:
+        """PostgreSQL says these replies changed (store/notifications.py)."""
+        self._wake.set()
+
+    def listening(self, on: bool) -> None:
+        """Whether PostgreSQL's notifications arrive (else: poll)."""
+        self._notified = on
+
+    async def _loop(self) -> None:
+        while True:
+            self._idle = not self.live and not self._watches
+            if self._idle:
+                await self._wake.wait()
+            else:
+                # Replies of this process: flush every FLUSH_SECONDS. Watches
+                # only: poll, or wait for PostgreSQL to say something changed.
+                timeout = FLUSH_SECONDS if self.live or not self._notified else (
+                    NOTIFIED_POLL_SECONDS)
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+                except TimeoutError:
+                    pass
+            self._wake.clear()
+            try:
+                await self.flush()
+                await self._read_watches()
+            except StoreError as exc:
+                logger.warning("replies: %s; retrying", exc)
+                await asyncio.sleep(POLL_SECONDS)
+            except Exception:  # a bug: say so, and keep the loop alive
+                logger.exception("replies: background step failed")
+                await asyncio.sleep(POLL_SECONDS)
+
+    async def flush(self) -> None:
+        """Save the new chunks of this process's replies; act on cancel requests."""
+        new_chunks, last_seqs, taken = [], [], []
+        for live in list(self.live.values()):
+            pieces = live.reply.pieces
+            if len(pieces) > live.flushed:
+                new_chunks += [{"reply_id": live.reply_id, "seq": seq, "text": pieces[seq]}
+                               for seq in range(live.flushed, len(pieces))]
+                last_seqs.append({"which": live.reply_id, "seq": len(pieces) - 1})
+                taken.append((live, len(pieces)))
+        if not self.live:
+            return
+        if new_chunks:
+            for live, _count in taken:
+                live.flushing = True
+            try:
+                cancels = await self.store.flush_chunks(new_chunks, last_seqs, self.instance)
+            finally:
+                for live, _count in taken:
+                    live.flushing = False
+            for live, count in taken:
+                live.flushed, live.saved_any = max(live.flushed, count), True
+        else:
+            cancels = await self.store.cancel_requests(self.instance)
+        for reply_id in cancels:
+            live = self.live.get(reply_id)
+            if live is not None and live.cancel():
+                logger.info("reply %s cancelled at another socket's request", reply_id)
+
+    async def _read_watches(self) -> None:
+        for reply_id, watch in list(self._watches.items()):
+            if not watch.listeners:
+                del self._watches[reply_id]
+                continue
+            state = await self.store.reply_state(reply_id)
+            if state is None:  # forgotten meanwhile: the saved row tells the end
+                saved = await self.store.saved_reply(reply_id)
+                watch.end(_ending(saved) if saved is not None else
+                          Ending(STATUS_ERROR, "", INTERRUPTED.format(ref="-")), [])
+                del self._watches[reply_id]
+            elif state.finished_at is not None and state.status is not None:
+                watch.end(_ending(state), cut(state.content, state.chunk_lengths))
+                del self._watches[reply_id]
+            elif state.last_seq > watch.seen:
+                for row in await self.store.reply_chunks_after(reply_id, watch.seen):
+                    watch.chunk(Chunk(row.seq, row.text))
+
+    async def sweep(self) -> None:
+        """Save the replies of stopped instances as interrupted (their leases
+        ran out), and forget streams past the resume window. Every process
+        does it, with its lease renewal (Connections.renew)."""
+        forget_before = utcnow() - timedelta(seconds=self.resume_window)
+        saved = await self.store.sweep_replies(time.time(), forget_before)
+        if saved:
+            logger.warning("saved %d reply(ies) of a stopped instance as interrupted",
+                           len(saved))
+            self._wake.set()
+
+    # Shutdown
+
+    async def stop(self, grace: float) -> None:
+        """Let replies finish for up to ``grace`` seconds, then cancel them
+        (each saves itself as cancelled); stop the background work."""
+        tasks = [live.task for live in self.live.values() if live.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace)
+        for live in list(self.live.values()):
+            live.cancel()
+        left = [live.task for live in self.live.values() if live.task is not None]
+        if left:
+            await asyncio.wait(left, timeout=10)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+class _Watch:
+    """Listeners on this process to one reply of another instance."""
+
+    def __init__(self, reply_id: str):
+        self.reply_id = reply_id
+        self.listeners = _Listeners()
+        self.seen = -1  # the highest seq delivered from the database
+
+    def add(self, listener: Listener, after_seq: int) -> None:
+        self.listeners.add(listener, after_seq)
+        self.seen = min(self.seen, after_seq) if self.listeners.count > 1 else after_seq
+
+    def chunk(self, chunk: Chunk) -> None:
+        for listener, after in self.listeners.items():
+            if chunk.seq > after:
+                listener.put(chunk)
+                self.listeners.advance(listener, chunk.seq)
+        self.seen = max(self.seen, chunk.seq)
+
+    def end(self, ending: Ending, pieces: list[str]) -> None:
+        for listener, after in self.listeners.items():
+            _replay(listener, pieces, after)
+            listener.put(ending)
+
+
+class _Listeners:
+    """Listeners with the last seq each has been given."""
+
+    def __init__(self):
+        self._after: dict[Listener, int] = {}
+
+    def add(self, listener: Listener, after_seq: int) -> None:
+        self._after[listener] = after_seq
+
+    def advance(self, listener: Listener, seq: int) -> None:
+        self._after[listener] = seq
+
+    def pop_listener(self, listener: Listener) -> None:
+        self._after.pop(listener, None)
+
+    def items(self) -> list[tuple[Listener, int]]:
+        return list(self._after.items())
+
+    @property
+    def count(self) -> int:
+        return len(self._after)
+
+    def __bool__(self) -> bool:
+        return bool(self._after)
+
+
+def _replay(listener: Listener, pieces: list[str], after_seq: int) -> None:
+    for seq in range(max(after_seq + 1, 0), len(pieces)):
+        listener.put(Chunk(seq, pieces[seq]))
+
+
+def _ending(row) -> Ending:
+    """The Ending of a saved reply row (content, status, error_ref, error_kind)."""
+    if row.status == STATUS_OK:
+        return Ending(STATUS_OK, row.content)
+    if row.status == STATUS_CANCELLED:
+        return Ending(STATUS_CANCELLED, row.content)
+    if row.error_kind == "interrupted":
+        return Ending(STATUS_ERROR, row.content, INTERRUPTED.format(ref=row.error_ref))
+    return Ending(STATUS_ERROR, row.content, Reply(
+        status=STATUS_ERROR, error_ref=row.error_ref, error_kind=row.error_kind).error_text())
