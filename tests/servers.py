@@ -81,7 +81,7 @@ def write_config(folder: Path, **sections) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     data = {
         "data_dir": "data",
-        "database": {"url": "sqlite+aiosqlite:///data/chat.db"},  # sqlite_url(folder)
+        "database": {"url": "sqlite:///data/chat.db"},  # sqlite_url(folder)
         "auth": {"jwt_secret": SECRET},
         "agent": {"backend": "echo"},
         "server": {"host": "127.0.0.1", "shutdown_grace_seconds": 2},
