@@ -227,7 +227,7 @@ class TransformersAgent(Agent):
 
     def __init__(self, options: TransformersOptions, settings: Settings):
         super().__init__()
-        self._ready.clear()
+        self.set_ready(False)
         self.options = options
         data_dir = Path(settings.data_dir)
         self.source = resolve_source(options, data_dir)
@@ -262,7 +262,7 @@ class TransformersAgent(Agent):
         finally:
             # Waiters wake up either way; without a model, stream() fails fast
             # (and fallbacks take over) instead of waiting for the deadline.
-            self._ready.set()
+            self.set_ready()
 
     def _load(self) -> tuple[Any, Any, set[int]]:
         """Runs on the engine's thread: load, size the context, prepare for decoding."""

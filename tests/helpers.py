@@ -1,21 +1,25 @@
 """Test helpers: a WebSocket client, HTTP requests, a scriptable fake agent and
-its plugin, coroutines run outside the test's loop, and the browser tests' steps."""
+its plugin, coroutines run outside the test's loop, the store's rows as tests
+read and write them, and the browser tests' steps."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import json
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sqlalchemy import select
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest, HTTPResponse
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 from tornado_app.agents import Agent, AgentRequest
 from tornado_app.hookspecs import hookimpl
 from tornado_app.store import Store
+from tornado_app.store.models import Message
 
 TIMEOUT = 5.0
 BROWSER_TIMEOUT_MS = 10_000
@@ -209,3 +213,30 @@ def run_axe(page) -> list:
         return result.violations.map(v => ({id: v.id, help: v.help,
                                             nodes: v.nodes.map(n => n.html)}));
     }""")
+# The store, as tests use it: what it saved is read back with plain SQL, and
+# what a test needs saved goes through the production path (Store.admit).
+
+
+async def saved_messages(store, conversation_id: int) -> list:
+    """Every row the store saved in a conversation, oldest first."""
+    messages = Message.__table__
+    async with store.engine.connect() as conn:
+        result = await conn.execute(select(messages).where(
+            messages.c.conversation_id == conversation_id).order_by(messages.c.id))
+        return list(result)
+
+
+async def add_user_message(store, conversation_id: int, user_id: int, content: str) -> int:
+    """Save a user message as an exchange does (with a rate limit no test reaches)."""
+    admission = await store.admit(conversation_id, user_id, content, now=time.time(),
+                                  messages=1_000_000, per_seconds=1.0, after_id=0,
+                                  history_limit=0)
+    return admission.message_id
+
+
+async def take_rate_limit(store, user_id: int, now: float, messages: int, per_seconds: float):
+    """The rate limit's decision for one message, through Store.admit."""
+    conversation = await store.open_conversation(user_id, "rate-limit")
+    admission = await store.admit(conversation, user_id, "a message", now=now, messages=messages,
+                                  per_seconds=per_seconds, after_id=0, history_limit=0)
+    return admission.decision

@@ -6,7 +6,9 @@ import time
 
 import pytest
 
-from tornado_app.store import leases, revocations
+from sqlalchemy import func, select
+
+from tornado_app.store.models import ConnectionLease
 
 from .helpers import connect_ws, logout
 
@@ -74,7 +76,14 @@ async def test_renew_extends_only_this_instances_leases(service, make_user):
     await store.acquire_lease(user.id, "mine", now, 5, 9)
     await store.acquire_lease(user.id, "theirs", now, 5, 9)
     await store.renew_leases("mine", now + 4, 5)
-    assert await leases.live_count(store.engine, user.id, now + 6) == 1
+    assert await live_leases(store, user.id, now + 6) == 1
+
+
+async def live_leases(store, user_id: int, now: float) -> int:
+    leases = ConnectionLease.__table__
+    async with store.engine.connect() as conn:
+        return (await conn.execute(select(func.count()).select_from(leases).where(
+            leases.c.user_id == user_id, leases.c.expires_at > now))).scalar_one()
 
 
 class TestPerProcessCap:
@@ -126,7 +135,7 @@ async def test_revoke_all_closes_sockets_and_refuses_older_tokens(
     sock = await connect_ws(ws_url("a", old_token))
     await sock.receive()
     await asyncio.sleep(1.01)  # iat has a resolution of one second
-    assert await revocations.revoke_all(service.store.engine, "alice")
+    assert await service.store.revoke_all_tokens("alice")
     assert await sock.wait_closed() == 1008
     refused = await connect_ws(ws_url("b", old_token))
     assert await refused.wait_closed() == 1008
@@ -151,14 +160,28 @@ async def test_expired_revocations_are_purged(service, make_user):
     from datetime import datetime, timedelta
 
     user = await make_user("alice")
-    engine = service.store.engine
+    store = service.store
     past = datetime.utcnow() - timedelta(minutes=1)
     future = datetime.utcnow() + timedelta(minutes=5)
-    await revocations.revoke_token(engine, "old", user.id, past)
-    await revocations.revoke_token(engine, "new", user.id, future)
-    await revocations.revoke_token(engine, "new", user.id, future)  # twice is fine
-    assert await revocations.purge_expired(engine) == 1
-    assert await revocations.revoked_jtis(engine, ["old", "new"]) == {"new"}
+    await store.revoke_token("old", user.id, past)
+    await store.revoke_token("new", user.id, future)
+    await store.revoke_token("new", user.id, future)  # twice is fine
+    assert await store.purge_revocations() == 1
+    assert (await store.token_states({user.id}, {"old", "new"}))[1] == {"new"}
+
+
+@pytest.mark.gen_test
+async def test_the_recheck_purges_expired_revocations_now_and_then(service, make_user):
+    from datetime import datetime, timedelta
+
+    user = await make_user("alice")
+    store = service.store
+    await store.revoke_token("old", user.id, datetime.utcnow() - timedelta(minutes=1))
+    await service.connections.recheck()  # not due yet
+    assert (await store.token_states({user.id}, {"old"}))[1] == {"old"}
+    service.connections.purge_every_seconds = 0
+    await service.connections.recheck()
+    assert (await store.token_states({user.id}, {"old"}))[1] == set()
 
 
 @pytest.mark.gen_test

@@ -8,10 +8,12 @@ import pytest
 from tornado_app.agents import AgentError
 from tornado_app.history import HISTORY_LIMIT
 
+from .helpers import saved_messages
+
 
 async def rows(store, client_id="client-1", user_id=1):
     conversation_id = await store.open_conversation(user_id, client_id)
-    return await store.conversation_messages(conversation_id)
+    return await saved_messages(store, conversation_id)
 
 
 @pytest.mark.gen_test
@@ -157,12 +159,12 @@ async def test_closing_the_socket_cancels_and_saves(connect, fake_agent, store):
 
 @pytest.mark.gen_test
 async def test_messages_wait_for_the_agent_to_be_ready(connect, fake_agent):
-    fake_agent._ready.clear()
+    fake_agent.set_ready(False)
     client = await connect()  # the welcome comes at once
     await client.send({"content": "early"})
     with pytest.raises(asyncio.TimeoutError):
         await client.receive(timeout=0.2)
-    fake_agent._ready.set()
+    fake_agent.set_ready()
     assert (await client.receive())["message"] == "fake reply to: early"
 
 

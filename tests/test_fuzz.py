@@ -35,6 +35,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from .helpers import saved_messages
+
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "2000"))
 MAX_FRAME = 64 * 1024  # server.max_message_bytes (default)
 MAX_CHARS = 4000  # chat.max_content_chars (default)
@@ -478,13 +480,13 @@ async def test_a_cancel_during_the_final_write_is_not_reported_as_cancelling(
     (sock,) = service.connections.sockets
     conversation = await store.open_conversation(1, "client-1")
     while not (sock.ws_connection.stream.writing()
-               and (await store.conversation_messages(conversation))[-1].role == "assistant"):
+               and (await saved_messages(store, conversation))[-1].role == "assistant"):
         await asyncio.sleep(0.01)
     await client.send({"action": "cancel"})
     frames = [await client.receive(30) for _ in range(4)]
     assert [f["type"] for f in frames[:3]] == ["error", "error", "ai_response"]
     assert frames[2]["message"] == big
-    rows = await store.conversation_messages(await store.open_conversation(1, "client-1"))
+    rows = await saved_messages(store, await store.open_conversation(1, "client-1"))
     assert (rows[-1].role, rows[-1].status) == ("assistant", "ok")
     # The reply was delivered whole: the cancel found nothing in flight.
     assert (frames[3]["type"], frames[3]["message"]) == (

@@ -11,7 +11,7 @@ import pytest
 
 from tornado_app.agents import AgentError
 
-from .helpers import connect_ws
+from .helpers import connect_ws, saved_messages
 
 
 # Origin (cross-site WebSocket hijacking)
@@ -145,7 +145,7 @@ class TestSlowReader:
         writer.write(masked_text_frame('{"content": "flood me", "stream": true}'))
         conversation = await store.open_conversation(1, "c1")
         for _ in range(300):
-            rows = await store.conversation_messages(conversation)
+            rows = await saved_messages(store, conversation)
             if len(rows) == 2:
                 break
             await asyncio.sleep(0.05)
@@ -154,7 +154,7 @@ class TestSlowReader:
         assert len(rows[-1].content) < len(pieces) * 60_000 / 4  # stopped early
 
 
-# Close codes: every trigger in DESIGN.md's list
+# Close codes: every trigger in docs/protocol.md's list
 
 
 async def close_normally(ctx):

@@ -15,7 +15,7 @@ async def test_healthz(base_url):
 
 @pytest.mark.gen_test
 async def test_readyz_waits_for_the_agent(base_url, fake_agent, caplog):
-    fake_agent._ready.clear()
+    fake_agent.set_ready(False)
     response = await get(f"{base_url}/readyz")
     assert response.code == 503
     assert json.loads(response.body)["agent"] == "loading"
@@ -23,7 +23,7 @@ async def test_readyz_waits_for_the_agent(base_url, fake_agent, caplog):
     (line,) = [r for r in caplog.records
                if r.name == "tornado.access" and "/readyz" in r.getMessage()]
     assert line.levelname == "WARNING"
-    fake_agent._ready.set()
+    fake_agent.set_ready()
     response = await get(f"{base_url}/readyz")
     assert response.code == 200
     assert json.loads(response.body) == {"status": "ready", "database": "ok", "agent": "ok"}
@@ -33,16 +33,18 @@ async def test_readyz_waits_for_the_agent(base_url, fake_agent, caplog):
 async def test_readyz_reports_an_unreachable_database(base_url, service):
     from sqlalchemy.ext.asyncio import create_async_engine
 
+    from tornado_app.store.executor import EngineExecutor
+
     # Point the store at a port where nothing listens, then put it back.
     store = service.store
-    good = store.engine, store.sqlite_file
-    store.engine = create_async_engine("postgresql+asyncpg://nobody@127.0.0.1:1/none")
-    store.sqlite_file = None
+    good = store.reader, store.sqlite_file
+    nowhere = EngineExecutor(create_async_engine("postgresql+asyncpg://nobody@127.0.0.1:1/none"))
+    store.reader, store.sqlite_file = nowhere, None
     try:
         response = await get(f"{base_url}/readyz")
     finally:
-        await store.engine.dispose()
-        store.engine, store.sqlite_file = good
+        await nowhere.close()
+        store.reader, store.sqlite_file = good
     assert response.code == 503
     assert json.loads(response.body)["database"] == "unavailable"
 

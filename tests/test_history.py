@@ -18,7 +18,7 @@ from tornado_app.history import History
 from tornado_app.store.models import ROLE_USER, STATUS_ERROR, STATUS_OK, Message
 
 from .conftest import offered
-from .helpers import FakeAgent
+from .helpers import FakeAgent, saved_messages
 
 
 Row = namedtuple("Row", "id role content")
@@ -46,7 +46,7 @@ async def admit(store, copy: History, user, content: str):
 
 async def full_read(store, conversation_id: int, before_id: int, limit: int) -> list[tuple]:
     """The history as the whole conversation gives it: no copy, no shortcut."""
-    rows = await store.conversation_messages(conversation_id)
+    rows = await saved_messages(store, conversation_id)
     turns = [(row.id, row.role, row.content) for row in rows if row.id < before_id
              and (row.role == ROLE_USER or row.status == STATUS_OK)]
     return turns[-limit:]
@@ -113,7 +113,7 @@ async def test_a_message_over_the_rate_limit_is_neither_saved_nor_added(store, m
     assert first.decision.allowed and not second.decision.allowed
     assert second.message_id is None and second.turns == []
     assert 59.0 < second.decision.retry_after <= 60.0
-    assert [row.content for row in await store.conversation_messages(conversation)] == ["one"]
+    assert [row.content for row in await saved_messages(store, conversation)] == ["one"]
     assert not copy.turns
 
 

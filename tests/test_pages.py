@@ -9,7 +9,7 @@ import pytest
 
 from tornado_app.handlers.pages import STATIC_DIR
 
-from .helpers import get, logout
+from .helpers import add_user_message, get, logout
 
 
 async def messages(base_url, client_id="chat-1", **headers):
@@ -20,11 +20,11 @@ async def messages(base_url, client_id="chat-1", **headers):
 async def seed(store, user, client_id="chat-1"):
     """A conversation: an answered message, a stopped reply, a failed one."""
     conversation = await store.open_conversation(user.id, client_id)
-    first = await store.add_user_message(conversation, user.id, "hello")
+    first = await add_user_message(store, conversation, user.id, "hello")
     await store.add_reply(conversation, user.id, first, content="Hi <b>there</b>", status="ok")
-    second = await store.add_user_message(conversation, user.id, "a long story")
+    second = await add_user_message(store, conversation, user.id, "a long story")
     await store.add_reply(conversation, user.id, second, content="Once upon", status="cancelled")
-    third = await store.add_user_message(conversation, user.id, "and again")
+    third = await add_user_message(store, conversation, user.id, "and again")
     await store.add_reply(conversation, user.id, third, content="agent failed (reference x)",
                           status="error", error_ref="x")
 

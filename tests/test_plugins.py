@@ -12,6 +12,8 @@ from tornado_app.agents import (
 )
 from tornado_app.config import ConfigError, load_settings
 
+from .helpers import saved_messages
+
 
 def test_built_in_plugins_are_ordinary_plugins():
     manager = get_plugin_manager()
@@ -72,5 +74,5 @@ class TestShoutEndToEnd:
         client = await connect()
         await client.send({"content": "hello there"})
         assert (await client.receive())["message"] == "HELLO THERE !"
-        reply = (await store.conversation_messages(1))[-1]
+        reply = (await saved_messages(store, 1))[-1]
         assert (reply.agent, reply.model) == ("shout", "shout-1")

@@ -1,10 +1,11 @@
 """The per-user rate limit: one atomic SQL statement, exact under concurrency."""
 
 import asyncio
+import functools
 
 import pytest
 
-from tornado_app.store.schema import ensure_schema
+from .helpers import take_rate_limit
 
 
 @pytest.fixture
@@ -12,7 +13,7 @@ def limiter_store(io_loop, db_store):
     """A Store on an empty database of each kind, with users 1 and 2."""
 
     async def prepare():
-        await ensure_schema(db_store.engine)
+        await db_store.ensure_schema()
         for name in ("u1", "u2"):
             await db_store.create_user(name, None)
 
@@ -22,7 +23,7 @@ def limiter_store(io_loop, db_store):
 
 @pytest.mark.gen_test
 async def test_burst_then_steady_rate(limiter_store):
-    take = limiter_store.take_rate_limit
+    take = functools.partial(take_rate_limit, limiter_store)
     # 3 messages per 30 s: a burst of 3, then one every 10 s.
     results = [await take(1, 1000.0, 3, 30.0) for _ in range(4)]
     assert [r.allowed for r in results] == [True, True, True, False]
@@ -34,7 +35,7 @@ async def test_burst_then_steady_rate(limiter_store):
 
 @pytest.mark.gen_test
 async def test_denied_messages_do_not_push_the_limit_further(limiter_store):
-    take = limiter_store.take_rate_limit
+    take = functools.partial(take_rate_limit, limiter_store)
     for _ in range(2):
         assert (await take(1, 0.0, 2, 10.0)).allowed
     for _ in range(5):
@@ -44,7 +45,7 @@ async def test_denied_messages_do_not_push_the_limit_further(limiter_store):
 
 @pytest.mark.gen_test
 async def test_users_are_limited_separately(limiter_store):
-    take = limiter_store.take_rate_limit
+    take = functools.partial(take_rate_limit, limiter_store)
     assert (await take(1, 0.0, 1, 60.0)).allowed
     assert not (await take(1, 0.0, 1, 60.0)).allowed
     assert (await take(2, 0.0, 1, 60.0)).allowed
@@ -54,7 +55,7 @@ async def test_users_are_limited_separately(limiter_store):
 async def test_concurrent_takes_grant_exactly_the_limit(limiter_store):
     limit = 7
     results = await asyncio.gather(
-        *(limiter_store.take_rate_limit(1, 500.0, limit, 60.0) for _ in range(40))
+        *(take_rate_limit(limiter_store, 1, 500.0, limit, 60.0) for _ in range(40))
     )
     assert sum(r.allowed for r in results) == limit
 
@@ -172,7 +173,7 @@ async def test_limiter_matches_the_reference_model(limiter_store):
         async with limiter_store.engine.begin() as conn:
             await conn.execute(delete(RateLimit))
         got = [
-            (await limiter_store.take_rate_limit(user_id, t, messages, per_seconds)).allowed
+            (await take_rate_limit(limiter_store, user_id, t, messages, per_seconds)).allowed
             for t in times
         ]
         assert got == expected, (messages, per_seconds, times)

@@ -34,7 +34,7 @@ from tornado.websocket import WebSocketClosedError
 
 from tornado_app.agents import AgentError
 
-from .helpers import Client, connect_ws, get, run_async
+from .helpers import Client, connect_ws, get, run_async, saved_messages
 from .openai_upstream import FakeOpenAI
 from .servers import ServerProcess, add_users, sqlite_url, token, write_config
 from .servers import tokens as cli_tokens
@@ -545,7 +545,7 @@ class TestUpstreamFaults:
             assert (await client.receive_type("ai_response"))["message"] == "fake reply to: again"
             user = await store.get_user(name)
             conversation = await store.open_conversation(user.id, name)
-            first_reply = [r for r in await store.conversation_messages(conversation)
+            first_reply = [r for r in await saved_messages(store, conversation)
                            if r.role == "assistant"][0]
             assert first_reply.status == "error"
             if name == "slow":  # what it said before the deadline is kept

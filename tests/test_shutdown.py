@@ -4,6 +4,8 @@ import asyncio
 
 import pytest
 
+from .helpers import saved_messages
+
 
 @pytest.mark.gen_test
 async def test_stop_lets_replies_finish_then_closes_with_1001(service, connect, fake_agent, store):
@@ -37,7 +39,7 @@ async def test_a_reply_past_the_grace_time_is_saved_as_cancelled(service, settin
     reader = Store.from_url(settings.database.url)
     await service.stop()
     assert await client.wait_closed() == 1001
-    saved = await reader.conversation_messages(conversation_id)
+    saved = await saved_messages(reader, conversation_id)
     await reader.close()
     assert [r.role for r in saved] == ["user", "assistant"]
     assert saved[-1].status == "cancelled"

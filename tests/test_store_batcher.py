@@ -1,4 +1,4 @@
-"""The SQLite fast path of the Store (store.SqliteBatcher): group commit, same rows.
+"""The SQLite fast path of the Store (sqlite_batcher.SqliteBatcher): group commit, same rows.
 
 The exchange's statements on a SQLite file go through one thread and one
 connection, many callers per transaction. These tests check what callers
@@ -10,12 +10,14 @@ finishing what is queued.
 import asyncio
 import datetime
 import sqlite3
+import time
 
 import pytest
-from sqlalchemy.exc import IntegrityError
 
-from tornado_app.store import Store
-from tornado_app.store.schema import ensure_schema
+from tornado_app.store import Conflict, Store
+from tornado_app.store.sqlite_batcher import SqliteBatcher
+
+from .helpers import add_user_message, saved_messages, take_rate_limit
 
 
 @pytest.fixture
@@ -28,7 +30,7 @@ def sqlite_store(io_loop, sqlite_url):
     store = Store.from_url(sqlite_url)
 
     async def prepare():
-        await ensure_schema(store.engine)
+        await store.ensure_schema()
         await store.create_user("u1", None)
 
     io_loop.run_sync(prepare)
@@ -37,8 +39,9 @@ def sqlite_store(io_loop, sqlite_url):
 
 
 def test_a_file_database_uses_the_batcher_and_memory_does_not(sqlite_url):
-    assert Store.from_url(sqlite_url).batcher is not None
-    assert Store.from_url("sqlite+aiosqlite:///:memory:").batcher is None
+    assert isinstance(Store.from_url(sqlite_url).writer, SqliteBatcher)
+    memory = Store.from_url("sqlite+aiosqlite:///:memory:")
+    assert not isinstance(memory.writer, SqliteBatcher)
 
 
 @pytest.mark.gen_test
@@ -48,14 +51,14 @@ async def test_concurrent_exchanges_are_saved_and_read_back_through_the_engine(s
     assert await store.open_conversation(1, "c1") == conversation  # the same one again
 
     async def exchange(n):
-        message_id = await store.add_user_message(conversation, 1, f"question {n}")
+        message_id = await add_user_message(store, conversation, 1, f"question {n}")
         reply_id = await store.add_reply(conversation, 1, message_id, content=f"answer {n}",
                                          status="ok", agent="echo", tokens_out=2,
                                          latency_ms=1.5)
         return message_id, reply_id
 
     ids = await asyncio.gather(*(exchange(n) for n in range(50)))
-    rows = await store.conversation_messages(conversation)  # through SQLAlchemy
+    rows = await saved_messages(store, conversation)  # through SQLAlchemy
     assert len(rows) == 100 and len({row.id for row in rows}) == 100
     by_id = {row.id: row for row in rows}
     for message_id, reply_id in ids:
@@ -64,7 +67,8 @@ async def test_concurrent_exchanges_are_saved_and_read_back_through_the_engine(s
         assert by_id[message_id].content.replace("question", "answer") == reply.content
         assert reply.agent == "echo" and reply.tokens_out == 2 and reply.latency_ms == 1.5
         assert isinstance(reply.created_at, datetime.datetime)
-    admitted = await store.admit(conversation, 1, "one more", now=0.0, messages=1,
+    # add_user_message took the rate limit at time.time(): later than that.
+    admitted = await store.admit(conversation, 1, "one more", now=time.time() + 1, messages=1,
                                  per_seconds=1.0, after_id=0, history_limit=6)
     expected = [(row.id, row.role, row.content) for row in rows][-6:]
     assert [tuple(turn) for turn in admitted.turns] == expected
@@ -75,15 +79,15 @@ async def test_a_failing_statement_fails_only_its_caller(sqlite_store):
     store = sqlite_store
     conversation = await store.open_conversation(1, "c1")
     results = await asyncio.gather(
-        store.add_user_message(conversation, 1, "fine"),
-        store.add_user_message(999, 1, "no such conversation"),  # foreign key
-        store.take_rate_limit(1, 100.0, 5, 60.0),
+        add_user_message(store, conversation, 1, "fine"),
+        add_user_message(store, 999, 1, "no such conversation"),  # foreign key
+        take_rate_limit(store, 1, time.time() + 100, 5, 60.0),
         return_exceptions=True,
     )
     assert isinstance(results[0], int)
-    assert isinstance(results[1], IntegrityError)
+    assert isinstance(results[1], Conflict)
     assert results[2].allowed
-    rows = await store.conversation_messages(conversation)
+    rows = await saved_messages(store, conversation)
     assert [row.content for row in rows] == ["fine"]
 
 
@@ -91,7 +95,7 @@ async def test_a_failing_statement_fails_only_its_caller(sqlite_store):
 async def test_results_come_after_the_commit(sqlite_store, sqlite_url):
     store = sqlite_store
     conversation = await store.open_conversation(1, "c1")
-    message_id = await store.add_user_message(conversation, 1, "durable")
+    message_id = await add_user_message(store, conversation, 1, "durable")
     # Another connection (another process, say) sees it at once.
     path = sqlite_url.split("///", 1)[1]
     with sqlite3.connect(path) as other:
@@ -102,17 +106,17 @@ async def test_results_come_after_the_commit(sqlite_store, sqlite_url):
 @pytest.mark.gen_test
 async def test_close_finishes_what_is_queued(sqlite_url):
     store = Store.from_url(sqlite_url)
-    await ensure_schema(store.engine)
+    await store.ensure_schema()
     await store.create_user("u1", None)
     conversation = await store.open_conversation(1, "c1")
-    pending = [asyncio.ensure_future(store.add_user_message(conversation, 1, f"m{n}"))
+    pending = [asyncio.ensure_future(add_user_message(store, conversation, 1, f"m{n}"))
                for n in range(20)]
     await asyncio.sleep(0)
     await store.close()
     assert all(isinstance(task.result(), int) for task in pending)  # done already
     reader = Store.from_url(sqlite_url)
     try:
-        assert len(await reader.conversation_messages(conversation)) == 20
+        assert len(await saved_messages(reader, conversation)) == 20
     finally:
         await reader.close()
 
@@ -122,12 +126,12 @@ async def test_a_value_the_driver_cannot_bind_fails_only_its_caller(sqlite_store
     store = sqlite_store
     conversation = await store.open_conversation(1, "c1")
     results = await asyncio.gather(
-        store.add_user_message(conversation, 1, "before"),
-        store.add_user_message(conversation, 1, "lone \ud800 surrogate"),
-        store.add_user_message(conversation, 1, "after"),
+        add_user_message(store, conversation, 1, "before"),
+        add_user_message(store, conversation, 1, "lone \ud800 surrogate"),
+        add_user_message(store, conversation, 1, "after"),
         return_exceptions=True,
     )
     assert isinstance(results[1], UnicodeEncodeError)
     assert isinstance(results[0], int) and isinstance(results[2], int)
-    rows = await store.conversation_messages(conversation)
+    rows = await saved_messages(store, conversation)
     assert [row.content for row in rows] == ["before", "after"]

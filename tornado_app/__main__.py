@@ -16,20 +16,17 @@ import shutil
 import sys
 from pathlib import Path
 
-from sqlalchemy import update
-from sqlalchemy.exc import SQLAlchemyError
-
 from . import auth
 from .analytics import cli as analytics_cli
 from .config import ConfigError, Settings, load_settings
 from .logs import setup_logging
-from .store import Store, StoreError, User, revocations
+from .store import Conflict, Store, StoreUnavailable
 from .store import schema
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
-USERNAME_MAX = 64
 PASSWORD_MIN = 8
+
 
 
 class CommandError(Exception):
@@ -120,10 +117,8 @@ def serve(settings: Settings, config_path: str | None) -> int:
         raise CommandError(
             f"cannot listen on {settings.server.host}:{settings.server.port}: {exc.strerror}"
         ) from None
-    except SQLAlchemyError as exc:
-        raise CommandError(
-            f"database unavailable ({type(exc).__name__}); check database.url"
-        ) from None
+    except StoreUnavailable as exc:
+        raise CommandError(f"{exc}; check database.url") from None
     return 0
 
 
@@ -152,27 +147,27 @@ async def run_command(settings: Settings, args: argparse.Namespace) -> int:
         if args.command == "analytics":
             return await analytics_cli.run(store, settings, args)
         raise CommandError(f"unknown command {args.command}")
-    except (SQLAlchemyError, OSError) as exc:
-        raise CommandError(f"database unavailable ({type(exc).__name__}); check database.url") from None
+    except StoreUnavailable as exc:
+        raise CommandError(f"{exc}; check database.url") from None
     finally:
         await store.close()
 
 
 async def ensure_current(store: Store) -> None:
     """Create the schema of an empty database; refuse an outdated one."""
-    await schema.ensure_schema(store.engine)
+    await store.ensure_schema()
 
 
 async def db_command(store: Store, args: argparse.Namespace) -> int:
     if args.action == "upgrade":
-        before = await schema.current_revision(store.engine)
+        before = await store.schema_revision()
         if before is not None and not schema.is_known_revision(before):
             raise schema.SchemaError(schema.unknown_revision_message(before))
-        await schema.upgrade(store.engine)
-        after = await schema.current_revision(store.engine)
+        await store.upgrade_schema()
+        after = await store.schema_revision()
         print(f"database at revision {after}" + ("" if before == after else f" (was {before})"))
     else:
-        current = await schema.current_revision(store.engine)
+        current = await store.schema_revision()
         head = schema.head_revision()
         if current is None:
             print("empty (no schema yet; run db upgrade, or start the server)")
@@ -191,7 +186,7 @@ async def users_command(store: Store, args: argparse.Namespace) -> int:
         password = read_password(args.password_stdin)
         try:
             await store.create_user(name, auth.hash_password(password), is_admin=args.admin)
-        except StoreError as exc:
+        except Conflict as exc:
             raise CommandError(str(exc)) from None
         print(f"added user {name}" + (" (admin)" if args.admin else ""))
     elif args.action == "list":
@@ -205,23 +200,14 @@ async def users_command(store: Store, args: argparse.Namespace) -> int:
             raise CommandError(f"no user named {args.name!r}")
         print(f"disabled user {args.name}")
     elif args.action == "revoke":
-        if not await revocations.revoke_all(store.engine, args.name):
+        if not await store.revoke_all_tokens(args.name):
             raise CommandError(f"no user named {args.name!r}")
         print(f"revoked every token of {args.name} issued until now")
     elif args.action == "promote":
-        if not await promote_user(store, args.name):
+        if not await store.set_admin(args.name):
             raise CommandError(f"no user named {args.name!r}")
         print(f"{args.name} is now an admin")
     return 0
-
-
-async def promote_user(store: Store, name: str) -> bool:
-    """Set the admin flag; False when there is no such user."""
-    users = User.__table__
-    async with store.engine.begin() as conn:
-        result = await conn.execute(
-            update(users).where(users.c.username == name).values(is_admin=True))
-        return result.rowcount == 1
 
 
 async def token_command(store: Store, settings: Settings, args: argparse.Namespace) -> int:
@@ -238,10 +224,8 @@ async def token_command(store: Store, settings: Settings, args: argparse.Namespa
 
 
 def validate_username(name: str) -> str:
-    if not name or len(name) > USERNAME_MAX or not name.isprintable() or name.strip() != name:
-        raise CommandError(
-            f"user names are 1 to {USERNAME_MAX} printable characters without surrounding spaces"
-        )
+    if not auth.valid_username(name):
+        raise CommandError(auth.USERNAME_RULE)
     return name
 
 

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from . import hookspecs
 from .config import ConfigError, Settings, describe_error
+from .threads import call_in_loops  # noqa: F401  (for plugins that work on a thread)
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,15 @@ class Agent:
 
     async def start(self) -> None:
         """Load weights or open clients. Called once, in the background; the
-        server accepts connections meanwhile. Set :attr:`ready` when done."""
+        server accepts connections meanwhile. An agent with work to do here
+        calls ``set_ready(False)`` in ``__init__`` and ``set_ready()`` when done."""
+
+    def set_ready(self, ready: bool = True) -> None:
+        """Say whether the agent can answer; messages wait until it can."""
+        if ready:
+            self._ready.set()
+        else:
+            self._ready.clear()
 
     @property
     def ready(self) -> bool:

@@ -26,9 +26,7 @@ from .chat import ChatService
 from .connections import Connections
 from .config import ConfigError, Settings, load_settings
 from .handlers.base import log_request
-from .handlers.chat_socket import GOING_AWAY
 from .store import Store
-from .store.schema import ensure_schema
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +76,7 @@ class Service:
             sockets = tornado.netutil.bind_sockets(settings.server.port, settings.server.host)
         database = settings.database
         self.store = Store.from_url(database.url, database.echo, database.timeout_seconds)
-        if await ensure_schema(self.store.engine) == "created":
+        if await self.store.ensure_schema() == "created":
             logger.info("created the database schema")
         self.pool = AgentPool(settings)
         self.chat = ChatService(settings, self.store, self.pool, TokenVerifier.from_settings(settings))
@@ -116,14 +114,7 @@ class Service:
         in_flight = [s.current for s in sockets if s.busy]
         if in_flight:
             await asyncio.wait(in_flight, timeout=grace)
-        workers = [s.worker for s in sockets if s.worker is not None]
-        for sock in sockets:
-            sock.close(GOING_AWAY, "Server shutting down")
-            # Cancel and give the slot back now rather than when the client
-            # acknowledges the close: one that never does must not hold us up.
-            if sock.worker is not None:
-                sock.worker.cancel()
-            self.connections.leave(sock)
+        workers = [worker for s in sockets if (worker := s.shut_down()) is not None]
         if workers:
             # A cancelled reply saves itself (status "cancelled") as it ends.
             await asyncio.wait(workers, timeout=5)
@@ -153,7 +144,7 @@ def run(settings: Settings, config_path: str | None) -> None:
 async def prepare_database(settings: Settings) -> None:
     store = Store.from_url(settings.database.url, timeout=settings.database.timeout_seconds)
     try:
-        if await ensure_schema(store.engine) == "created":
+        if await store.ensure_schema() == "created":
             logger.info("created the database schema")
     finally:
         await store.close()

@@ -22,7 +22,17 @@ MAX_TOKEN_BYTES = 4096
 LEEWAY_SECONDS = 30
 MAX_LEEWAY_SECONDS = 60
 
+# A user name: what the CLI accepts, POST /token looks up and another issuer's
+# token may name (the users.username column holds 64 characters).
+USERNAME_MAX = 64
+USERNAME_RULE = (f"user names are 1 to {USERNAME_MAX} printable characters "
+                 "without surrounding spaces")
+
 _hasher = PasswordHasher()
+
+
+def valid_username(name: str) -> bool:
+    return 0 < len(name) <= USERNAME_MAX and name.isprintable() and name.strip() == name
 
 
 class AuthError(Exception):

@@ -8,7 +8,8 @@ process and instance sharing the database. Two periodic tasks run per process:
   of all of this process's sockets;
 - recheck: every ``auth.recheck_seconds``, the users and tokens behind the open
   sockets are read again; a disabled user or a revoked token closes the
-  socket with 1008, on whichever instance it is.
+  socket with 1008, on whichever instance it is. About once an hour the same
+  job forgets the revocations of tokens that have expired anyway.
 """
 
 from __future__ import annotations
@@ -20,21 +21,18 @@ import socket
 import time
 import uuid
 
-from sqlalchemy import select
-from sqlalchemy.exc import SQLAlchemyError
-
-from . import metrics
+from . import closes, metrics
+from .closes import Close
 from .config import Settings
-from .store import Store
-from .store import revocations
-from .store.models import User
+from .store import Store, StoreUnavailable
 
 logger = logging.getLogger(__name__)
 
-POLICY_VIOLATION = 1008
-
 
 class Connections:
+    # How often the recheck also purges expired revocations.
+    purge_every_seconds = 3600.0
+
     def __init__(self, settings: Settings, store: Store):
         self.settings = settings
         self.store = store
@@ -43,6 +41,7 @@ class Connections:
         self._to_release: set[str] = set()
         self._releases: set[asyncio.Task] = set()
         self._tasks: list[asyncio.Task] = []
+        self._purged_at = time.monotonic()
 
     @property
     def full(self) -> bool:
@@ -73,7 +72,7 @@ class Connections:
     async def release_slot(self, lease_id: str) -> None:
         try:
             await self.store.release_lease(lease_id)
-        except (SQLAlchemyError, OSError):
+        except StoreUnavailable:
             # renew() extends every lease of this instance: it must not keep
             # this one alive, so it deletes it on its next run.
             self._to_release.add(lease_id)
@@ -96,9 +95,10 @@ class Connections:
             await asyncio.sleep(seconds)
             try:
                 await job()
-            except (SQLAlchemyError, OSError) as exc:
-                logger.warning("%s failed (%s); retrying in %.0fs", job.__name__,
-                               type(exc).__name__, seconds)
+            except StoreUnavailable as exc:
+                logger.warning("%s failed (%s); retrying in %.0fs", job.__name__, exc, seconds)
+            except Exception:  # a bug: say so, and keep the job alive
+                logger.exception("%s failed; retrying in %.0fs", job.__name__, seconds)
 
     async def renew(self) -> None:
         for lease_id in list(self._to_release):
@@ -109,31 +109,27 @@ class Connections:
 
     async def recheck(self) -> None:
         """Close sockets whose user was disabled or whose token was revoked."""
+        if time.monotonic() - self._purged_at >= self.purge_every_seconds:
+            self._purged_at = time.monotonic()
+            await self.store.purge_revocations()
         sockets = list(self.sockets)
         if not sockets:
             return
-        users = User.__table__
-        async with self.store.engine.connect() as conn:
-            rows = await conn.execute(
-                select(users.c.id, users.c.disabled, users.c.tokens_revoked_before).where(
-                    users.c.id.in_({s.user.id for s in sockets})
-                )
-            )
-            current = {row.id: row for row in rows}
-        revoked = await revocations.revoked_jtis(self.store.engine, [s.jti for s in sockets])
+        users, revoked = await self.store.token_states(
+            {s.user.id for s in sockets}, {s.jti for s in sockets})
         for sock in sockets:
-            reason = refusal(current.get(sock.user.id), sock.jti, sock.issued_at, revoked)
-            if reason is not None:
-                logger.info("closing a socket of user %s: %s", sock.user.id, reason)
-                sock.close(POLICY_VIOLATION, reason)
+            close = refusal(users.get(sock.user.id), sock.jti, sock.issued_at, revoked)
+            if close is not None:
+                logger.info("closing a socket of user %s: %s", sock.user.id, close.reason)
+                sock.close(*close)
 
 
-def refusal(user, jti: str, issued_at, revoked_jtis: set[str]) -> str | None:
+def refusal(user, jti: str, issued_at, revoked_jtis: set[str]) -> Close | None:
     """Why a token of this user may no longer be used, or None if it may."""
     if user is None or user.disabled:
-        return "Account disabled"
+        return closes.ACCOUNT_DISABLED
     if jti in revoked_jtis:
-        return "Token revoked"
+        return closes.TOKEN_REVOKED
     if user.tokens_revoked_before is not None and issued_at < user.tokens_revoked_before:
-        return "Token revoked"
+        return closes.TOKEN_REVOKED
     return None

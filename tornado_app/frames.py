@@ -7,6 +7,7 @@ shows; the timestamp is UTC with microseconds and no zone suffix.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -18,6 +19,13 @@ ERROR = "error"
 AI_RESPONSE_CHUNK = "ai_response_chunk"
 
 WELCOME = "Welcome to AI Chat, {username}! How can I assist you today?"
+
+# A conversation's name in /ws/ai/ai-chat/{client_id} and the history API.
+_CLIENT_ID = re.compile(r"[A-Za-z0-9._~:-]{1,128}")
+
+
+def valid_client_id(client_id: str) -> bool:
+    return _CLIENT_ID.fullmatch(client_id) is not None
 
 
 def timestamp() -> str:

@@ -15,6 +15,7 @@ import sys
 
 from ..config import Settings
 from ..store import Store
+from ..store.executor import store_errors
 from .export import FORMATS as EXPORT_FORMATS
 from .export import export_lines
 from .filters import TIME_HELP, ReportError, UnknownUser, make_filters
@@ -65,6 +66,11 @@ def _add_filters(parser: argparse.ArgumentParser, limit: bool) -> None:
 
 
 async def run(store: Store, settings: Settings, args: argparse.Namespace) -> int:
+    with store_errors():
+        return await _run(store, settings, args)
+
+
+async def _run(store: Store, settings: Settings, args: argparse.Namespace) -> int:
     try:
         if args.report == "purge":
             return await _purge(store, settings, args.days)

@@ -37,7 +37,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ..store.models import DailyPercentiles, DailyRollup, Message, RollupDay, utcnow
-from ..store.ratelimit import dialect_insert
+from ..store.dialects import dialect_insert
 from .percentiles import METRICS, summarize
 
 logger = logging.getLogger(__name__)
@@ -238,7 +238,7 @@ async def _mark_empty_days(engine: AsyncEngine, first: date, end: date, done: se
         first += DAY
     if days:
         async with engine.begin() as conn:
-            insert_days = dialect_insert(conn)(rollup_days).on_conflict_do_nothing(
+            insert_days = dialect_insert(conn.dialect.name)(rollup_days).on_conflict_do_nothing(
                 index_elements=["day"])
             await conn.execute(insert_days, days)
     return len(days)
@@ -257,7 +257,7 @@ async def _refresh_statistics(engine: AsyncEngine) -> None:
 async def roll_up_day(engine: AsyncEngine, day: date) -> bool:
     """Write one day's rollups, unless another process has claimed the day."""
     async with engine.begin() as conn:
-        claim = dialect_insert(conn)(rollup_days).values(day=day, rolled_at=utcnow())
+        claim = dialect_insert(conn.dialect.name)(rollup_days).values(day=day, rolled_at=utcnow())
         result = await conn.execute(claim.on_conflict_do_nothing(index_elements=["day"]))
         if result.rowcount != 1:
             return False

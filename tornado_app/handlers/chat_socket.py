@@ -13,32 +13,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import secrets
 from urllib.parse import urlsplit
 
-from sqlalchemy.exc import SQLAlchemyError
 from tornado.iostream import StreamClosedError
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
-from .. import frames, logs, metrics
+from .. import closes, frames, logs, metrics
 from ..auth import bearer_value
-from ..chat import ChatService, RateLimited, error_text
+from ..chat import ChatService, RateLimited
 from ..connections import Connections
 from ..frames import Cancel, ChatMessage, FrameError
 from ..history import History
+from ..store import StoreError
 from .base import COOKIE_NAME, request_summary
 
 logger = logging.getLogger(__name__)
-
-CLIENT_ID = re.compile(r"[A-Za-z0-9._~:-]{1,128}")
-
-# Close codes (RFC 6455 and DESIGN.md).
-NORMAL = 1000
-GOING_AWAY = 1001
-POLICY_VIOLATION = 1008
-SERVER_ERROR = 1011
-TRY_AGAIN_LATER = 1013
 
 STORE_UNAVAILABLE = "The service could not save your message; please try again shortly."
 QUEUE_FULL = "Too many messages are waiting for a reply; wait for the current one."
@@ -48,10 +38,18 @@ UNEXPECTED = "An unexpected error occurred while processing your message."
 
 
 class ChatSocket(WebSocketHandler):
-    user = None
-    lease: str | None = None
-    worker: asyncio.Task | None = None
-    current: asyncio.Task | None = None
+    def initialize(self) -> None:
+        # The socket's whole state. open() fills in the user's part once the
+        # token is checked; connections.py reads user, jti, issued_at and lease.
+        self.user = None
+        self.jti: str | None = None
+        self.issued_at = None
+        self.lease: str | None = None
+        self.history: History | None = None
+        self.rejections = 0  # messages refused by the rate limit in a row
+        self.pending: list[ChatMessage] = []  # waiting for the worker
+        self.worker: asyncio.Task | None = None  # answers ``pending``, in order
+        self.current: asyncio.Task | None = None  # the exchange in flight
 
     @property
     def chat(self) -> ChatService:
@@ -76,11 +74,11 @@ class ChatSocket(WebSocketHandler):
         if not origin_allowed(self.request, self.chat.settings.server.allowed_origins):
             # Cross-site WebSocket hijacking: another site's page carrying our cookie.
             metrics.rejections.labels("origin").inc()
-            self.close(POLICY_VIOLATION, "Origin not allowed")
+            self.close(*closes.ORIGIN_NOT_ALLOWED)
             return
         if self.connections.full:
             metrics.rejections.labels("process_connections").inc()
-            self.close(TRY_AGAIN_LATER, "Too many connections")
+            self.close(*closes.TOO_MANY_CONNECTIONS)
             return
         token = self.get_query_argument("token", None) or bearer_value(self.get_cookie(COOKIE_NAME))
         try:
@@ -88,30 +86,28 @@ class ChatSocket(WebSocketHandler):
             # Accept, then close: a browser sees 1008 only on an open socket.
             if identity is None:
                 metrics.rejections.labels("auth").inc()
-                self.close(POLICY_VIOLATION, "Authentication failed")
+                self.close(*closes.AUTHENTICATION_FAILED)
                 return
-            if not CLIENT_ID.fullmatch(client_id):
-                self.close(POLICY_VIOLATION, "Invalid client_id")
+            if not frames.valid_client_id(client_id):
+                self.close(*closes.INVALID_CLIENT_ID)
                 return
             user, claims = identity
             conversation_id = await self.chat.store.open_conversation(user.id, client_id)
             self.lease = await self.connections.take_slot(user.id)
-        except (SQLAlchemyError, OSError):
+        except StoreError:
             logger.exception("websocket: database unavailable while opening a socket")
             metrics.errors.labels("database").inc()
-            self.close(SERVER_ERROR, "Service unavailable")
+            self.close(*closes.SERVICE_UNAVAILABLE)
             return
         if self.lease is None:
             metrics.rejections.labels("user_connections").inc()
-            self.close(TRY_AGAIN_LATER, "Too many connections for this user")
+            self.close(*closes.TOO_MANY_USER_CONNECTIONS)
             return
         if self.ws_connection is None or self.ws_connection.is_closing():
             self.connections.leave(self)  # the client left while we were checking
             return
         self.user, self.jti, self.issued_at = user, claims.jti, claims.issued_at_naive
         self.history = History(conversation_id)
-        self.rejections = 0
-        self.pending: list[ChatMessage] = []
         self.connections.join(self)
         self._send_now(frames.frame(frames.SYSTEM, frames.WELCOME.format(username=user.username)))
 
@@ -143,6 +139,18 @@ class ChatSocket(WebSocketHandler):
         if self.worker is not None:
             self.worker.cancel()  # also cancels the reply in flight, which saves it
 
+    def shut_down(self) -> asyncio.Task | None:
+        """Close with 1001 for a server shutdown and cancel the reply in flight
+        (which saves itself); returns the worker task to wait for, if any.
+        The slot is given back now: a client that never acknowledges the close
+        must not hold the shutdown up."""
+        self.close(*closes.SHUTTING_DOWN)
+        worker = self.worker
+        if worker is not None:
+            worker.cancel()
+        self.connections.leave(self)
+        return worker
+
     def _cancel_reply(self) -> None:
         if not self.busy:
             self._send_now(frames.frame(frames.ERROR, NOTHING_TO_CANCEL))
@@ -167,7 +175,7 @@ class ChatSocket(WebSocketHandler):
                 logger.exception("websocket: unexpected error in an exchange")
                 metrics.errors.labels("internal").inc()
                 await self._send(frames.frame(frames.ERROR, UNEXPECTED))
-                self.close(SERVER_ERROR, "Unexpected server error")
+                self.close(*closes.UNEXPECTED_ERROR)
                 return
             finally:
                 self.current = None
@@ -188,7 +196,7 @@ class ChatSocket(WebSocketHandler):
         except RateLimited as exc:
             await self._rate_limited(exc.retry_after)
             return
-        except (SQLAlchemyError, OSError):
+        except StoreError:
             logger.exception("websocket: database error during an exchange")
             metrics.errors.labels("database").inc()
             await self._send(frames.frame(frames.ERROR, STORE_UNAVAILABLE))
@@ -196,7 +204,7 @@ class ChatSocket(WebSocketHandler):
         self.rejections = 0
         if reply.ok:
             return frames.frame(frames.AI_RESPONSE, reply.text)
-        return frames.frame(frames.ERROR, error_text(reply))
+        return frames.frame(frames.ERROR, reply.error_text())
 
     async def _rate_limited(self, retry_after: float) -> None:
         self.rejections += 1
@@ -208,7 +216,7 @@ class ChatSocket(WebSocketHandler):
         ))
         if self.rejections >= self.chat.settings.rate_limit.max_rejections:
             logger.info("websocket: closing %s for sending while rate limited", self.user.username)
-            self.close(POLICY_VIOLATION, "Rate limit exceeded")
+            self.close(*closes.RATE_LIMIT_EXCEEDED)
 
     async def _send_chunk(self, piece: str) -> None:
         await self._send(frames.frame(frames.AI_RESPONSE_CHUNK, piece))
@@ -233,7 +241,7 @@ class ChatSocket(WebSocketHandler):
         # A client that does not read would make us buffer without bound: close
         # it, and stop generating for it (the reply is saved as cancelled).
         logger.info("websocket: closing a socket whose client stopped reading")
-        self.close(POLICY_VIOLATION, "Client too slow")
+        self.close(*closes.CLIENT_TOO_SLOW)
         if self.worker is not None:
             self.worker.cancel()
         await asyncio.sleep(0)

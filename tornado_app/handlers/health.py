@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from sqlalchemy.exc import SQLAlchemyError
-
 from .. import metrics
+from ..store import StoreUnavailable
 from .base import BaseHandler
 
 logger = logging.getLogger(__name__)
@@ -26,8 +25,8 @@ class ReadyHandler(BaseHandler):
         checks = {"database": "ok", "agent": "ok"}
         try:
             await self.store.ping()
-        except (SQLAlchemyError, OSError) as exc:
-            logger.warning("readiness: database unreachable (%s)", type(exc).__name__)
+        except StoreUnavailable as exc:
+            logger.warning("readiness: %s", exc)
             checks["database"] = "unavailable"
         if not self.chat.pool.ready:
             checks["agent"] = "loading"

@@ -14,19 +14,10 @@ from __future__ import annotations
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import select
 from tornado.web import StaticFileHandler
 
-from ..store.models import (
-    ROLE_ASSISTANT,
-    ROLE_USER,
-    STATUS_CANCELLED,
-    STATUS_OK,
-    Conversation,
-    Message,
-)
+from ..frames import valid_client_id
 from .base import BaseHandler
-from .chat_socket import CLIENT_ID
 
 STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
 # The newest this many messages of a conversation are returned.
@@ -61,37 +52,16 @@ class ConversationMessagesHandler(BaseHandler):
             self.write_json(401, {"error": "invalid_token",
                                   "error_description": "A valid token is required."})
             return
-        if not CLIENT_ID.fullmatch(client_id):
+        if not valid_client_id(client_id):
             self.write_json(400, {"error": "invalid_request",
                                   "error_description": "Invalid client_id."})
             return
-        rows = await self._messages(user.id, client_id)
+        rows = await self.store.transcript(user.id, client_id, HISTORY_LIMIT)
         self.write_json(200, {"client_id": client_id, "messages": [
             {"role": row.role, "content": row.content, "status": row.status,
              "created_at": iso_utc(row.created_at)}
             for row in rows
         ]})
-
-    async def _messages(self, user_id: int, client_id: str) -> list:
-        """The delivered turns (user messages, finished or stopped replies), oldest first."""
-        messages, conversations = Message.__table__, Conversation.__table__
-        query = (
-            select(messages.c.role, messages.c.content, messages.c.status,
-                   messages.c.created_at)
-            .join(conversations, conversations.c.id == messages.c.conversation_id)
-            .where(
-                conversations.c.user_id == user_id,
-                conversations.c.client_id == client_id,
-                messages.c.role.in_((ROLE_USER, ROLE_ASSISTANT)),
-                messages.c.status.in_((STATUS_OK, STATUS_CANCELLED)),
-            )
-            .order_by(messages.c.id.desc())
-            .limit(HISTORY_LIMIT)
-        )
-        async with self.store.engine.connect() as conn:
-            rows = list(await conn.execute(query))
-        rows.reverse()
-        return rows
 
 
 def iso_utc(value: datetime) -> str:

@@ -7,7 +7,6 @@ import json
 from tornado.ioloop import IOLoop
 
 from .. import auth
-from ..store import revocations
 from .base import COOKIE_NAME, BaseHandler
 
 INVALID_LOGIN = "Incorrect username or password."
@@ -23,7 +22,8 @@ class TokenHandler(BaseHandler):
             })
             return
         username, password = credentials
-        user = await self.store.get_user(username)
+        # A name no user can have is looked up by nobody, and refused alike.
+        user = await self.store.get_user(username) if auth.valid_username(username) else None
         password_hash = user.password_hash if user is not None else None
         # argon2 takes tens of milliseconds of CPU: keep it off the event loop.
         valid = await IOLoop.current().run_in_executor(
@@ -81,9 +81,7 @@ class LogoutHandler(BaseHandler):
             return
         user = await self.store.get_user(claims.username)
         if user is not None:
-            await revocations.revoke_token(
-                self.store.engine, claims.jti, user.id, claims.expires_at_naive
-            )
+            await self.store.revoke_token(claims.jti, user.id, claims.expires_at_naive)
         self.clear_cookie(COOKIE_NAME, path="/")
         self.write_json(200, {"status": "logged_out"})
 

@@ -1,6 +1,12 @@
-"""Persistence: models, the Store, the rate limiter and schema management."""
+"""Persistence: the Store (store.py) and what it is built from.
 
+Only this package (and analytics/, and migrations/) speaks SQL. The rest of
+the service calls Store methods and catches the Store's exceptions.
+"""
+
+from .executor import Conflict, StoreError, StoreUnavailable
 from .models import Conversation, Message, RateLimit, User
-from .store import Store, StoreError
+from .store import Admission, Store
 
-__all__ = ["Conversation", "Message", "RateLimit", "Store", "StoreError", "User"]
+__all__ = ["Admission", "Conflict", "Conversation", "Message", "RateLimit", "Store",
+           "StoreError", "StoreUnavailable", "User"]

@@ -15,9 +15,8 @@ import functools
 from dataclasses import dataclass
 
 from sqlalchemy import Float, Integer, bindparam, case
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncConnection
 
+from .dialects import dialect_insert
 from .models import RateLimit
 
 # Floating point slack, so that a message exactly on the boundary passes.
@@ -30,26 +29,16 @@ class Decision:
     retry_after: float  # seconds until the next message would pass; 0 if allowed
 
 
-def dialect_insert(conn: AsyncConnection):
-    """The dialect's INSERT, which knows ON CONFLICT (SQLite and PostgreSQL)."""
-    name = conn.dialect.name
-    if name == "postgresql":
-        return postgresql.insert
-    if name == "sqlite":
-        return sqlite.insert
-    raise RuntimeError(f"unsupported database dialect {name!r}")
-
-
 @functools.cache  # one statement per dialect, built once
-def upsert(insert):
-    """The decision and the update as one statement, for the dialect's
-    ``insert``, with the bind parameters of :func:`parameters`."""
+def upsert(dialect: str):
+    """The decision and the update as one statement, for the dialect, with
+    the bind parameters of :func:`parameters`."""
     row = RateLimit.__table__.c
     now = bindparam("now", type_=Float)
     interval = bindparam("interval", type_=Float)
     start = case((row.tat > now, row.tat), else_=now)
     passes = start - now <= bindparam("slack", type_=Float)
-    statement = insert(RateLimit).values(
+    statement = dialect_insert(dialect)(RateLimit).values(
         user_id=bindparam("user_id", type_=Integer), tat=now + interval, granted=True
     )
     return statement.on_conflict_do_update(
@@ -67,16 +56,16 @@ def parameters(user_id: int, now: float, messages: int, per_seconds: float) -> t
     return values, tolerance
 
 
+def take(db, user_id: int, now: float, messages: int, per_seconds: float) -> Decision:
+    """Take one message of ``messages`` per ``per_seconds``, inside a unit of
+    work (store/executor.py)."""
+    values, tolerance = parameters(user_id, now, messages, per_seconds)
+    tat, granted = db.execute(upsert(db.dialect), values).first()
+    return decision(tat, granted, tolerance, now)
+
+
 def decision(tat: float, granted: bool, tolerance: float, now: float) -> Decision:
     """The decision the statement returned (the new ``tat`` and whether it passed)."""
     if granted:
         return Decision(True, 0.0)
     return Decision(False, max(0.0, tat - tolerance - now))
-
-
-async def take(
-    conn: AsyncConnection, user_id: int, now: float, messages: int, per_seconds: float
-) -> Decision:
-    values, tolerance = parameters(user_id, now, messages, per_seconds)
-    tat, granted = (await conn.execute(upsert(dialect_insert(conn)), values)).one()
-    return decision(tat, granted, tolerance, now)

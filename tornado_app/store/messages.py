@@ -1,0 +1,93 @@
+"""The statements of conversations and messages, built once with bind parameters."""
+
+from __future__ import annotations
+
+import functools
+
+from sqlalchemy import Integer, bindparam, select
+
+from .dialects import dialect_insert
+from .models import (
+    ROLE_ASSISTANT,
+    ROLE_USER,
+    STATUS_CANCELLED,
+    STATUS_OK,
+    Conversation,
+    Message,
+    utcnow,
+)
+
+conversations = Conversation.__table__
+messages = Message.__table__
+
+_COLUMNS = [c.name for c in messages.c if c.name != "id"]
+INSERT_MESSAGE = messages.insert().values(
+    {name: bindparam(name, type_=messages.c[name].type) for name in _COLUMNS}
+).returning(messages.c.id)
+
+
+def message_row(**values) -> dict:
+    """A messages row for INSERT_MESSAGE: every column, NULL unless given, status ok."""
+    row = dict.fromkeys(_COLUMNS)
+    row["status"] = STATUS_OK
+    row.update(values, created_at=utcnow())
+    return row
+
+
+def user_message(conversation_id: int, user_id: int, content: str) -> dict:
+    return message_row(conversation_id=conversation_id, user_id=user_id, role=ROLE_USER,
+                       content=content)
+
+
+def reply_row(conversation_id: int, user_id: int, reply_to_id: int, **columns) -> dict:
+    return message_row(conversation_id=conversation_id, user_id=user_id,
+                       reply_to_id=reply_to_id, role=ROLE_ASSISTANT, **columns)
+
+
+# The history a prompt is built from: a conversation's newest ``limit`` turns
+# between two message ids (exclusive), newest first. User messages are all
+# kept; of the replies only the delivered ones, so that an error text never
+# becomes part of the model's context.
+HISTORY = (
+    select(messages.c.id, messages.c.role, messages.c.content)
+    .where(
+        messages.c.conversation_id == bindparam("conversation_id", type_=Integer),
+        messages.c.id < bindparam("before_id", type_=Integer),
+        messages.c.id > bindparam("after_id", type_=Integer),
+        (messages.c.role == ROLE_USER) | (messages.c.status == STATUS_OK),
+    )
+    .order_by(messages.c.id.desc())
+    .limit(bindparam("limit", type_=Integer))
+)
+
+
+@functools.cache
+def insert_conversation(dialect: str):
+    """INSERT .. ON CONFLICT DO NOTHING: two sockets that open the same
+    conversation at once must not fail on the unique constraint."""
+    return dialect_insert(dialect)(conversations).values(
+        user_id=bindparam("user_id", type_=Integer),
+        client_id=bindparam("client_id", type_=conversations.c.client_id.type),
+        created_at=bindparam("created_at", type_=conversations.c.created_at.type),
+    ).on_conflict_do_nothing(index_elements=["user_id", "client_id"])
+
+
+CONVERSATION_ID = select(conversations.c.id).where(
+    conversations.c.user_id == bindparam("user_id", type_=Integer),
+    conversations.c.client_id == bindparam("client_id", type_=conversations.c.client_id.type),
+)
+
+# What the chat page shows of a conversation: the delivered turns (user
+# messages, finished or stopped replies), newest first.
+TRANSCRIPT = (
+    select(messages.c.role, messages.c.content, messages.c.status, messages.c.created_at)
+    .join(conversations, conversations.c.id == messages.c.conversation_id)
+    .where(
+        conversations.c.user_id == bindparam("user_id", type_=Integer),
+        conversations.c.client_id == bindparam("client_id", type_=conversations.c.client_id.type),
+        messages.c.role.in_((ROLE_USER, ROLE_ASSISTANT)),
+        messages.c.status.in_((STATUS_OK, STATUS_CANCELLED)),
+    )
+    .order_by(messages.c.id.desc())
+    .limit(bindparam("limit", type_=Integer))
+)
