@@ -2,7 +2,8 @@
 
 The service runs migrations on a connection of its own engine (passed in
 ``config.attributes["connection"]``; see tornado_app/store/schema.py). Run by
-the plain ``alembic`` command instead, it connects to ``TORNADO_APP_DATABASE__URL``.
+the plain ``alembic`` command instead, it connects to ``TORNADO_APP_DATABASE__URL``
+(any form ``database.url`` takes, such as ``sqlite:///data/chat.db``).
 """
 
 import asyncio
@@ -26,8 +27,9 @@ def run_migrations(connection) -> None:
 
 async def run_standalone() -> None:
     from tornado_app.store.store import create_engine
+    from tornado_app.store.urls import async_url
 
-    engine = create_engine(os.environ["TORNADO_APP_DATABASE__URL"])
+    engine = create_engine(async_url(os.environ["TORNADO_APP_DATABASE__URL"]))
     async with engine.begin() as conn:
         await conn.run_sync(run_migrations)
     await engine.dispose()

@@ -1,7 +1,7 @@
 """Fill an empty database with realistic chats, fast (for the analytics benchmark).
 
-    python scripts/generate_chats.py --url sqlite+aiosqlite:///data/bench.db [--messages 1000000]
-    python scripts/generate_chats.py --url postgresql+asyncpg://postgres@127.0.0.1/bench
+    python scripts/generate_chats.py --url sqlite:///data/bench.db [--messages 1000000]
+    python scripts/generate_chats.py --url postgresql://postgres@127.0.0.1/bench
     python scripts/generate_chats.py --config config.yaml        # its database.url
 
 What is made, over ``--days`` days ending now (UTC):
@@ -40,6 +40,7 @@ from sqlalchemy.schema import CreateIndex, DropIndex
 
 from tornado_app.store import Store, schema
 from tornado_app.store.models import Message
+from tornado_app.store.urls import UnsupportedURL, async_url
 
 BATCH = 20_000
 MESSAGE_COLUMNS = (
@@ -370,6 +371,11 @@ def main(argv: list[str] | None = None) -> int:
         from tornado_app.config import load_settings
 
         args.url = load_settings(args.config).database.url
+    else:
+        try:
+            args.url = async_url(args.url)
+        except UnsupportedURL as exc:
+            parser.error(f"--url: {exc}")
     if args.messages < 1 or args.users < 1 or args.days < 1:
         parser.error("--messages, --users and --days must be positive")
     asyncio.run(generate(args))

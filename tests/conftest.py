@@ -4,6 +4,9 @@ Fixtures:
 - ``any_db_url`` / ``db_url``: an empty database per test, once as a SQLite
   file in tmp_path and once as a fresh schema in a PostgreSQL database this
   session creates and drops: every test that uses a service runs on both.
+  ``postgres_url``: the PostgreSQL one alone (skipped, or failed in CI,
+  without a server); ``postgres_database``: the session's database itself.
+- ``db_store``: a Store on ``any_db_url``, without a service (closed after).
 - ``settings``: Settings for a test server (random port, fake agent, a fixed
   JWT secret); tests adjust fields before asking for ``service``.
 - ``fake_agent``: the FakeAgent behind agent name ``fake``; ``enqueue()``
@@ -16,16 +19,24 @@ Fixtures:
 - ``await connect(client_id, user=..., subprotocols=...)``: opens a WebSocket
   (query token or cookie), creating the user on first use, and returns a
   helpers.Client; ``subprotocols=["ai-chat.v2"]`` asks for protocol v2.
+- ``servers(config, **options)``: starts a tests.servers.ServerProcess (a real
+  ``python -m tornado_app``); all are killed when the test ends.
+- ``repo_root``: the repository's folder.
+- Browsers, for a module that defines a module-scoped ``live_server`` (a
+  ServerProcess): ``chromium`` (Debian's, through Playwright; skipped without
+  it, failed with ``CHAT_BROWSER_REQUIRED=1``), ``browser`` (``localhost:8000``
+  maps to ``live_server``), ``browser_context_args`` (a module may override
+  it) and ``page``: a page in a fresh context, whose page errors and
+  Content-Security-Policy reports fail the test.
 
 Tests run on pytest-tornado's ``io_loop`` (``@pytest.mark.gen_test``).
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import contextlib
 import os
+import shutil
 import uuid
 from pathlib import Path
 
@@ -38,8 +49,10 @@ from tornado_app import auth
 from tornado_app.agents import get_plugin_manager
 from tornado_app.app import Service
 from tornado_app.config import load_settings
+from tornado_app.store import Store
 
-from .helpers import Client, FakeAgent, FakePlugin, connect_ws
+from .helpers import BROWSER_TIMEOUT_MS, Client, FakeAgent, FakePlugin, connect_ws, run_async
+from .servers import ROOT, serving
 
 TEST_SECRET = "test-secret-" + "x" * 40
 POSTGRES_ADMIN_URL = os.environ.get(
@@ -52,35 +65,24 @@ POSTGRES_REQUIRED = "TEST_POSTGRES_URL" in os.environ
 # Databases
 
 
-def run_async(coro):
-    """Run a coroutine to completion outside the test's event loop.
-
-    asyncio.run() in the main thread would close and unset the loop that
-    pytest-tornado's io_loop relies on; a worker thread leaves it alone.
-    """
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coro).result()
+async def _as_admin(statement: str) -> None:
+    # CREATE and DROP DATABASE cannot run inside a transaction.
+    admin = create_async_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        async with admin.connect() as conn:
+            await conn.execute(text(statement))
+    finally:
+        await admin.dispose()
 
 
 async def _create_postgres_database() -> str:
     name = f"tornado_app_test_{uuid.uuid4().hex[:8]}"
-    admin = create_async_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    try:
-        async with admin.connect() as conn:
-            await conn.execute(text(f'CREATE DATABASE "{name}"'))
-    finally:
-        await admin.dispose()
+    await _as_admin(f'CREATE DATABASE "{name}"')
     return POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
 
 
 async def _drop_postgres_database(url: str) -> None:
-    name = url.rsplit("/", 1)[1]
-    admin = create_async_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    try:
-        async with admin.connect() as conn:
-            await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    finally:
-        await admin.dispose()
+    await _as_admin(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")
@@ -112,20 +114,33 @@ async def _reset_postgres_schema(url: str) -> None:
         await engine.dispose()
 
 
+@pytest.fixture
+def postgres_url(postgres_database):
+    """A fresh schema in the session's PostgreSQL database."""
+    run_async(_reset_postgres_schema(postgres_database))
+    return postgres_database
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def any_db_url(request, tmp_path):
     """An empty database of each kind: tests using it run on both."""
     if request.param == "sqlite":
         return f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}"
-    url = request.getfixturevalue("postgres_database")
-    run_async(_reset_postgres_schema(url))
-    return url
+    return request.getfixturevalue("postgres_url")
 
 
 @pytest.fixture
 def db_url(any_db_url):
     """The service's database: every test that runs a service runs on both."""
     return any_db_url
+
+
+@pytest.fixture
+def db_store(io_loop, any_db_url):
+    """A Store on an empty database of each kind, with no service around it."""
+    store = Store.from_url(any_db_url)
+    yield store
+    io_loop.run_sync(store.close)
 
 
 # The service
@@ -240,4 +255,75 @@ def connect(ws_url, token_for, make_user):
 
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
-    return Path(__file__).resolve().parents[1]
+    return ROOT
+
+
+# Real server processes
+
+
+@pytest.fixture
+def servers():
+    """``servers(config, **options) -> ServerProcess`` started; all killed at teardown."""
+    with contextlib.ExitStack() as stack:
+        yield lambda config, **options: stack.enter_context(serving(config, **options))
+
+
+# Browsers (test_browser.py, test_admin_browser.py)
+
+BROWSER_REQUIRED = os.environ.get("CHAT_BROWSER_REQUIRED") == "1"
+LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+
+def _browser_unavailable(reason: str):
+    if BROWSER_REQUIRED:
+        pytest.fail(f"{reason} (CHAT_BROWSER_REQUIRED=1)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """Chromium's path and Playwright's entry point; skip (or fail in CI) without them."""
+    executable = shutil.which("chromium")
+    if executable is None:
+        _browser_unavailable(
+            "Chromium not found on PATH: `apt-get install chromium` to run the browser tests")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _browser_unavailable(
+            "Playwright not installed: `pip install -e .[dev]` to run the browser tests")
+    return executable, sync_playwright
+
+
+@pytest.fixture(scope="module")
+def browser(chromium, live_server):
+    """One Chromium for the module. It maps ``localhost:8000`` to ``live_server``,
+    so that the spec's JavaScript example, which hard-codes that address, runs unchanged."""
+    executable, sync_playwright = chromium
+    args = [*LAUNCH_ARGS, f"--host-resolver-rules=MAP localhost:8000 127.0.0.1:{live_server.port}"]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=args)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def browser_context_args(live_server) -> dict:
+    """What each test's browser context is made with."""
+    return {"base_url": live_server.base_url, "viewport": {"width": 1100, "height": 760}}
+
+
+@pytest.fixture
+def page(browser, browser_context_args):
+    """A page in a fresh context (its own cookies and storage). A page error or a
+    Content-Security-Policy report in the console fails the test."""
+    context = browser.new_context(**browser_context_args)
+    context.set_default_timeout(BROWSER_TIMEOUT_MS)
+    page = context.new_page()
+    problems: list[str] = []
+    page.on("pageerror", lambda exc: problems.append(str(exc)))
+    page.on("console", lambda message: problems.append(message.text)
+            if "Content Security Policy" in message.text else None)
+    yield page
+    context.close()
+    assert not problems, problems

@@ -1,24 +1,73 @@
-"""Test helpers: a WebSocket client, a scriptable fake agent and its plugin,
-and the store's rows as tests read and write them."""
+"""Test helpers: a WebSocket client, HTTP requests, a scriptable fake agent and
+its plugin, coroutines run outside the test's loop, the store's rows as tests
+read and write them, and the browser tests' steps."""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from sqlalchemy import select
-from tornado.httpclient import HTTPRequest
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest, HTTPResponse
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 from tornado_app.agents import Agent, AgentRequest
 from tornado_app.hookspecs import hookimpl
+from tornado_app.store import Store
 from tornado_app.store.models import Message
 
 TIMEOUT = 5.0
+BROWSER_TIMEOUT_MS = 10_000
+SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
+
+
+def run_async(coro):
+    """Run a coroutine to completion outside the test's event loop.
+
+    asyncio.run() in the main thread would close and unset the loop that
+    pytest-tornado's io_loop relies on; a worker thread leaves it alone.
+    """
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+def on_engine(url: str, use):
+    """``await use(engine)`` with the engine of a Store on ``url``, outside the
+    test's loop (set-up, not under test); its result."""
+
+    async def run():
+        store = Store.from_url(url)
+        try:
+            return await use(store.engine)
+        finally:
+            await store.close()
+
+    return run_async(run())
+
+
+# HTTP
+
+
+async def get(url: str, **headers: str) -> HTTPResponse:
+    """A GET whose error answers are returned, not raised; redirects are not followed."""
+    return await AsyncHTTPClient().fetch(url, headers=headers, raise_error=False,
+                                         follow_redirects=False)
+
+
+async def logout(base_url: str, token: str) -> HTTPResponse:
+    """``POST /logout`` with ``token`` as the bearer."""
+    return await AsyncHTTPClient().fetch(f"{base_url}/logout", method="POST", body=b"",
+                                         headers={"Authorization": f"Bearer {token}"},
+                                         raise_error=False)
+
+
+# WebSocket
 
 
 class Client:
@@ -118,6 +167,11 @@ class FakeAgent(Agent):
     def enqueue(self, *pieces: str, error=None, delay=0.0, gate=None, usage=None) -> None:
         self.script.append(Step(pieces, error, delay, gate, usage))
 
+    async def received(self, count: int = 1) -> None:
+        """Wait until ``count`` requests have arrived (there is no event to await)."""
+        while len(self.history) < count:
+            await asyncio.sleep(0.005)
+
     async def stream(self, request: AgentRequest):
         self.history.append(request)
         step = self.script.popleft() if self.script else Step(
@@ -150,6 +204,32 @@ class FakePlugin:
             register(name, lambda options, settings, agent=agent: agent)
 
 
+# Browser steps (Playwright's sync API; see the page fixture in conftest.py)
+
+
+def expect(locator):
+    from playwright.sync_api import expect as playwright_expect  # only where Chromium runs
+    return playwright_expect(locator)
+
+
+def log_in(page, username: str, password: str, path: str = "/") -> None:
+    """Sign in on the page at ``path`` with the keyboard alone, as a user without a mouse would."""
+    page.goto(path)
+    expect(page.locator("#username")).to_be_focused()
+    page.keyboard.type(username)
+    page.keyboard.press("Tab")
+    page.keyboard.type(password)
+    page.keyboard.press("Enter")
+
+
+def run_axe(page) -> list:
+    """axe-core's violations on the page as it is now."""
+    page.add_script_tag(url="/static/vendor/axe-core/axe.min.js")
+    return page.evaluate("""async () => {
+        const result = await axe.run(document);
+        return result.violations.map(v => ({id: v.id, help: v.help,
+                                            nodes: v.nodes.map(n => n.html)}));
+    }""")
 # The store, as tests use it: what it saved is read back with plain SQL, and
 # what a test needs saved goes through the production path (Store.admit).
 

@@ -1,12 +1,12 @@
 """The operator dashboard (``/admin``) in a real Chromium, against a live server.
 
 Chromium, Playwright and the skip-or-fail rule (``CHAT_BROWSER_REQUIRED=1``)
-are test_browser.py's. One server serves the module, its database filled by
-scripts/generate_chats.py (three weeks, four agent/model pairs, errors,
-sixty users) plus real exchanges over the WebSocket made through the chat
-page; ``root`` is made an admin with ``users promote``, ``bob`` is not. Every
-test gets a fresh browser context; a page error or a Content-Security-Policy
-report in the console fails it.
+come with conftest.py's ``page`` fixture. One server serves the module, its
+database filled by scripts/generate_chats.py (three weeks, four agent/model
+pairs, errors, sixty users) plus real exchanges over the WebSocket made
+through the chat page; ``root`` is made an admin with ``users promote``,
+``bob`` is not. Every test gets a fresh browser context; a page error or a
+Content-Security-Policy report in the console fails it.
 """
 
 from __future__ import annotations
@@ -14,17 +14,13 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from datetime import datetime, timedelta, timezone
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from .servers import PASSWORD, ROOT, ServerProcess, add_users, clean_env, cli, token, write_config
-# test_browser.py's Chromium fixture (imported, so that pytest offers it here) and helpers.
-from .test_browser import LAUNCH_ARGS, SCREENSHOTS, TIMEOUT_MS, expect, run_axe
-from .test_browser import chromium  # noqa: F401
+from .helpers import SCREENSHOTS, expect, log_in, run_axe
+from .servers import PASSWORD, ROOT, add_users, clean_env, cli, ok, serving, token, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -33,64 +29,32 @@ KPIS = ("messages", "users", "error-rate", "latency", "tokens")
 
 
 @pytest.fixture(scope="module")
-def dashboard_server(tmp_path_factory):
+def live_server(tmp_path_factory):
     config = write_config(tmp_path_factory.mktemp("dashboard"))
     subprocess.run([sys.executable, "scripts/generate_chats.py", "--config", str(config),
                     *GENERATED], cwd=ROOT, env=clean_env(), check=True, capture_output=True,
                    timeout=120)
     add_users(config, "root", "bob")
-    cli(config, "users", "promote", "root")
-    server = ServerProcess(config).start()
-    server.tokens = {name: token(config, name) for name in ("root", "bob")}
-    yield server
-    server.kill()
+    ok(cli(config, "users", "promote", "root"))
+    with serving(config) as server:
+        server.tokens = {name: token(config, name) for name in ("root", "bob")}
+        yield server
 
 
 @pytest.fixture(scope="module")
-def browser(chromium, dashboard_server):
-    executable, sync_playwright = chromium
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=executable, args=LAUNCH_ARGS)
-        yield browser
-        browser.close()
+def browser_context_args(live_server) -> dict:
+    return {"base_url": live_server.base_url, "locale": "en-US",
+            "viewport": {"width": 1280, "height": 900}, "reduced_motion": "reduce"}
 
 
-@pytest.fixture
-def page(browser, dashboard_server):
-    context = browser.new_context(base_url=dashboard_server.base_url, locale="en-US",
-                                  viewport={"width": 1280, "height": 900},
-                                  reduced_motion="reduce")
-    context.set_default_timeout(TIMEOUT_MS)
-    page = context.new_page()
-    problems: list[str] = []
-    page.on("pageerror", lambda exc: problems.append(str(exc)))
-    page.on("console", lambda message: problems.append(message.text)
-            if "Content Security Policy" in message.text else None)
-    yield page
-    context.close()
-    assert not problems, problems
-
-
-def http_get(server, path, user=None) -> int:
+def status_of(server, path, user=None) -> int:
     """The status of a GET with ``user``'s token in the cookie, as a browser sends it."""
-    request = urllib.request.Request(server.base_url + path)
-    if user is not None:
-        request.add_header("Cookie", f"access_token={server.tokens[user]}")
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(request, timeout=10) as response:
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
+    headers = {} if user is None else {"Cookie": f"access_token={server.tokens[user]}"}
+    return server.get(path, **headers)[0]
 
 
 def sign_in_at_admin(page, username):
-    page.goto("/admin")
-    expect(page.locator("#username")).to_be_focused()
-    page.keyboard.type(username)
-    page.keyboard.press("Tab")
-    page.keyboard.type(PASSWORD)
-    page.keyboard.press("Enter")
+    log_in(page, username, PASSWORD, "/admin")
 
 
 def chat_once(page, username, text):
@@ -132,11 +96,11 @@ def utc_today():
 
 # Who may see it
 
-def test_a_non_admin_is_refused(page, dashboard_server):
-    assert http_get(dashboard_server, "/admin", "bob") == 403
-    assert http_get(dashboard_server, "/api/admin/analytics/summary", "bob") == 403
-    assert http_get(dashboard_server, "/admin", "root") == 200
-    assert http_get(dashboard_server, "/admin") == 200  # the sign-in form
+def test_a_non_admin_is_refused(page, live_server):
+    assert status_of(live_server, "/admin", "bob") == 403
+    assert status_of(live_server, "/api/admin/analytics/summary", "bob") == 403
+    assert status_of(live_server, "/admin", "root") == 200
+    assert status_of(live_server, "/admin") == 200  # the sign-in form
 
     sign_in_at_admin(page, "bob")
     expect(page.locator("#forbidden-title")).to_have_text("Administrators only")
@@ -163,7 +127,7 @@ def test_a_wrong_password_is_shown(page):
 
 # What an admin sees
 
-def test_an_admin_sees_charts_of_the_real_data(page, dashboard_server):
+def test_an_admin_sees_charts_of_the_real_data(page, live_server):
     chat_once(page, "root", "How busy was the service this month?")
     with page.expect_response(is_summary) as summary:
         page.goto("/admin")
@@ -205,7 +169,7 @@ def test_an_admin_sees_charts_of_the_real_data(page, dashboard_server):
     assert options == ["", *sorted({row["agent"] for row in agents})]
 
 
-def test_filters_requery_and_are_kept_in_the_url(page, dashboard_server):
+def test_filters_requery_and_are_kept_in_the_url(page, live_server):
     with page.expect_response(is_summary) as first:
         sign_in_at_admin(page, "root")
     everything, _api = shown_and_api_summary(page, first.value)

@@ -4,14 +4,10 @@ headers (the browser tests are in test_admin_browser.py)."""
 import re
 
 import pytest
-from tornado.httpclient import AsyncHTTPClient
 
 from tornado_app.handlers.pages import STATIC_DIR
 
-
-async def get(url, **headers):
-    return await AsyncHTTPClient().fetch(url, headers=headers, raise_error=False,
-                                         follow_redirects=False)
+from .helpers import get, logout
 
 
 def assert_page_headers(response):
@@ -88,9 +84,7 @@ async def test_disabled_and_logged_out_admins_get_the_sign_in_form(base_url, mak
                                                                    token_for, store):
     await make_user("root", admin=True)
     token = token_for("root")
-    logout = await AsyncHTTPClient().fetch(f"{base_url}/logout", method="POST", body=b"",
-                                           headers={"Authorization": f"Bearer {token}"})
-    assert logout.code == 200
+    assert (await logout(base_url, token)).code == 200
     response = await get(f"{base_url}/admin", Cookie=f"access_token={token}")
     assert (response.code, view_of(response)) == (200, "login")
     await make_user("old", admin=True, disabled=True)

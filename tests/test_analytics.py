@@ -4,9 +4,10 @@ A small fixed data set (``CHATS`` below: two users, four conversations, two
 agents, an error of each kind, a cancelled reply, an unanswered message, an
 exchange across midnight) is loaded, and every report is compared with figures
 worked out by hand in the comments. The same reports are then computed with
-and without rollups and must agree. tests/test_analytics_more.py has the
-percentile reference, retention, the migration and the view;
-tests/test_analytics_api.py the HTTP API and the CLI.
+and without rollups and must agree. Elsewhere: test_analytics_percentiles.py
+(the percentiles against a Python reference), test_analytics_retention.py,
+test_chat_turns.py (the view and its migration), test_generate_chats.py, and
+test_analytics_api.py (the HTTP API and the CLI).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from sqlalchemy import delete, func, select
 from tornado_app.analytics import make_filters, run_report
 from tornado_app.analytics.render import render
 from tornado_app.analytics.rollup import daily, daily_percentiles, roll_up, rollup_days
-from tornado_app.store import Store
 from tornado_app.store.models import Conversation, Message, User
 from tornado_app.store.schema import ensure_schema
 
@@ -98,11 +98,9 @@ async def load_chats(engine) -> dict[str, int]:
 
 
 @pytest.fixture
-def engine(io_loop, any_db_url):
-    store = Store.from_url(any_db_url)
-    io_loop.run_sync(lambda: load_chats(store.engine))
-    yield store.engine
-    io_loop.run_sync(store.close)
+def engine(io_loop, db_store):
+    io_loop.run_sync(lambda: load_chats(db_store.engine))
+    return db_store.engine
 
 
 async def report(engine, name, **filters) -> dict:

@@ -12,16 +12,15 @@ import io
 import json
 
 import pytest
-from tornado.httpclient import AsyncHTTPClient
 
-from tornado_app.store import Store
-
-from .conftest import run_async
+from .helpers import get, on_engine
+from .servers import Call, cli, ok, one_line_error, run_all, sqlite_url, write_config
 from .test_analytics import load_chats
-from .test_cli import Call, cli, ok, one_line_error, run_all, write_config
 
 
-async def get(base_url, path, token=None, cookie=None, header=None):
+async def analytics(base_url, path, token=None, cookie=None, header=None):
+    """GET /api/admin/analytics/{path} with a bearer ``token``, a ``cookie`` or a raw
+    Authorization ``header``."""
     headers = {}
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
@@ -29,8 +28,7 @@ async def get(base_url, path, token=None, cookie=None, header=None):
         headers["Cookie"] = f"access_token={cookie}"
     if header is not None:
         headers["Authorization"] = header
-    return await AsyncHTTPClient().fetch(f"{base_url}/api/admin/analytics/{path}",
-                                         headers=headers, raise_error=False)
+    return await get(f"{base_url}/api/admin/analytics/{path}", **headers)
 
 
 @pytest.fixture
@@ -40,10 +38,10 @@ def chats(io_loop, service):
 
 @pytest.mark.gen_test
 async def test_anonymous_and_bad_tokens_get_401(base_url, chats):
-    for response in (await get(base_url, "summary"),
-                     await get(base_url, "summary", token="not-a-jwt"),
-                     await get(base_url, "summary", header="Basic YWxpY2U6eA=="),
-                     await get(base_url, "nonsense")):
+    for response in (await analytics(base_url, "summary"),
+                     await analytics(base_url, "summary", token="not-a-jwt"),
+                     await analytics(base_url, "summary", header="Basic YWxpY2U6eA=="),
+                     await analytics(base_url, "nonsense")):
         assert response.code == 401
         assert response.headers["WWW-Authenticate"] == "Bearer"
         assert json.loads(response.body)["error"] == "unauthorized"
@@ -53,15 +51,15 @@ async def test_anonymous_and_bad_tokens_get_401(base_url, chats):
 async def test_a_token_in_the_query_string_is_not_accepted(base_url, make_user, token_for,
                                                            chats):
     await make_user("root", admin=True)
-    response = await get(base_url, f"summary?token={token_for('root')}")
+    response = await analytics(base_url, f"summary?token={token_for('root')}")
     assert response.code == 401
 
 
 @pytest.mark.gen_test
 async def test_non_admins_get_403(base_url, make_user, token_for, chats):
     await make_user("mallory")
-    for response in (await get(base_url, "summary", token=token_for("mallory")),
-                     await get(base_url, "export", cookie=token_for("mallory"))):
+    for response in (await analytics(base_url, "summary", token=token_for("mallory")),
+                     await analytics(base_url, "export", cookie=token_for("mallory"))):
         assert response.code == 403
         assert json.loads(response.body) == {
             "error": "forbidden", "error_description": "Analytics are for administrators."}
@@ -70,15 +68,15 @@ async def test_non_admins_get_403(base_url, make_user, token_for, chats):
 @pytest.mark.gen_test
 async def test_a_disabled_admin_gets_401(base_url, make_user, token_for, chats):
     await make_user("root", admin=True, disabled=True)
-    assert (await get(base_url, "summary", token=token_for("root"))).code == 401
+    assert (await analytics(base_url, "summary", token=token_for("root"))).code == 401
 
 
 @pytest.mark.gen_test
 async def test_admins_get_every_report(base_url, make_user, token_for, chats):
     await make_user("root", admin=True)
     token = token_for("root")
-    by_header = await get(base_url, "summary", token=token)
-    by_cookie = await get(base_url, "summary", cookie=token)
+    by_header = await analytics(base_url, "summary", token=token)
+    by_cookie = await analytics(base_url, "summary", cookie=token)
     assert by_header.code == by_cookie.code == 200
     assert by_header.headers["Content-Type"].startswith("application/json")
     body = json.loads(by_header.body)
@@ -88,7 +86,7 @@ async def test_admins_get_every_report(base_url, make_user, token_for, chats):
     assert body["summary"]["latency_p95_ms"] == pytest.approx(480.0)
     for name, key in (("users", "users"), ("daily", "daily"), ("agents", "agents"),
                       ("conversations", "longest"), ("errors", "by_kind")):
-        response = await get(base_url, name, token=token)
+        response = await analytics(base_url, name, token=token)
         assert response.code == 200, name
         assert json.loads(response.body)[key], name
 
@@ -97,29 +95,29 @@ async def test_admins_get_every_report(base_url, make_user, token_for, chats):
 async def test_filters_and_their_errors(base_url, make_user, token_for, chats):
     await make_user("root", admin=True)
     token = token_for("root")
-    body = json.loads((await get(
+    body = json.loads((await analytics(
         base_url, "summary?since=2025-10-08&until=2025-10-09", token=token)).body)
     assert (body["summary"]["user_messages"], body["summary"]["replies"]) == (3, 3)
     assert body["filters"]["since"] == "2025-10-08T00:00:00.000000"
-    body = json.loads((await get(base_url, "users?user=bob&limit=5", token=token)).body)
+    body = json.loads((await analytics(base_url, "users?user=bob&limit=5", token=token)).body)
     assert [row["username"] for row in body["users"]] == ["bob"]
-    body = json.loads((await get(base_url, "agents?agent=echo", token=token)).body)
+    body = json.loads((await analytics(base_url, "agents?agent=echo", token=token)).body)
     assert [(row["agent"], row["replies"]) for row in body["agents"]] == [("echo", 2)]
-    bad = await get(base_url, "summary?since=someday", token=token)
+    bad = await analytics(base_url, "summary?since=someday", token=token)
     assert bad.code == 400 and "since" in json.loads(bad.body)["error_description"]
-    assert (await get(base_url, "users?limit=0", token=token)).code == 400
-    unknown_user = await get(base_url, "summary?user=nobody", token=token)
+    assert (await analytics(base_url, "users?limit=0", token=token)).code == 400
+    unknown_user = await analytics(base_url, "summary?user=nobody", token=token)
     assert unknown_user.code == 404
-    assert (await get(base_url, "nonsense", token=token)).code == 404
-    assert (await get(base_url, "export?user=nobody", token=token)).code == 404
-    assert (await get(base_url, "export?format=xml", token=token)).code == 400
+    assert (await analytics(base_url, "nonsense", token=token)).code == 404
+    assert (await analytics(base_url, "export?user=nobody", token=token)).code == 404
+    assert (await analytics(base_url, "export?format=xml", token=token)).code == 400
 
 
 @pytest.mark.gen_test
 async def test_export_streams_csv_and_json_lines(base_url, make_user, token_for, chats):
     await make_user("root", admin=True)
     token = token_for("root")
-    response = await get(base_url, "export", token=token)
+    response = await analytics(base_url, "export", token=token)
     assert response.code == 200
     assert response.headers["Content-Type"].startswith("text/csv")
     rows = list(csv.DictReader(io.StringIO(response.body.decode())))
@@ -127,14 +125,14 @@ async def test_export_streams_csv_and_json_lines(base_url, make_user, token_for,
     assert rows[0]["created_at"] == "2025-10-07T10:00:00.000000"
     assert (rows[5]["status"], rows[5]["error_kind"], rows[5]["agent"]) == (
         "error", "timeout", "openai")
-    response = await get(base_url, "export?format=json&user=bob&agent=openai", token=token)
+    response = await analytics(base_url, "export?format=json&user=bob&agent=openai", token=token)
     assert response.headers["Content-Type"] == "application/x-ndjson"
     lines = [json.loads(line) for line in response.body.decode().splitlines()]
     # bob's exchanges answered by openai: m11/m12, m14/m15, m16/m17.
     assert [(r["role"], r["status"]) for r in lines] == [
         ("user", "ok"), ("assistant", "cancelled"), ("user", "ok"), ("assistant", "ok"),
         ("user", "ok"), ("assistant", "error")]
-    empty = await get(base_url, "export?since=2024-01-01&until=2024-01-02", token=token)
+    empty = await analytics(base_url, "export?since=2024-01-01&until=2024-01-02", token=token)
     assert empty.body.decode().splitlines() == [
         "id,created_at,username,conversation_id,client_id,role,status,agent,model,tokens_in,"
         "tokens_out,latency_ms,ttft_ms,error_kind,error_ref,reply_to_id,content"]
@@ -146,15 +144,7 @@ async def test_export_streams_csv_and_json_lines(base_url, make_user, token_for,
 @pytest.fixture
 def config(tmp_path):
     path = write_config(tmp_path)
-    store = Store.from_url(f"sqlite+aiosqlite:///{tmp_path / 'data' / 'chat.db'}")
-
-    async def prepare():
-        try:
-            await load_chats(store.engine)
-        finally:
-            await store.close()
-
-    run_async(prepare())
+    on_engine(sqlite_url(tmp_path), load_chats)
     return path
 
 

@@ -3,7 +3,8 @@
 Playwright for Python drives Debian's Chromium (``apt-get install chromium``);
 no browser is ever downloaded. Without Chromium (or without Playwright) these
 tests skip with the reason; with ``CHAT_BROWSER_REQUIRED=1`` (set by .ci/run)
-they fail instead.
+they fail instead (the ``chromium``, ``browser`` and ``page`` fixtures are
+conftest.py's).
 
 One server (echo agent, a short pause before each word so that streaming and
 stopping can be watched) and one browser serve the whole module; every test
@@ -15,24 +16,17 @@ which hard-codes that address, runs unchanged.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-from pathlib import Path
 
 import pytest
 
-from .servers import PASSWORD, ServerProcess, add_users, write_config
+from .helpers import BROWSER_TIMEOUT_MS, SCREENSHOTS, expect, log_in, run_axe
+from .servers import PASSWORD, ROOT, add_users, serving, write_config
 
 pytestmark = pytest.mark.slow
 
-REQUIRED = os.environ.get("CHAT_BROWSER_REQUIRED") == "1"
-ROOT = Path(__file__).resolve().parents[1]
-SCREENSHOTS = ROOT / "docs" / "screenshots"
 SPEC = ROOT.parent / "shared" / "spec" / "ai-chat-websocket-api.md"
 WORD_DELAY = 0.06
-TIMEOUT_MS = 10_000
-LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 
 # The spec's JavaScript example, verbatim (test_spec_example_is_verbatim checks it).
 SPEC_EXAMPLE = """\
@@ -95,76 +89,19 @@ const connectToAIChat = async (token, clientId = `client-${Math.random().toStrin
 """
 
 
-def _unavailable(reason: str):
-    if REQUIRED:
-        pytest.fail(f"{reason} (CHAT_BROWSER_REQUIRED=1)", pytrace=False)
-    pytest.skip(reason)
-
-
 @pytest.fixture(scope="module")
 def live_server(tmp_path_factory):
     config = write_config(tmp_path_factory.mktemp("browser"),
                           agent={"backend": "echo", "echo": {"delay_seconds": WORD_DELAY}})
     add_users(config, "alice", "bob", "carol")  # carol: the spec example's alone
-    server = ServerProcess(config).start()
-    yield server
-    server.kill()
-
-
-@pytest.fixture(scope="module")
-def chromium():
-    """Chromium's path and Playwright's entry point; skip (or fail in CI) without them."""
-    executable = shutil.which("chromium")
-    if executable is None:
-        _unavailable("Chromium not found on PATH: `apt-get install chromium` to run the browser tests")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _unavailable("Playwright not installed: `pip install -e .[dev]` to run the browser tests")
-    return executable, sync_playwright
-
-
-@pytest.fixture(scope="module")
-def browser(chromium, live_server):
-    executable, sync_playwright = chromium
-    args = [*LAUNCH_ARGS, f"--host-resolver-rules=MAP localhost:8000 127.0.0.1:{live_server.port}"]
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=executable, args=args)
-        yield browser
-        browser.close()
-
-
-@pytest.fixture
-def page(browser, live_server):
-    context = browser.new_context(base_url=live_server.base_url,
-                                  viewport={"width": 1100, "height": 760})
-    context.set_default_timeout(TIMEOUT_MS)
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    yield page
-    context.close()
-    assert not errors, errors
-
-
-def expect(locator):
-    from playwright.sync_api import expect as playwright_expect
-    return playwright_expect(locator)
+    with serving(config) as server:
+        yield server
 
 
 # Helpers: every step with the keyboard, as a user without a mouse would.
 
-def log_in(page, username="alice", password=PASSWORD):
-    page.goto("/")
-    expect(page.locator("#username")).to_be_focused()
-    page.keyboard.type(username)
-    page.keyboard.press("Tab")
-    page.keyboard.type(password)
-    page.keyboard.press("Enter")
-
-
 def logged_in(page, username="alice"):
-    log_in(page, username)
+    log_in(page, username, PASSWORD)
     expect(page.locator("#status")).to_have_text("Connected")
     expect(page.locator("#message")).to_be_focused()
 
@@ -182,19 +119,10 @@ def words(count, stem="word"):
     return " ".join(f"{stem}{i}" for i in range(count))
 
 
-def run_axe(page) -> list:
-    page.add_script_tag(url="/static/vendor/axe-core/axe.min.js")
-    return page.evaluate("""async () => {
-        const result = await axe.run(document);
-        return result.violations.map(v => ({id: v.id, help: v.help,
-                                            nodes: v.nodes.map(n => n.html)}));
-    }""")
-
-
 # The flows
 
 def test_bad_password_shows_an_error(page):
-    log_in(page, password="not the password")
+    log_in(page, "alice", "not the password")
     expect(page.locator("#login-error")).to_have_text("Incorrect username or password.")
     expect(page.locator("#chat-view")).to_be_hidden()
     assert not [c for c in page.context.cookies() if c["name"] == "access_token"]
@@ -361,7 +289,7 @@ def test_accessibility_no_axe_violations(page):
     assert run_axe(page) == []
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOTS / "login.png"))
-    log_in(page)
+    log_in(page, "alice", PASSWORD)
     expect(page.locator("#status")).to_have_text("Connected")
     send(page, "Is this page accessible?")
     expect(last_reply(page).locator(".msg-body")).to_have_text("Echo: Is this page accessible?")
@@ -418,7 +346,7 @@ def test_spec_example_is_verbatim():
     assert block == SPEC_EXAMPLE
 
 
-def _wait_for(page, condition, lines, timeout_ms=TIMEOUT_MS):
+def _wait_for(page, condition, lines, timeout_ms=BROWSER_TIMEOUT_MS):
     """Poll a Python condition while letting the page's events arrive."""
     waited = 0
     while not condition():

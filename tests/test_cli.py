@@ -8,117 +8,38 @@ Failures must be a non-zero exit and one line on stderr, never a traceback.
 
 from __future__ import annotations
 
-import asyncio
-import re
 import signal
 import socket
 import sqlite3
 import stat
-import subprocess
-import sys
 import time
-import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import jwt
 import pytest
-import yaml
 
-from tornado_app.store import Store, schema
+from tornado_app.store import schema
 
-from .servers import clean_env, free_port
+from .helpers import on_engine
+from .servers import (
+    PASSWORD,
+    SECRET,
+    Call,
+    cli,
+    free_port,
+    ok,
+    one_line_error,
+    run_all,
+    sqlite_url,
+    write_config,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-SECRET = "cli-test-secret-" + "s" * 40
-PASSWORD = "correct horse battery"
 TTL_MINUTES = 45  # configured; differs from the built-in default on purpose
-TIMEOUT = 60
-LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")  # what a service log line starts with
-
-
-@dataclass
-class Call:
-    """One ``python -m tornado_app`` invocation, to run alone or with others."""
-
-    config: Path | str
-    args: tuple[str, ...]
-    input: str | None = None
-    env: dict[str, str] = field(default_factory=dict)
-
-    def start(self) -> subprocess.Popen:
-        command = [sys.executable, "-m", "tornado_app", "--config", str(self.config), *self.args]
-        return subprocess.Popen(
-            command, text=True, cwd=ROOT, env=clean_env(**self.env),
-            stdin=subprocess.DEVNULL if self.input is None else subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )
-
-
-def run_all(*calls: Call) -> list[subprocess.CompletedProcess]:
-    """Run the calls concurrently; results in the same order."""
-    procs = [call.start() for call in calls]
-    results = []
-    for call, proc in zip(calls, procs):
-        try:
-            out, err = proc.communicate(call.input, timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
-            err += "\n[killed: did not finish in time]"
-        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
-    return results
-
-
-def cli(config, *args: str, input: str | None = None, **env: str) -> subprocess.CompletedProcess:
-    return run_all(Call(config, args, input, env))[0]
-
-
-def ok(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 0, result.stderr
-    assert "Traceback" not in result.stderr
-    return result.stdout
-
-
-def one_line_error(result: subprocess.CompletedProcess, code: int, *words: str) -> str:
-    """Assert exit ``code`` and exactly one line on stderr (besides log lines)."""
-    assert result.returncode == code, (result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr + result.stdout
-    lines = [line for line in result.stderr.splitlines() if not LOG_LINE.match(line)]
-    assert len(lines) == 1, result.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
-    return lines[0]
-
-
-def write_config(folder: Path, text: str | None = None, **sections) -> Path:
-    """A config in ``folder`` (SQLite under folder/data, fixed secret) plus ``sections``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    config = folder / "config.yaml"
-    if text is not None:
-        config.write_text(text)
-        return config
-    data = {
-        "data_dir": "data",
-        "database": {"url": "sqlite+aiosqlite:///data/chat.db"},
-        "auth": {"jwt_secret": SECRET, "token_ttl_minutes": TTL_MINUTES},
-        "agent": {"backend": "echo"},
-        "server": {"host": "127.0.0.1", "shutdown_grace_seconds": 1},
-    }
-    for name, values in sections.items():
-        if isinstance(values, dict) and isinstance(data.get(name), dict):
-            data[name] = {**data[name], **values}
-        elif values is None:
-            data.pop(name, None)
-        else:
-            data[name] = values
-    config.write_text(yaml.safe_dump(data))
-    return config
 
 
 @pytest.fixture
 def config(tmp_path) -> Path:
-    return write_config(tmp_path)
+    return write_config(tmp_path, auth={"token_ttl_minutes": TTL_MINUTES})
 
 
 def add_user(config, name: str = "alice", **env: str) -> None:
@@ -204,15 +125,7 @@ def test_db_current_upgrade_current(config):
 
 def upgraded(config: Path) -> Path:
     """Bring the config's database to head in-process (set-up, not under test)."""
-
-    async def run():
-        store = Store.from_url(f"sqlite+aiosqlite:///{config.parent / 'data' / 'chat.db'}")
-        try:
-            await schema.upgrade(store.engine)
-        finally:
-            await store.close()
-
-    asyncio.run(run())
+    on_engine(sqlite_url(config.parent), schema.upgrade)
     return config
 
 
@@ -239,15 +152,8 @@ def test_unknown_revision_stops_the_server_and_the_db_commands(config):
 
 def test_a_database_downgraded_to_base_counts_as_empty(config):
     upgraded(config)
-
-    async def downgrade():
-        store = Store.from_url(f"sqlite+aiosqlite:///{config.parent / 'data' / 'chat.db'}")
-        try:
-            await schema.downgrade(store.engine, "base")
-        finally:
-            await store.close()
-
-    asyncio.run(downgrade())  # leaves an empty alembic_version table behind
+    # This leaves an empty alembic_version table behind.
+    on_engine(sqlite_url(config.parent), lambda engine: schema.downgrade(engine, "base"))
     assert "added user" in ok(cli(config, "users", "add", "alice", "--password-stdin",
                                   input="long enough password\n"))
 
@@ -257,16 +163,8 @@ def test_older_revision_names_db_upgrade(config, monkeypatch):
     upgraded(config)
     current = schema.head_revision()
     monkeypatch.setattr(schema, "head_revision", lambda: "9999_future")
-
-    async def check():
-        store = Store.from_url(f"sqlite+aiosqlite:///{config.parent / 'data' / 'chat.db'}")
-        try:
-            await schema.ensure_schema(store.engine)
-        finally:
-            await store.close()
-
     with pytest.raises(schema.SchemaError) as caught:
-        asyncio.run(check())
+        on_engine(sqlite_url(config.parent), schema.ensure_schema)
     message = str(caught.value)
     assert f"at revision {current}" in message and "9999_future" in message
     assert "db upgrade" in message and "\n" not in message
@@ -359,50 +257,20 @@ def test_jwt_secret_is_generated_once_and_reused(tmp_path):
 # Serving
 
 
-def wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 20) -> None:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}: {proc.stderr.read()}")
-        try:
-            with opener.open(f"http://127.0.0.1:{port}/healthz", timeout=1) as response:
-                assert response.status == 200
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"no answer on port {port} within {timeout} s")
-
-
-@pytest.fixture
-def servers():
-    """Started server processes; whatever is still running at the end is killed."""
-    started: list[subprocess.Popen] = []
-    yield started
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
-
-
 def test_serve_on_env_port_and_flag_port_then_sigterm(tmp_path, servers):
-    unused, env_port, flag_port = free_port(), free_port(), free_port()
-    from_env = Call(write_config(tmp_path / "a", server={"port": unused}), (),
-                    env={"TORNADO_APP_SERVER__PORT": str(env_port)})
-    # --port beats both the file and the environment.
-    from_flag = Call(write_config(tmp_path / "b", server={"port": unused}),
-                     ("--port", str(flag_port)), env={"TORNADO_APP_SERVER__PORT": str(unused)})
-    servers.extend(call.start() for call in (from_env, from_flag))
-    for proc, port in zip(servers, (env_port, flag_port)):
-        wait_healthy(port, proc)
-    for proc in servers:
-        proc.send_signal(signal.SIGTERM)
-    for proc in servers:
+    unused, env_port = free_port(), free_port()
+    from_env = servers(write_config(tmp_path / "a", server={"port": unused}),
+                       port=env_port, env={"TORNADO_APP_SERVER__PORT": str(env_port)})
+    # --port (a free port the fixture picks) beats both the file and the environment.
+    from_flag = servers(write_config(tmp_path / "b", server={"port": unused}),
+                        env={"TORNADO_APP_SERVER__PORT": str(unused)})
+    for server in (from_env, from_flag):
+        server.signal(signal.SIGTERM)
+    for server in (from_env, from_flag):
         started = time.monotonic()
-        _, err = proc.communicate(timeout=10)
-        assert proc.returncode == 0, err
+        assert server.wait(10) == 0, server.log()
         assert time.monotonic() - started < 5
-        assert "Traceback" not in err
+        assert "Traceback" not in server.log()
 
 
 def test_port_already_in_use_is_one_line(config):

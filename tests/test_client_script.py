@@ -8,114 +8,40 @@ be a non-zero exit and exactly one ``error: ...`` line on stderr.
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from .servers import PASSWORD, ROOT, add_users, clean_env, free_port, serving, write_config
+
 SCRIPT = ROOT / "test_ai_chat_websocket.py"
-PASSWORD = "correct horse battery"
 MAX_CONTENT_CHARS = 50
 TIMEOUT = 60  # seconds any one subprocess may take before the test fails
 
 
-def clean_env(**extra: str) -> dict[str, str]:
-    """This environment without settings that would leak into the subprocesses."""
-    env = {
-        name: value for name, value in os.environ.items()
-        if not name.startswith(("TORNADO_APP_", "CHAT_"))
-    }
-    env.update(extra)
-    return env
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 20) -> None:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            with opener.open(f"{url}/healthz", timeout=1) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"no answer on {url}/healthz in {timeout} s:\n{log.read_text()}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def start_server(folder: Path, agent: dict) -> tuple[str, subprocess.Popen]:
-    """Write a config, add alice through the CLI, start serving; wait for /healthz."""
-    port = free_port()
-    config = folder / "config.yaml"
-    config.write_text(yaml.safe_dump({
-        "data_dir": "data",
-        "server": {"host": "127.0.0.1", "port": port, "shutdown_grace_seconds": 1},
-        "database": {"url": "sqlite+aiosqlite:///data/chat.db"},
-        "rate_limit": {"messages": 1000, "per_seconds": 60},
-        "chat": {"max_content_chars": MAX_CONTENT_CHARS},
-        "agent": agent,
-    }))
-    command = [sys.executable, "-m", "tornado_app", "--config", str(config)]
-    added = subprocess.run([*command, "users", "add", "alice", "--password-stdin"],
-                           input=PASSWORD + "\n", capture_output=True, text=True,
-                           env=clean_env(), cwd=ROOT, timeout=TIMEOUT)
-    assert added.returncode == 0, added.stderr
-    log = folder / "server.log"
-    with log.open("w") as log_file:
-        proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
-                                env=clean_env(), cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, proc, log)
-    except BaseException:
-        stop(proc)
-        raise
-    return url, proc
+def alice_config(folder: Path, **echo_options) -> Path:
+    """A config with the echo agent and the user alice, made through the CLI."""
+    config = write_config(folder, agent={"backend": "echo", "echo": echo_options},
+                          chat={"max_content_chars": MAX_CONTENT_CHARS})
+    add_users(config, "alice")
+    return config
 
 
 @pytest.fixture(scope="module")
 def server_url(tmp_path_factory):
-    url, proc = start_server(tmp_path_factory.mktemp("live-server"),
-                             {"backend": "echo", "echo": {"prefix": "Echo: "}})
-    try:
-        yield url
-    finally:
-        stop(proc)
+    with serving(alice_config(tmp_path_factory.mktemp("live-server"), prefix="Echo: ")) as server:
+        yield server.base_url
 
 
 @pytest.fixture(scope="module")
 def slow_server_url(tmp_path_factory):
     """A server whose echo agent pauses 2 s before each word."""
-    url, proc = start_server(tmp_path_factory.mktemp("slow-server"),
-                             {"backend": "echo", "echo": {"delay_seconds": 2}})
-    try:
-        yield url
-    finally:
-        stop(proc)
+    with serving(alice_config(tmp_path_factory.mktemp("slow-server"), delay_seconds=2)) as server:
+        yield server.base_url
 
 
 def run_script(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -5,13 +5,12 @@ import json
 import time
 
 import pytest
-from tornado.httpclient import AsyncHTTPClient
 
 from sqlalchemy import func, select
 
 from tornado_app.store.models import ConnectionLease
 
-from .helpers import connect_ws
+from .helpers import connect_ws, logout
 
 
 @pytest.fixture
@@ -103,20 +102,13 @@ class TestPerProcessCap:
         assert third.close_reason == "Too many connections"
 
 
-async def post_logout(base_url, token):
-    return await AsyncHTTPClient().fetch(
-        f"{base_url}/logout", method="POST", body="",
-        headers={"Authorization": f"Bearer {token}"}, raise_error=False,
-    )
-
-
 @pytest.mark.gen_test
 async def test_logout_revokes_that_token_everywhere(base_url, ws_url, make_user, token_for):
     await make_user("alice")
     token, other_token = token_for("alice"), token_for("alice")
     open_socket = await connect_ws(ws_url("a", token))
     await open_socket.receive()
-    response = await post_logout(base_url, token)
+    response = await logout(base_url, token)
     assert response.code == 200
     assert response.headers["Set-Cookie"].startswith("access_token=\"\"; expires=")  # cleared
     assert await open_socket.wait_closed() == 1008  # within auth.recheck_seconds
@@ -129,7 +121,7 @@ async def test_logout_revokes_that_token_everywhere(base_url, ws_url, make_user,
 
 @pytest.mark.gen_test
 async def test_logout_needs_a_valid_token(base_url):
-    response = await post_logout(base_url, "nonsense")
+    response = await logout(base_url, "nonsense")
     assert response.code == 401
     assert json.loads(response.body)["error"] == "invalid_token"
 

@@ -12,9 +12,8 @@ import time
 
 import pytest
 
-from .conftest import run_async
-from .helpers import connect_ws
-from .servers import ServerProcess, add_users, servers, token, write_config  # noqa: F401
+from .helpers import connect_ws, run_async
+from .servers import ServerProcess, add_users, token, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -52,15 +51,7 @@ def assert_whole(chunks: list[dict], final: dict) -> None:
     assert "".join(c["message"] for c in chunks) == final["message"] == ANSWER
 
 
-@pytest.fixture
-def postgres_url(postgres_database):
-    from .conftest import _reset_postgres_schema
-
-    run_async(_reset_postgres_schema(postgres_database))
-    return postgres_database
-
-
-def test_resume_on_another_instance(tmp_path, postgres_url, servers):  # noqa: F811
+def test_resume_on_another_instance(tmp_path, postgres_url, servers):
     config = config_for(tmp_path, postgres_url)
     add_users(config, "alice")
     first, second = servers(config), servers(config)
@@ -83,8 +74,8 @@ def test_resume_on_another_instance(tmp_path, postgres_url, servers):  # noqa: F
     asyncio.run(scenario())
 
 
-def test_resume_between_processes_of_one_instance(tmp_path, servers):  # noqa: F811
-    config = config_for(tmp_path, "sqlite+aiosqlite:///data/chat.db",
+def test_resume_between_processes_of_one_instance(tmp_path, servers):
+    config = config_for(tmp_path, "sqlite:///data/chat.db",
                         server={"processes": 2})
     add_users(config, "alice")
     server = servers(config)
@@ -108,7 +99,7 @@ def test_resume_between_processes_of_one_instance(tmp_path, servers):  # noqa: F
     assert server.log().count("serving on http://") == 2
 
 
-def test_cancel_from_another_instance(tmp_path, postgres_url, servers):  # noqa: F811
+def test_cancel_from_another_instance(tmp_path, postgres_url, servers):
     config = config_for(tmp_path, postgres_url)
     add_users(config, "alice")
     first, second = servers(config), servers(config)
@@ -127,7 +118,7 @@ def test_cancel_from_another_instance(tmp_path, postgres_url, servers):  # noqa:
     asyncio.run(scenario())
 
 
-def test_a_killed_instance_leaves_no_reply_hanging(tmp_path, postgres_url, servers):  # noqa: F811
+def test_a_killed_instance_leaves_no_reply_hanging(tmp_path, postgres_url, servers):
     config = config_for(tmp_path, postgres_url, delay=0.2)
     add_users(config, "alice")
     doomed, survivor = servers(config), servers(config)
@@ -169,10 +160,10 @@ def test_a_killed_instance_leaves_no_reply_hanging(tmp_path, postgres_url, serve
     assert ANSWER.startswith(content) and 0 < len(content) < len(ANSWER)
 
 
-def test_a_killed_sqlite_instance_is_swept_by_the_next(tmp_path, servers):  # noqa: F811
+def test_a_killed_sqlite_instance_is_swept_by_the_next(tmp_path, servers):
     """One instance on a SQLite file, killed mid-reply; the one started
     after it saves the reply as interrupted."""
-    config = config_for(tmp_path, "sqlite+aiosqlite:///data/chat.db", delay=0.2)
+    config = config_for(tmp_path, "sqlite:///data/chat.db", delay=0.2)
     add_users(config, "alice")
     doomed = servers(config)
     tok = token(config, "alice")

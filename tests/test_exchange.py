@@ -22,8 +22,7 @@ async def test_user_message_is_committed_before_the_agent_is_called(connect, fak
     fake_agent.enqueue("the reply", gate=gate)
     client = await connect()
     await client.send({"content": "question"})
-    while not fake_agent.history:
-        await asyncio.sleep(0.01)
+    await fake_agent.received()
     saved = await rows(store)
     assert [(r.role, r.content) for r in saved] == [("user", "question")]
     gate.set()
@@ -287,8 +286,7 @@ class TestHotSwap:
         fake_agent.enqueue("old agent's reply", gate=gate)
         client = await connect()
         await client.send({"content": "before"})
-        while not fake_agent.history:
-            await asyncio.sleep(0.01)
+        await fake_agent.received()
         service.reload_agents()
         gate.set()
         assert (await client.receive())["message"] == "old agent's reply"

@@ -83,12 +83,17 @@ def storable(text: str) -> bool:
     return "\x00" not in text and _encodes(text)
 
 
-def _encodes(text: str) -> bool:
+def _converts(convert, value) -> bool:
+    """Whether ``convert(value)`` (str.encode or bytes.decode: UTF-8, strict) succeeds."""
     try:
-        text.encode("utf-8")
+        convert(value)
         return True
-    except UnicodeEncodeError:
+    except UnicodeError:
         return False
+
+
+def _encodes(text: str) -> bool:
+    return _converts(str.encode, text)
 
 
 content_text = st.one_of(
@@ -162,11 +167,7 @@ binary_frames = st.binary(max_size=2000).map(lambda b: (BINARY, b))
 
 
 def _decodes(data: bytes) -> bool:
-    try:
-        data.decode("utf-8")
-        return True
-    except UnicodeDecodeError:
-        return False
+    return _converts(bytes.decode, data)
 
 
 burst_frames = text_frames | binary_frames

@@ -3,19 +3,20 @@
 import json
 
 import pytest
-from tornado.httpclient import AsyncHTTPClient
+
+from .helpers import get
 
 
 @pytest.mark.gen_test
 async def test_healthz(base_url):
-    response = await AsyncHTTPClient().fetch(f"{base_url}/healthz")
-    assert json.loads(response.body) == {"status": "ok"}
+    response = await get(f"{base_url}/healthz")
+    assert (response.code, json.loads(response.body)) == (200, {"status": "ok"})
 
 
 @pytest.mark.gen_test
 async def test_readyz_waits_for_the_agent(base_url, fake_agent, caplog):
     fake_agent.set_ready(False)
-    response = await AsyncHTTPClient().fetch(f"{base_url}/readyz", raise_error=False)
+    response = await get(f"{base_url}/readyz")
     assert response.code == 503
     assert json.loads(response.body)["agent"] == "loading"
     # Not ready is a state, not a fault: no ERROR line per load-balancer poll.
@@ -23,7 +24,8 @@ async def test_readyz_waits_for_the_agent(base_url, fake_agent, caplog):
                if r.name == "tornado.access" and "/readyz" in r.getMessage()]
     assert line.levelname == "WARNING"
     fake_agent.set_ready()
-    response = await AsyncHTTPClient().fetch(f"{base_url}/readyz")
+    response = await get(f"{base_url}/readyz")
+    assert response.code == 200
     assert json.loads(response.body) == {"status": "ready", "database": "ok", "agent": "ok"}
 
 
@@ -39,7 +41,7 @@ async def test_readyz_reports_an_unreachable_database(base_url, service):
     nowhere = EngineExecutor(create_async_engine("postgresql+asyncpg://nobody@127.0.0.1:1/none"))
     store.reader, store.sqlite_file = nowhere, None
     try:
-        response = await AsyncHTTPClient().fetch(f"{base_url}/readyz", raise_error=False)
+        response = await get(f"{base_url}/readyz")
     finally:
         await nowhere.close()
         store.reader, store.sqlite_file = good
@@ -56,7 +58,7 @@ async def test_readyz_reports_a_locked_sqlite_file(base_url, service, settings):
     lock = sqlite3.connect(service.store.sqlite_file, isolation_level=None, timeout=0)
     lock.execute("BEGIN EXCLUSIVE")  # another writer holds the file
     try:
-        response = await AsyncHTTPClient().fetch(f"{base_url}/readyz", raise_error=False)
+        response = await get(f"{base_url}/readyz")
     finally:
         lock.execute("ROLLBACK")
         lock.close()

@@ -6,17 +6,17 @@ import logging
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from tornado.httpclient import AsyncHTTPClient
 
 from tornado_app.agents import AgentError
 from tornado_app.config import LoggingSettings
 from tornado_app.logs import setup_logging
 
-from .helpers import connect_ws
+from .helpers import connect_ws, get
 
 
 async def scrape(base_url) -> dict:
-    response = await AsyncHTTPClient().fetch(f"{base_url}/metrics")
+    response = await get(f"{base_url}/metrics")
+    assert response.code == 200
     assert response.headers["Content-Type"].startswith("text/plain")
     samples = {}
     for family in text_string_to_metric_families(response.body.decode()):

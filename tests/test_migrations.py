@@ -6,7 +6,6 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from tornado_app.store import Store
 from tornado_app.store.models import Base
 from tornado_app.store.schema import (
     alembic_config,
@@ -25,10 +24,8 @@ def revisions() -> list[str]:
 
 
 @pytest.fixture
-def engine(io_loop, any_db_url):
-    store = Store.from_url(any_db_url)
-    yield store.engine
-    io_loop.run_sync(store.close)
+def engine(db_store):
+    return db_store.engine
 
 
 async def schema_differences(engine) -> list:

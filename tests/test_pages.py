@@ -6,15 +6,15 @@ import json
 import re
 
 import pytest
-from tornado.httpclient import AsyncHTTPClient
 
 from tornado_app.handlers.pages import STATIC_DIR
 
-from .helpers import add_reply, add_user_message, saved_messages
+from .helpers import add_reply, add_user_message, get, logout, saved_messages
 
 
-async def get(url, **headers):
-    return await AsyncHTTPClient().fetch(url, headers=headers, raise_error=False)
+async def messages(base_url, client_id="chat-1", **headers):
+    """GET /api/conversations/{client_id}/messages with these headers."""
+    return await get(f"{base_url}/api/conversations/{client_id}/messages", **headers)
 
 
 async def seed(store, user, client_id="chat-1"):
@@ -32,8 +32,7 @@ async def seed(store, user, client_id="chat-1"):
 @pytest.mark.gen_test
 async def test_messages_with_bearer_token(base_url, make_user, token_for, store):
     await seed(store, await make_user("alice"))
-    response = await get(f"{base_url}/api/conversations/chat-1/messages",
-                         Authorization=f"Bearer {token_for('alice')}")
+    response = await messages(base_url, Authorization=f"Bearer {token_for('alice')}")
     assert response.code == 200
     assert response.headers["Content-Type"].startswith("application/json")
     assert response.headers["Cache-Control"] == "no-store"
@@ -59,8 +58,7 @@ async def test_messages_with_bearer_token(base_url, make_user, token_for, store)
 @pytest.mark.gen_test
 async def test_messages_with_cookie(base_url, make_user, token_for, store):
     await seed(store, await make_user("alice"))
-    response = await get(f"{base_url}/api/conversations/chat-1/messages",
-                         Cookie=f"access_token={token_for('alice')}")
+    response = await messages(base_url, Cookie=f"access_token={token_for('alice')}")
     assert response.code == 200
     assert len(json.loads(response.body)["messages"]) == 5
 
@@ -69,8 +67,7 @@ async def test_messages_with_cookie(base_url, make_user, token_for, store):
 async def test_only_the_signed_in_users_conversation(base_url, make_user, token_for, store):
     await seed(store, await make_user("alice"))
     await make_user("bob")
-    response = await get(f"{base_url}/api/conversations/chat-1/messages",
-                         Authorization=f"Bearer {token_for('bob')}")
+    response = await messages(base_url, Authorization=f"Bearer {token_for('bob')}")
     assert response.code == 200
     assert json.loads(response.body)["messages"] == []
 
@@ -83,7 +80,7 @@ async def test_only_the_signed_in_users_conversation(base_url, make_user, token_
 ], ids=["none", "bad-bearer", "bad-cookie"])
 async def test_no_valid_token_is_401_json(base_url, make_user, headers):
     await make_user("alice")
-    response = await get(f"{base_url}/api/conversations/chat-1/messages", **headers)
+    response = await messages(base_url, **headers)
     assert response.code == 401
     assert response.headers["WWW-Authenticate"] == "Bearer"
     assert json.loads(response.body)["error"] == "invalid_token"
@@ -100,24 +97,18 @@ async def test_token_in_query_is_not_accepted(base_url, make_user, token_for):
 async def test_disabled_user_and_revoked_token_are_401(base_url, make_user, token_for, store):
     await make_user("alice")
     token = token_for("alice")
-    logout = await AsyncHTTPClient().fetch(f"{base_url}/logout", method="POST", body=b"",
-                                           headers={"Authorization": f"Bearer {token}"},
-                                           raise_error=False)
-    assert logout.code == 200
-    response = await get(f"{base_url}/api/conversations/chat-1/messages",
-                         Authorization=f"Bearer {token}")
+    assert (await logout(base_url, token)).code == 200
+    response = await messages(base_url, Authorization=f"Bearer {token}")
     assert response.code == 401
     await make_user("carol", disabled=True)
-    response = await get(f"{base_url}/api/conversations/chat-1/messages",
-                         Authorization=f"Bearer {token_for('carol')}")
+    response = await messages(base_url, Authorization=f"Bearer {token_for('carol')}")
     assert response.code == 401
 
 
 @pytest.mark.gen_test
 async def test_invalid_client_id_is_400(base_url, make_user, token_for):
     await make_user("alice")
-    response = await get(f"{base_url}/api/conversations/{'x' * 129}/messages",
-                         Authorization=f"Bearer {token_for('alice')}")
+    response = await messages(base_url, "x" * 129, Authorization=f"Bearer {token_for('alice')}")
     assert response.code == 400
     assert json.loads(response.body)["error"] == "invalid_request"
 

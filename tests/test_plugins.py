@@ -1,5 +1,7 @@
 """The plugin system: built-ins, third-party entry points, config validation."""
 
+import re
+
 import pytest
 
 from tornado_app.agents import (
@@ -28,40 +30,37 @@ def test_third_party_plugin_is_found_through_its_entry_point():
     assert spec.plugin == "shout"
 
 
-def _settings(tmp_path, **environ):
+def refusal(tmp_path, **environ) -> str:
+    """What validate_agent_settings says about settings with these overrides
+    (``agent__backend="nope"`` for TORNADO_APP_AGENT__BACKEND=nope)."""
     environ = {f"TORNADO_APP_{k.upper()}": v for k, v in environ.items()}
     environ["TORNADO_APP_DATA_DIR"] = str(tmp_path)
-    return load_settings(None, environ)
+    settings = load_settings(None, environ)
+    with pytest.raises(ConfigError) as error:
+        validate_agent_settings(settings, available_agents())
+    return str(error.value)
 
 
 def test_unknown_backend_lists_the_available_ones(tmp_path):
-    settings = _settings(tmp_path, agent__backend="nope")
-    with pytest.raises(ConfigError) as error:
-        validate_agent_settings(settings, available_agents())
-    message = str(error.value)
+    message = refusal(tmp_path, agent__backend="nope")
     assert message.startswith("agent.backend: unknown agent 'nope'; available: ")
     assert "echo" in message and "shout" in message
 
 
 def test_unknown_fallback_is_refused(tmp_path):
-    settings = _settings(tmp_path, agent__fallbacks="[echo, nope]")
-    with pytest.raises(ConfigError, match=r"agent.fallbacks\[1\]: unknown agent 'nope'"):
-        validate_agent_settings(settings, available_agents())
+    assert re.search(r"agent.fallbacks\[1\]: unknown agent 'nope'",
+                     refusal(tmp_path, agent__fallbacks="[echo, nope]"))
 
 
 def test_plugin_options_are_validated_by_the_plugin(tmp_path):
-    settings = _settings(tmp_path, agent__echo__delay_seconds="-1")
-    with pytest.raises(ConfigError, match=r"^agent.echo.delay_seconds: "):
-        validate_agent_settings(settings, available_agents())
-    settings = _settings(tmp_path, agent__echo__typo="1")
-    with pytest.raises(ConfigError, match=r"^agent.echo.typo: unknown key; .*prefix"):
-        validate_agent_settings(settings, available_agents())
+    assert re.search(r"^agent.echo.delay_seconds: ",
+                     refusal(tmp_path, agent__echo__delay_seconds="-1"))
+    assert re.search(r"^agent.echo.typo: unknown key; .*prefix",
+                     refusal(tmp_path, agent__echo__typo="1"))
 
 
 def test_an_options_section_for_no_agent_is_refused(tmp_path):
-    settings = _settings(tmp_path, agent__nosuch__x="1")
-    with pytest.raises(ConfigError, match=r"^agent.nosuch: unknown key"):
-        validate_agent_settings(settings, available_agents())
+    assert re.search(r"^agent.nosuch: unknown key", refusal(tmp_path, agent__nosuch__x="1"))
 
 
 class TestShoutEndToEnd:

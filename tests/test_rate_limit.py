@@ -5,24 +5,20 @@ import functools
 
 import pytest
 
-from tornado_app.store import Store
-
 from .helpers import take_rate_limit
 
 
 @pytest.fixture
-def limiter_store(io_loop, any_db_url):
+def limiter_store(io_loop, db_store):
     """A Store on an empty database of each kind, with users 1 and 2."""
-    store = Store.from_url(any_db_url)
 
     async def prepare():
-        await store.ensure_schema()
+        await db_store.ensure_schema()
         for name in ("u1", "u2"):
-            await store.create_user(name, None)
+            await db_store.create_user(name, None)
 
     io_loop.run_sync(prepare)
-    yield store
-    io_loop.run_sync(store.close)
+    return db_store
 
 
 @pytest.mark.gen_test

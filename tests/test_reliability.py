@@ -34,10 +34,9 @@ from tornado.websocket import WebSocketClosedError
 
 from tornado_app.agents import AgentError
 
-from .conftest import _reset_postgres_schema, run_async
-from .helpers import Client, connect_ws, saved_messages
+from .helpers import Client, connect_ws, get, run_async, saved_messages
 from .openai_upstream import FakeOpenAI
-from .servers import ServerProcess, add_users, servers, token, write_config  # noqa: F401
+from .servers import ServerProcess, add_users, sqlite_url, token, write_config
 from .servers import tokens as cli_tokens
 from .tcp_proxy import TcpProxy
 
@@ -50,10 +49,6 @@ UNCAUGHT = ("Uncaught exception", "Task exception was never retrieved",
 def run(coro, timeout: float = 120):
     """Run a client scenario in a fresh event loop, bounded."""
     return asyncio.run(asyncio.wait_for(coro, timeout))
-
-
-def sqlite_url(folder: Path) -> str:
-    return f"sqlite+aiosqlite:///{folder / 'data' / 'chat.db'}"
 
 
 TRANSCRIPT = text(
@@ -97,14 +92,6 @@ async def drain(client: Client, timeout: float) -> list[dict]:
     while (frame := await client.receive(timeout)) is not None:
         frames.append(frame)
     return frames
-
-
-@pytest.fixture
-def postgres_url(request):
-    """A fresh schema in the session's PostgreSQL test database (skipped without one)."""
-    url = request.getfixturevalue("postgres_database")
-    run_async(_reset_postgres_schema(url))
-    return url
 
 
 # 7. Graceful shutdown
@@ -524,11 +511,6 @@ class TestUpstreamFaults:
         settings.rate_limit.messages = 1000
         return settings
 
-    @staticmethod
-    async def agent_has(fake_agent, count: int) -> None:
-        while len(fake_agent.history) < count:
-            await asyncio.sleep(0.005)  # the fake records requests; it has no event to await
-
     @pytest.mark.gen_test(timeout=30)
     async def test_hung_slow_and_failing_agents_do_not_block_other_users(self, connect, fake_agent, store):
         names = ("hung", "slow", "failing")
@@ -540,7 +522,7 @@ class TestUpstreamFaults:
         started = asyncio.get_running_loop().time()
         for number, name in enumerate(names, start=1):
             await troubled[name].send({"content": name, "stream": True})
-            await self.agent_has(fake_agent, number)
+            await fake_agent.received(number)
         outcome = {name: asyncio.ensure_future(troubled[name].receive_type("error", DEADLINE + 10))
                    for name in names}
 
@@ -584,16 +566,14 @@ class TestUpstreamFaults:
 
     @pytest.mark.gen_test(timeout=30)
     async def test_many_hung_replies_leave_the_server_responsive(self, connect, fake_agent, base_url):
-        from tornado.httpclient import AsyncHTTPClient
-
         hung = [await connect(f"hung-{n}", user=f"hung{n}") for n in range(12)]
         fresh = await connect("fresh", user="fresh")
         for client in hung:
             fake_agent.enqueue("never", gate=asyncio.Event())
             await client.send({"content": "hang"})
-        await self.agent_has(fake_agent, len(hung))
+        await fake_agent.received(len(hung))
         outcome = [asyncio.ensure_future(c.receive(timeout=DEADLINE + 10)) for c in hung]
-        response = await AsyncHTTPClient().fetch(f"{base_url}/readyz")
+        response = await get(f"{base_url}/readyz")
         assert response.code == 200
         await fresh.send({"content": "hi"})
         assert (await fresh.receive())["type"] == "ai_response"

@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 
 from .helpers import connect_ws
-from .servers import ServerProcess, add_users, cli, servers, token, write_config  # noqa: F401
+from .servers import ServerProcess, add_users, cli, ok, token, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +26,7 @@ async def open_clients(server: ServerProcess, tok: str, count: int, prefix: str 
     return clients
 
 
-def test_rate_limit_is_exact_across_four_processes(tmp_path, any_db_url, servers):  # noqa: F811
+def test_rate_limit_is_exact_across_four_processes(tmp_path, any_db_url, servers):
     limit = 25
     config = write_config(
         tmp_path,
@@ -75,9 +75,7 @@ def lease_config(tmp_path, db_url, name):
     )
 
 
-def test_connection_cap_holds_across_instances_and_frees_after_kill_9(
-    tmp_path, any_db_url, servers  # noqa: F811
-):
+def test_connection_cap_holds_across_instances_and_frees_after_kill_9(tmp_path, any_db_url, servers):
     config_a = lease_config(tmp_path, any_db_url, "a")
     config_b = lease_config(tmp_path, any_db_url, "b")
     add_users(config_a, "alice")
@@ -104,7 +102,7 @@ def test_connection_cap_holds_across_instances_and_frees_after_kill_9(
     assert freed_after < 3 + 2  # lease_seconds, plus the polling above
 
 
-def test_disable_closes_sockets_on_every_instance(tmp_path, any_db_url, servers):  # noqa: F811
+def test_disable_closes_sockets_on_every_instance(tmp_path, any_db_url, servers):
     config_a = lease_config(tmp_path, any_db_url, "a")
     config_b = lease_config(tmp_path, any_db_url, "b")
     add_users(config_a, "alice", "bob")
@@ -115,7 +113,7 @@ def test_disable_closes_sockets_on_every_instance(tmp_path, any_db_url, servers)
         on_a = (await open_clients(a, alice, 1, "a"))[0]
         on_b = (await open_clients(b, alice, 1, "b"))[0]
         bob_socket = (await open_clients(b, bob, 1, "x"))[0]
-        await asyncio.to_thread(cli, config_a, "users", "disable", "alice")
+        ok(await asyncio.to_thread(cli, config_a, "users", "disable", "alice"))
         codes = [await on_a.wait_closed(timeout=10), await on_b.wait_closed(timeout=10)]
         await bob_socket.send({"content": "still here"})
         return codes, (await bob_socket.receive(timeout=10))["type"]

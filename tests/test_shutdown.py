@@ -14,8 +14,7 @@ async def test_stop_lets_replies_finish_then_closes_with_1001(service, connect, 
     busy = await connect("busy")
     idle = await connect("idle", user="bob")
     await busy.send({"content": "long question"})
-    while not fake_agent.history:
-        await asyncio.sleep(0.01)
+    await fake_agent.received()
     stopping = asyncio.ensure_future(service.stop())
     await asyncio.sleep(0.1)
     gate.set()

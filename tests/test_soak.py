@@ -24,7 +24,7 @@ import time
 import pytest
 
 from .helpers import Client, connect_ws
-from .servers import ServerProcess, add_users, servers, write_config  # noqa: F401
+from .servers import ServerProcess, add_users, write_config
 from .servers import tokens as cli_tokens
 
 CONNECTIONS = int(os.environ.get("SOAK_CONNECTIONS", "500"))

@@ -1,9 +1,11 @@
 """Typed settings, read once from YAML and the environment.
 
 Precedence: built-in defaults < the YAML file < ``TORNADO_APP_<SECTION>__<KEY>``
-environment variables. Relative paths (``data_dir``, a relative SQLite file)
-are taken relative to the folder of the config file, so a service manager may
-start the server from any working directory.
+environment variables. ``DATABASE_URL``, which hosting platforms set, fills
+``database.url`` when neither the file nor ``TORNADO_APP_DATABASE__URL`` does.
+Relative paths (``data_dir``, a relative SQLite file) are taken relative to the
+folder of the config file, so a service manager may start the server from any
+working directory.
 
 Every mistake is reported as one :class:`ConfigError` line that names the key
 and the fix; ``__main__`` turns it into exit code 2.
@@ -17,10 +19,22 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
-from sqlalchemy.engine import make_url
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from .store import urls
 
 ENV_PREFIX = "TORNADO_APP_"
+# Set by hosting platforms (Heroku, Render, Fly.io...); see load_settings.
+PLATFORM_DATABASE_URL = "DATABASE_URL"
 MIN_SECRET_BYTES = 32
 
 
@@ -58,13 +72,23 @@ class ServerSettings(Section):
 
 
 class DatabaseSettings(Section):
-    # Any SQLAlchemy async URL: sqlite+aiosqlite:///file or postgresql+asyncpg://...
-    url: str = "sqlite+aiosqlite:///data/chat.db"
+    # sqlite:///file or postgresql://user:password@host/db (or the +aiosqlite /
+    # +asyncpg forms); always held as the async form (tornado_app.store.urls).
+    url: str = "sqlite:///data/chat.db"
     echo: bool = False
     # Longest wait for the database: connecting and each statement on
     # PostgreSQL, the write lock (busy timeout) on SQLite. Past it the client
     # gets an error frame instead of waiting for ever.
     timeout_seconds: float = Field(10.0, gt=0, le=300)
+
+    @field_validator("url")
+    @classmethod
+    def _async_url(cls, value: str) -> str:
+        try:
+            return urls.async_url(value)
+        except urls.UnsupportedURL as exc:
+            # A custom error type keeps pydantic's "Value error, " off the line.
+            raise PydanticCustomError("database_url", str(exc)) from None
 
 
 class AuthSettings(Section):
@@ -179,6 +203,10 @@ def load_settings(
     for name, keys, value in _env_overrides(environ):
         _set_nested(raw, keys, value)
         from_env[tuple(keys)] = name
+    database = raw.get("database", {})
+    if environ.get(PLATFORM_DATABASE_URL) and isinstance(database, dict) and "url" not in database:
+        _set_nested(raw, ["database", "url"], environ[PLATFORM_DATABASE_URL])
+        from_env[("database", "url")] = PLATFORM_DATABASE_URL
     try:
         settings = Settings.model_validate(raw)
     except ValidationError as exc:
@@ -255,23 +283,25 @@ def describe_error(
     inner = tuple(part for part in error["loc"] if not isinstance(part, int))
     loc = prefix + inner
     key = ".".join(str(part) for part in loc)
-    origin = _env_origin(loc, from_env or {})
+    variable = _env_variable(loc, from_env or {})
+    origin = f" (set by {variable})" if variable else ""
     if error["type"] == "extra_forbidden":
         known = _known_keys(model or Settings, inner[:-1])
         return f"{key}: unknown key{origin}; remove it or use one of: {', '.join(known)}"
     got = error.get("input")
-    secret = any(word in key for word in ("secret", "key", "password"))
-    shown = "" if isinstance(got, (dict, list)) or secret else f" (got {got!r})"
-    where = origin[2:-1] if origin else f"the config file or {env_name(loc)}"
+    # Secrets are never echoed, nor URLs, which may carry a password.
+    hidden = any(word in key for word in ("secret", "key", "password", "url"))
+    shown = "" if isinstance(got, (dict, list)) or hidden else f" (got {got!r})"
+    where = variable or f"the config file or {env_name(loc)}"
     return f"{key}: {error['msg']}{shown}; fix it in {where}"
 
 
-def _env_origin(loc: tuple, from_env: dict[tuple, str]) -> str:
-    """' (set by VAR)' when an environment variable set this key or one below it."""
+def _env_variable(loc: tuple, from_env: dict[tuple, str]) -> str | None:
+    """The environment variable that set this key or one below it, if one did."""
     for keys, name in from_env.items():
         if keys[: len(loc)] == loc:
-            return f" (set by {name})"
-    return ""
+            return name
+    return None
 
 
 def _known_keys(model: type[BaseModel], section: tuple) -> list[str]:
@@ -290,13 +320,7 @@ def _resolve_paths(settings: Settings, base: Path) -> None:
         value = getattr(settings.auth, key)
         if value and not Path(value).is_absolute():
             setattr(settings.auth, key, str(base / value))
-    url = make_url(settings.database.url)
-    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
-        db_path = Path(url.database)
-        if not db_path.is_absolute():
-            settings.database.url = url.set(database=str(base / db_path)).render_as_string(
-                hide_password=False
-            )
+    settings.database.url = urls.sqlite_file_under(settings.database.url, base)
 
 
 def _ensure_jwt_secret(settings: Settings) -> None:
