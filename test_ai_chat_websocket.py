@@ -3,7 +3,7 @@
 Usage:
     python test_ai_chat_websocket.py [--url http://127.0.0.1:8000]
         [--username U --password P] [--client-id ID] [--message TEXT ...]
-        [--stream] [--timeout SECONDS]
+        [--stream] [--v2] [--timeout SECONDS]
 
     CHAT_USERNAME=alice CHAT_PASSWORD=secret123 python test_ai_chat_websocket.py
     python test_ai_chat_websocket.py --username alice --password secret123 \\
@@ -13,7 +13,9 @@ It logs in through ``POST /token``, connects to
 ``ws(s)://HOST/ws/ai/ai-chat/CLIENT_ID?token=...`` (wss for an https URL), then
 sends each message in turn and waits for its reply, printing every frame as
 ``[system] ...``, ``[ai] ...`` or ``[error] ...``. With ``--stream`` the
-messages ask for streaming and the reply is printed as it arrives.
+messages ask for streaming and the reply is printed as it arrives. With
+``--v2`` it asks for protocol v2 (the ``ai-chat.v2`` subprotocol) and prints
+the ids the server gives each message and reply, as ``[ids] ...`` lines.
 
 Exit codes: 0 when every message got an ``ai_response``; 1 otherwise (server
 unreachable, login refused, socket closed, ``error`` frame, timeout), with one
@@ -62,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--message", action="append", dest="messages", metavar="TEXT",
                         help="a message to send; repeat for several (default: a short greeting set)")
     parser.add_argument("--stream", action="store_true", help="ask for the reply in chunks")
+    parser.add_argument("--v2", action="store_true",
+                        help="speak protocol v2 (subprotocol ai-chat.v2) and print the ids")
     parser.add_argument("--timeout", type=positive_seconds, default=30.0,
                         help="seconds to wait for login, connection and each reply (default 30)")
     return parser.parse_args(argv)
@@ -112,10 +116,22 @@ async def next_frame(conn: WebSocketClientConnection, timeout: float, waiting_fo
     return frame
 
 
+V2 = "ai-chat.v2"
+IDS = ("message_id", "reply_id")
+
+
 def show(frame: dict) -> None:
     kind = frame.get("type", "?")
     label = "ai" if kind == "ai_response" else kind
     print(f"[{label}] {frame.get('message', frame)}", flush=True)
+
+
+def show_ids(frame: dict, chunks: int = 0) -> None:
+    """Protocol v2: the ids a frame carries (an ack's, or a reply's end)."""
+    ids = " ".join(f"{name}={frame[name]}" for name in IDS if name in frame)
+    if ids:
+        extra = f" chunks={chunks}" if chunks else ""
+        print(f"[ids] {frame.get('type')}: {ids}{extra}", flush=True)
 
 
 async def exchange(conn: WebSocketClientConnection, number: int, text: str, stream: bool,
@@ -134,6 +150,9 @@ async def exchange(conn: WebSocketClientConnection, number: int, text: str, stre
         left = max(deadline - asyncio.get_running_loop().time(), 0.001)
         frame = await next_frame(conn, left, f"the reply to message {number}")
         kind = frame.get("type")
+        if kind == "ack":
+            show_ids(frame)
+            continue
         if kind == "ai_response_chunk":
             print(("[ai] " if not streamed else "") + str(frame.get("message", "")),
                   end="", flush=True)
@@ -145,8 +164,10 @@ async def exchange(conn: WebSocketClientConnection, number: int, text: str, stre
         if kind == "ai_response":
             if frame.get("message") != streamed:  # not already shown chunk by chunk
                 show(frame)
+            show_ids(frame, chunks)
             return chunks
         show(frame)
+        show_ids(frame)
         if kind == "error":
             raise ChatFailure(f"message {number} got an error instead of a reply: "
                               f"{frame.get('message')}")
@@ -159,9 +180,12 @@ async def run(args: argparse.Namespace) -> str:
     request = HTTPRequest(websocket_url(base_url, args.client_id, token),
                           connect_timeout=args.timeout, request_timeout=args.timeout)
     try:
-        conn = await websocket_connect(request)
+        conn = await websocket_connect(request, subprotocols=[V2] if args.v2 else None)
     except HTTPClientError as exc:
         raise ChatFailure(f"WebSocket handshake refused: HTTP {exc.code} {exc.message}") from None
+    if args.v2 and conn.selected_subprotocol != V2:
+        conn.close(1000, "done")
+        raise ChatFailure("the server does not speak protocol v2 (ai-chat.v2)")
     try:
         show(await next_frame(conn, args.timeout, "the welcome message"))
         messages = args.messages or DEFAULT_MESSAGES

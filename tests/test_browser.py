@@ -187,6 +187,59 @@ def test_stop_a_reply_then_reload_shows_the_history(page):
     assert page.evaluate("localStorage.getItem('aiChat.clientId')") == client_id
 
 
+def test_reload_mid_stream_goes_on_where_it_was(page):
+    logged_in(page)
+    expect(page.locator("#messages")).to_have_attribute("data-protocol", "v2")
+    send(page, words(50))
+    expect(last_reply(page).locator(".msg-body")).to_contain_text("word3 ")
+    page.reload()  # protocol v2: the reply went on at the server meanwhile
+    expect(page.locator("#status")).to_have_text("Connected")
+    reply = last_reply(page)
+    expect(reply).not_to_have_class(re.compile("streaming"), timeout=BROWSER_TIMEOUT_MS * 2)
+    # No gap and no repeated text: exactly the reply, then saved as it was shown.
+    expect(reply.locator(".msg-body")).to_have_text("Echo: " + words(50))
+    expect(page.locator("#messages .msg-body")).to_have_text([words(50), "Echo: " + words(50)])
+    page.reload()
+    expect(page.locator("#messages .msg-body")).to_have_text([words(50), "Echo: " + words(50)])
+
+
+def test_stop_works_on_a_reply_resumed_after_a_reload(page):
+    logged_in(page, "bob")
+    send(page, words(80, "stop"))
+    expect(last_reply(page).locator(".msg-body")).to_contain_text("stop2 ")
+    page.reload()
+    reply = last_reply(page)
+    expect(reply.locator(".msg-body")).to_contain_text("stop5 ")
+    expect(page.locator("#stop")).to_be_enabled()
+    page.locator("#stop").click()
+    expect(reply).to_have_class(re.compile("msg-cancelled"))
+    expect(reply.locator(".msg-meta")).to_contain_text("Stopped")
+    partial = reply.locator(".msg-body").text_content()
+    assert partial.startswith("Echo: stop0") and "stop79" not in partial
+    page.reload()  # saved as it was stopped
+    expect(page.locator("#messages .msg-body").last).to_have_text(partial)
+
+
+def test_the_page_speaks_the_spec_when_v2_is_refused(page):
+    """The server answers without the subprotocol (as a spec-only server
+    would; here the page's request for it is dropped on the way): the page
+    works on v1, streaming and Stop included."""
+    page.add_init_script("""
+        const Native = window.WebSocket;
+        window.WebSocket = class extends Native {
+            constructor(url) { super(url); }  // no subprotocol asked for
+        };
+    """)
+    logged_in(page, "bob")
+    expect(page.locator("#messages")).to_have_attribute("data-protocol", "v1")
+    send(page, "hello")
+    expect(last_reply(page).locator(".msg-body")).to_have_text("Echo: hello")
+    send(page, words(60, "v1-"))
+    expect(last_reply(page).locator(".msg-body")).to_contain_text("v1-2 ")
+    page.locator("#stop").click()
+    expect(last_reply(page).locator(".msg-meta")).to_contain_text("Stopped")
+
+
 def test_new_conversation_and_log_out(page, live_server):
     logged_in(page, "bob")
     send(page, "first conversation")

@@ -8,6 +8,7 @@ be a non-zero exit and exactly one ``error: ...`` line on stderr.
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -91,6 +92,24 @@ def test_stream_prints_the_reply_once_from_its_chunks(server_url):
     assert "[ai] Echo: one two three\n" in result.stdout
     # The echo agent streams word by word: "Echo: ", "one ", "two ", "three".
     assert "ok: 1 message(s) answered in 4 streamed chunk(s)" in result.stdout
+
+
+def test_v2_prints_the_ids_of_each_message_and_reply(server_url):
+    result = run_script(*login_args(server_url), "--v2", "--stream", "--message", "one two",
+                        "--message", "three")
+    assert result.returncode == 0, result.stderr
+    ids = [line for line in result.stdout.splitlines() if line.startswith("[ids] ")]
+    assert [line.split(":")[0] for line in ids] == ["[ids] ack", "[ids] ai_response"] * 2
+    acks = [re.fullmatch(r"\[ids\] ack: message_id=(\w{32}) reply_id=(\w{32})", line)
+            for line in ids[0::2]]
+    ends = [re.fullmatch(r"\[ids\] ai_response: message_id=(\w{32}) reply_id=(\w{32})"
+                         r" chunks=(\d+)", line) for line in ids[1::2]]
+    assert all(acks) and all(ends), ids
+    for ack, end in zip(acks, ends):
+        assert ack.groups() == end.groups()[:2]  # the reply names the message it answers
+    assert ends[0].group(3) == "3"  # "Echo: ", "one ", "two"
+    assert len({ack.group(1) for ack in acks} | {ack.group(2) for ack in acks}) == 4
+    assert "[ai] Echo: one two\n" in result.stdout
 
 
 def test_credentials_from_the_environment(server_url):

@@ -1,6 +1,12 @@
 // The chat page: sign in, stream replies over the WebSocket, stop, history,
 // new conversation, reconnect with backoff, log out. No framework, no build.
 //
+// It speaks protocol v2 (subprotocol ai-chat.v2, docs/protocol.md) when the
+// server does: replies carry ids, so a reply in flight survives a reload or a
+// dropped connection (the page resumes it where it was, chunk by chunk), and
+// Stop cancels a reply by its id. Against a server that only speaks the
+// spec it falls back to v1: a dropped connection then ends the reply.
+//
 // The access token lives only in the HttpOnly cookie set by POST /token: this
 // script never reads or stores it. Every text from the server or the user is
 // put into the page with textContent, never as HTML.
@@ -8,8 +14,11 @@
 
 (() => {
   const CLIENT_ID_KEY = "aiChat.clientId";
+  const SUBPROTOCOL = "ai-chat.v2";
   const CANCELLED_TEXT = "The reply was cancelled.";
+  const IN_PROGRESS_TEXT = "A reply is in progress.";
   const NOTHING_TO_CANCEL = "There is no reply in progress to cancel.";
+  const UNKNOWN_REPLY = "There is no such reply of yours.";
   const BACKOFF_FIRST_MS = 500;
   const BACKOFF_MAX_MS = 30000;
 
@@ -25,8 +34,9 @@
 
   const state = {
     socket: null,
+    v2: false,          // the server speaks protocol v2 on this socket
     clientId: null,
-    pending: [],        // assistant bubbles awaiting their reply, in the order sent
+    pending: [],        // replies awaiting their end, in the order sent: {item, id, seq}
     attempt: 0,         // reconnect attempts since the last good connection
     retryTimer: null,
     signedIn: false,
@@ -102,18 +112,34 @@
 
   // Replies in flight
 
-  function startReply() {
+  // A reply awaiting its end: its bubble, its id (v2, once the server has
+  // acknowledged the message) and the last chunk shown.
+  function startReply(id = null) {
     const item = addBubble("assistant", "", {note: "Thinking…"});
     item.classList.add("streaming");
     ui.messages.setAttribute("aria-busy", "true");
-    state.pending.push(item);
+    const reply = {item, id, seq: -1};
+    state.pending.push(reply);
     updateButtons();
-    return item;
+    return reply;
   }
 
-  function finishReply(outcome, text, time) {
-    const item = state.pending.shift();
-    if (!item) return false;
+  // The reply a frame is about: by its id (v2), else the oldest one.
+  function replyFor(frame) {
+    if (frame.reply_id) return state.pending.find((r) => r.id === frame.reply_id) || null;
+    return state.pending[0] || null;
+  }
+
+  // A refused message (rate limit, queue full) has no id: it is the oldest
+  // reply the server has not acknowledged yet.
+  function unacknowledgedReply() {
+    return state.pending.find((r) => r.id === null) || null;
+  }
+
+  function finishReply(reply, outcome, text, time) {
+    if (!reply) return false;
+    state.pending.splice(state.pending.indexOf(reply), 1);
+    const item = reply.item;
     item.classList.remove("streaming");
     const body = item.querySelector(".msg-body");
     if (outcome === "ok") {
@@ -132,25 +158,55 @@
     return true;
   }
 
-  function appendChunk(delta) {
-    const item = state.pending[0];
-    if (!item) return;
-    const body = item.querySelector(".msg-body");
-    body.textContent += delta;
+  function appendChunk(reply, frame) {
+    if (!reply) return;
+    if (typeof frame.seq === "number") {
+      if (frame.seq <= reply.seq) return;  // already shown (a resume overlaps)
+      reply.seq = frame.seq;
+    }
+    const item = reply.item;
+    item.querySelector(".msg-body").textContent += frame.message;
     setMeta(item, "Writing…", "");
     scrollToEnd();
   }
 
+  // The connection dropped. v1: every reply in flight is lost to this page.
+  // v2: the replies go on at the server; those with an id are resumed after
+  // the reconnect, only those never acknowledged are given up.
   function interruptReplies() {
-    for (const item of state.pending) {
+    const kept = [];
+    for (const reply of state.pending) {
+      if (state.v2 && reply.id !== null) {
+        setMeta(reply.item, "Reconnecting…", "");
+        kept.push(reply);
+        continue;
+      }
+      const item = reply.item;
       item.classList.remove("streaming");
       item.classList.add("msg-cancelled");
       const body = item.querySelector(".msg-body");
       if (!body.textContent) body.textContent = "(no reply)";
       setMeta(item, "Interrupted: the connection was lost", "");
     }
-    state.pending = [];
-    ui.messages.removeAttribute("aria-busy");
+    state.pending = kept;
+    if (!kept.length) ui.messages.removeAttribute("aria-busy");
+  }
+
+  // v2, on a new socket: ask for what each known reply missed meanwhile.
+  function resumeReplies() {
+    for (const reply of state.pending) {
+      state.socket.send(JSON.stringify({action: "resume", reply_id: reply.id,
+                                        after_seq: reply.seq}));
+    }
+  }
+
+  // v2: the server says a reply of this conversation is in flight (after a
+  // reload, the page knows nothing of it): show it and resume it from the start.
+  function adoptReply(frame) {
+    if (!frame.reply_id || state.pending.some((r) => r.id === frame.reply_id)) return;
+    startReply(frame.reply_id);
+    state.socket.send(JSON.stringify({action: "resume", reply_id: frame.reply_id,
+                                      after_seq: -1}));
   }
 
   // The socket
@@ -169,10 +225,16 @@
     state.retryTimer = null;
     const scheme = location.protocol === "https:" ? "wss" : "ws";
     const url = `${scheme}://${location.host}/ws/ai/ai-chat/${encodeURIComponent(state.clientId)}`;
-    const socket = new WebSocket(url);  // the cookie authenticates it
+    const socket = new WebSocket(url, [SUBPROTOCOL]);  // the cookie authenticates it
     state.socket = socket;
     setStatus(state.attempt ? "Reconnecting…" : "Connecting…", "busy");
-    socket.onopen = () => { if (state.socket === socket) updateButtons(); };
+    socket.onopen = () => {
+      if (state.socket !== socket) return;
+      // An empty protocol: the server speaks the spec only (v1).
+      state.v2 = socket.protocol === SUBPROTOCOL;
+      ui.messages.dataset.protocol = state.v2 ? "v2" : "v1";
+      updateButtons();
+    };
     socket.onmessage = (event) => { if (state.socket === socket) onFrame(event.data); };
     socket.onclose = (event) => { if (state.socket === socket) onClose(event); };
     updateButtons();
@@ -196,30 +258,42 @@
     }
     const message = typeof frame.message === "string" ? frame.message : "";
     switch (frame.type) {
+      case "ack": {
+        const reply = unacknowledgedReply();
+        if (reply) reply.id = frame.reply_id;
+        break;
+      }
       case "system":
         if (message === CANCELLED_TEXT) {
-          finishReply("cancelled", "", frame.timestamp);
+          finishReply(replyFor(frame), "cancelled", "", frame.timestamp);
+        } else if (message === IN_PROGRESS_TEXT) {
+          adoptReply(frame);
         } else if (message.startsWith("Welcome")) {
           state.attempt = 0;
           setStatus("Connected", "ok");
+          if (state.v2) resumeReplies();
         } else {
           notice(message);
         }
         break;
       case "ai_response_chunk":
-        appendChunk(message);
+        appendChunk(replyFor(frame), frame);
         break;
       case "ai_response":
-        finishReply("ok", message, frame.timestamp);
+        finishReply(replyFor(frame), "ok", message, frame.timestamp);
         break;
-      case "error":
-        if (message === NOTHING_TO_CANCEL || !state.pending.length) {
+      case "error": {
+        // A reply that failed names itself (v2); a refused message does not.
+        const reply = frame.reply_id ? replyFor(frame)
+          : [NOTHING_TO_CANCEL, UNKNOWN_REPLY].includes(message) ? null
+          : state.v2 ? unacknowledgedReply() : state.pending[0];
+        if (!reply) {
           notice(message, "error");
         } else {
-          // The message at the head of the queue was refused or its reply failed.
-          finishReply(message.startsWith("Rate limit") ? "rate" : "error", message);
+          finishReply(reply, message.startsWith("Rate limit") ? "rate" : "error", message);
         }
         break;
+      }
     }
   }
 
@@ -263,7 +337,11 @@
 
   function stopReply() {
     if (socketOpen() && state.pending.length) {
-      state.socket.send(JSON.stringify({action: "cancel"}));
+      // v2: by id, which also stops a reply this socket did not ask for (one
+      // resumed after a reload). v1: the socket's own reply.
+      const reply = state.pending.find((r) => r.id !== null);
+      state.socket.send(JSON.stringify(state.v2 && reply
+        ? {action: "cancel", reply_id: reply.id} : {action: "cancel"}));
     }
     ui.input.focus();
   }
