@@ -136,8 +136,16 @@ def postgres_available() -> bool:
         return False
 
 
-def prepare_users(url: str, count: int, prefix: str = "bench") -> list[str]:
-    """Create the schema and ``count`` token-only users; return their tokens."""
+def prepare_users(url: str, count: int, prefix: str = "bench",
+                  app_dir: Path | None = None) -> list[str]:
+    """Create the schema and ``count`` token-only users; return their tokens.
+    With ``app_dir`` (a variant), that copy's own code creates its schema."""
+    if app_dir is not None and Path(app_dir).resolve() != REPO:
+        code = ("import json, sys; from benchmarks import harness; "
+                "print(json.dumps(harness.prepare_users(sys.argv[1], int(sys.argv[2]), sys.argv[3])))")
+        result = subprocess.run([PYTHON, "-c", code, url, str(count), prefix], cwd=app_dir,
+                                capture_output=True, text=True, check=True)
+        return json.loads(result.stdout.strip().splitlines()[-1])
     return asyncio.run(_prepare_users(url, count, prefix))
 
 

@@ -44,7 +44,7 @@ def run(workdir: Path, size: dict, variants: dict[str, Path] | None = None) -> d
         tokens = {}
         for name, app_dir in {"service": None, **variants}.items():
             db = stack.enter_context(harness.database("sqlite", workdir / name))
-            tokens[name] = harness.prepare_users(db.url, clients)
+            tokens[name] = harness.prepare_users(db.url, clients, app_dir=app_dir)
             servers[name] = service_server(workdir, db.url, app_dir, name)
         tokens["bare"] = tokens["service"]
         for server in ServerProcess.start_all(list(servers.values())):
