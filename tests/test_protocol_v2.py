@@ -265,3 +265,21 @@ async def test_cancel_by_id_of_a_foreign_or_finished_reply_is_an_error(connect, 
     assert final["message"] == "one two three four"
     await alice.send({"action": "cancel", "reply_id": chunk["reply_id"]})
     assert (await alice.receive())["message"] == "There is no reply in progress to cancel."
+
+
+@pytest.mark.gen_test
+async def test_a_bug_while_saving_a_reply_ends_it_for_its_listeners(
+    connect, fake_agent, service, monkeypatch
+):
+    async def broken(*_args, **_kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(service.store, "finish_reply", broken)
+    client = await connect(subprotocols=V2)
+    await client.send({"content": "hi"})
+    ack, end = await client.receive_until("error")
+    assert end["message"] == "An unexpected error occurred while processing your message."
+    assert end["reply_id"] == ack["reply_id"]
+    monkeypatch.undo()
+    await client.send({"content": "again"})  # the socket goes on
+    assert (await client.receive_until("ai_response"))[-1]["message"] == "fake reply to: again"

@@ -55,6 +55,7 @@ POLL_SECONDS = 0.1
 NOTIFIED_POLL_SECONDS = 2.0
 
 INTERRUPTED = "The reply was interrupted (reference {ref})."
+UNEXPECTED = "An unexpected error occurred while processing your message."
 
 
 @dataclass(frozen=True)
@@ -196,8 +197,12 @@ class Replies:
         live.started = True
         try:
             await run(live)
+        except Exception:  # a bug: its listeners must not wait for ever
+            logger.exception("reply %s failed unexpectedly", live.reply_id)
         finally:
             self.live.pop(live.reply_id, None)
+            if live.ending is None:
+                live.end(Ending(STATUS_ERROR, live.reply.text, UNEXPECTED))
 
     def local(self, reply_id: str) -> LiveReply | None:
         return self.live.get(reply_id)
@@ -267,6 +272,9 @@ class Replies:
             self._idle = not self.live and not self._watches
             if self._idle:
                 await self._wake.wait()
+                # A reply that ends within the batch interval costs no database
+                # work here at all: most replies, under load.
+                await asyncio.sleep(FLUSH_SECONDS)
             else:
                 # Replies of this process: flush every FLUSH_SECONDS. Watches
                 # only: poll, or wait for PostgreSQL to say something changed.

@@ -46,10 +46,17 @@ def upgrade() -> None:
     sa.ForeignKeyConstraint(['user_id'], ['users.id'], ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('reply_id')
     )
-    with op.batch_alter_table('reply_streams', schema=None) as batch_op:
-        batch_op.create_index('ix_reply_streams_conversation', ['conversation_id', 'finished_at'], unique=False)
-        batch_op.create_index('ix_reply_streams_instance', ['instance', 'finished_at'], unique=False)
-        batch_op.create_index('ix_reply_streams_lease', ['finished_at', 'lease_until'], unique=False)
+    # The predicates as SQLAlchemy writes the queries' (SQLite uses a partial
+    # index only when the query's WHERE has its terms).
+    live = sa.text('finished_at IS NULL')
+    op.create_index('ix_reply_streams_live_conversation', 'reply_streams', ['conversation_id'],
+                    sqlite_where=live, postgresql_where=live)
+    op.create_index('ix_reply_streams_live_lease', 'reply_streams', ['lease_until'],
+                    sqlite_where=live, postgresql_where=live)
+    op.create_index('ix_reply_streams_cancel_requested', 'reply_streams', ['instance'],
+                    sqlite_where=sa.text('finished_at IS NULL AND cancel_requested IS 1'),
+                    postgresql_where=sa.text('finished_at IS NULL AND cancel_requested IS true'))
+    op.create_index('ix_reply_streams_created', 'reply_streams', ['created_at'])
 
     op.create_table('reply_chunks',
     sa.Column('reply_id', sa.String(length=32), nullable=False),
@@ -62,10 +69,9 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table('reply_chunks')
-    with op.batch_alter_table('reply_streams', schema=None) as batch_op:
-        batch_op.drop_index('ix_reply_streams_lease')
-        batch_op.drop_index('ix_reply_streams_instance')
-        batch_op.drop_index('ix_reply_streams_conversation')
+    for name in ('ix_reply_streams_created', 'ix_reply_streams_cancel_requested',
+                 'ix_reply_streams_live_lease', 'ix_reply_streams_live_conversation'):
+        op.drop_index(name, table_name='reply_streams')
     op.drop_table('reply_streams')
     op.drop_index('ix_messages_public_id', table_name='messages')
     # Plain SQL rather than a batch: a batch would rebuild the table on SQLite,

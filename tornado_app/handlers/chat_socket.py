@@ -31,7 +31,7 @@ from ..chat import STORE_UNAVAILABLE, ChatService, RateLimited
 from ..connections import Connections
 from ..frames import Cancel, ChatMessage, FrameError, Resume
 from ..history import History
-from ..replies import Chunk, Ending, Listener, LiveReply
+from ..replies import UNEXPECTED, Chunk, Ending, Listener, LiveReply
 from ..store import StoreError
 from ..store.models import STATUS_CANCELLED, STATUS_OK
 from .base import COOKIE_NAME, request_summary
@@ -41,7 +41,6 @@ logger = logging.getLogger(__name__)
 QUEUE_FULL = "Too many messages are waiting for a reply; wait for the current one."
 NOTHING_TO_CANCEL = "There is no reply in progress to cancel."
 UNKNOWN_REPLY = "There is no such reply of yours."
-UNEXPECTED = "An unexpected error occurred while processing your message."
 
 
 class ChatSocket(WebSocketHandler):

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-import uuid
+import secrets
+import time
 
 from sqlalchemy import Integer, bindparam, select
 
@@ -28,8 +29,10 @@ INSERT_MESSAGE = messages.insert().values(
 
 
 def new_public_id() -> str:
-    """A message's id for clients: random, 32 hex digits."""
-    return uuid.uuid4().hex
+    """A message's id for clients: 32 hex digits, the time in milliseconds then
+    80 random bits. Time first, so that new ids go to the end of their index
+    (cheap inserts) and no two collide in practice."""
+    return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(10)}"
 
 
 def message_row(**values) -> dict:

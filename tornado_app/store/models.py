@@ -114,11 +114,6 @@ class ReplyStream(Base):
     """
 
     __tablename__ = "reply_streams"
-    __table_args__ = (
-        Index("ix_reply_streams_conversation", "conversation_id", "finished_at"),
-        Index("ix_reply_streams_instance", "instance", "finished_at"),
-        Index("ix_reply_streams_lease", "finished_at", "lease_until"),
-    )
 
     reply_id: Mapped[str] = mapped_column(String(32), primary_key=True)
     conversation_id: Mapped[int] = mapped_column(
@@ -133,6 +128,21 @@ class ReplyStream(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)
     chunk_lengths: Mapped[str | None] = mapped_column(Text)  # "12,5,9": set when finished
+
+
+# Partial indexes hold only replies in flight (and cancel requests): opening a
+# stream adds their entries, closing it removes them, and a table of an hour
+# of replies costs no more to search than the handful in flight.
+_live = ReplyStream.finished_at.is_(None)
+Index("ix_reply_streams_live_conversation", ReplyStream.conversation_id,
+      sqlite_where=_live, postgresql_where=_live)
+Index("ix_reply_streams_live_lease", ReplyStream.lease_until,
+      sqlite_where=_live, postgresql_where=_live)
+_cancel = _live & ReplyStream.cancel_requested.is_(True)
+Index("ix_reply_streams_cancel_requested", ReplyStream.instance,
+      sqlite_where=_cancel, postgresql_where=_cancel)
+# Streams are forgotten by age (set once, unlike finished_at).
+Index("ix_reply_streams_created", ReplyStream.created_at)
 
 
 class ReplyChunk(Base):

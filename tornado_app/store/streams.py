@@ -91,7 +91,8 @@ _CHUNKS_AFTER = select(chunks.c.seq, chunks.c.text).where(
 ).order_by(chunks.c.seq)
 _SET_LENGTHS = update(streams).where(streams.c.reply_id == _WHICH).values(
     chunk_lengths=bindparam("lengths", type_=Text), last_seq=bindparam("seq", type_=Integer))
-_FORGET = delete(streams).where(streams.c.finished_at < bindparam("before", type_=DateTime))
+_FORGET = delete(streams).where(streams.c.created_at < bindparam("before", type_=DateTime),
+                                streams.c.finished_at.is_not(None))
 
 _asked = messages.alias("asked")
 _answer = messages.alias("answer")
