@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import os
 import time
 import uuid
 from collections import deque
@@ -25,6 +26,16 @@ from tornado_app.store.models import Message
 TIMEOUT = 5.0
 BROWSER_TIMEOUT_MS = 10_000
 SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
+
+
+def screenshot(page, name: str, tmp_path: Path) -> Path:
+    """Save a screenshot of the page: over the docs' copy with
+    UPDATE_SCREENSHOTS=1 (to refresh the README's pictures), else in a
+    temporary folder, so that a test run never changes a tracked file."""
+    folder = SCREENSHOTS if os.environ.get("UPDATE_SCREENSHOTS") == "1" else tmp_path
+    folder.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(folder / name))
+    return folder / name
 
 
 def run_async(coro):

@@ -19,7 +19,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from .helpers import SCREENSHOTS, expect, log_in, run_axe
+from .helpers import expect, log_in, run_axe, screenshot
 from .servers import PASSWORD, ROOT, add_users, clean_env, cli, ok, serving, token, write_config
 
 pytestmark = pytest.mark.slow
@@ -233,15 +233,13 @@ def test_an_empty_range_and_an_api_error_are_readable(page):
         "The analytics could not be loaded: since: must not be after until")
 
 
-def test_accessibility_and_screenshot(page):
+def test_accessibility_and_screenshot(page, tmp_path):
     sign_in_at_admin(page, "root")
     expect(page.locator("#login-view")).to_have_count(0)
     expect(page.locator(".chart-card canvas:visible")).to_have_count(6)
     expect(page.locator("#report")).not_to_have_attribute("aria-busy", "true")
     assert run_axe(page) == []
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOTS / "dashboard.png"))
-    assert (SCREENSHOTS / "dashboard.png").stat().st_size > 10_000
+    assert screenshot(page, "dashboard.png", tmp_path).stat().st_size > 10_000
 
 
 def test_the_sign_in_form_and_the_refusal_have_no_axe_violations(page):

@@ -20,7 +20,7 @@ import re
 
 import pytest
 
-from .helpers import BROWSER_TIMEOUT_MS, SCREENSHOTS, expect, log_in, run_axe
+from .helpers import BROWSER_TIMEOUT_MS, expect, log_in, run_axe, screenshot
 from .servers import PASSWORD, ROOT, add_users, serving, write_config
 
 pytestmark = pytest.mark.slow
@@ -336,12 +336,11 @@ def test_keyboard_only_focus_order_and_visible_focus(page):
     expect(last_reply(page).locator(".msg-meta")).to_contain_text("Stopped")
 
 
-def test_accessibility_no_axe_violations(page):
+def test_accessibility_no_axe_violations(page, tmp_path):
     page.goto("/")
     expect(page.locator("#login-view")).to_be_visible()
     assert run_axe(page) == []
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOTS / "login.png"))
+    screenshot(page, "login.png", tmp_path)
     log_in(page, "alice", PASSWORD)
     expect(page.locator("#status")).to_have_text("Connected")
     send(page, "Is this page accessible?")
@@ -349,7 +348,7 @@ def test_accessibility_no_axe_violations(page):
     assert run_axe(page) == []
 
 
-def test_screenshot_of_the_chat_page(page):
+def test_screenshot_of_the_chat_page(page, tmp_path):
     logged_in(page)
     send(page, "Hello! Can you stream your answer word by word?")
     expect(last_reply(page).locator(".msg-body")).to_contain_text("word?")
@@ -364,9 +363,7 @@ def test_screenshot_of_the_chat_page(page):
         "Echo: Thanks, that is enough for now.")
     page.locator("#message").fill("What does the stop button do?")
     page.locator("#message").blur()
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOTS / "chat.png"))
-    assert (SCREENSHOTS / "chat.png").stat().st_size > 10_000
+    assert screenshot(page, "chat.png", tmp_path).stat().st_size > 10_000
 
 
 def test_spec_javascript_example_runs_unchanged_in_the_page(page):
