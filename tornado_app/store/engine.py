@@ -41,8 +41,11 @@ def create_engine(url: str, echo: bool = False, timeout: float = DEFAULT_TIMEOUT
         connect_args = {"timeout": timeout, "command_timeout": timeout}
         if parsed.get_driver_name() != "asyncpg":
             connect_args = {}
+        # The engine serves the reads; the writes have a pool of their own
+        # (asyncpg_executor.py): together at most 20 connections a process.
         return create_async_engine(
-            parsed, echo=echo, pool_pre_ping=True, pool_timeout=timeout, connect_args=connect_args
+            parsed, echo=echo, pool_pre_ping=True, pool_timeout=timeout, connect_args=connect_args,
+            pool_size=5, max_overflow=5,
         )
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,8 @@ Through aiosqlite and SQLAlchemy each statement costs several thread
 hand-offs, and the pool's connections queue on SQLite's write lock in the busy
 handler's sleeps (docs/benchmarks.md). So on a file the Store's writes go
 through :class:`SqliteBatcher` instead, an executor (store/executor.py) like
-the engine:
+the engine, running statements compiled once (compiled.py) on a plain sqlite3
+connection:
 
 Callers on the event loop queue a unit of work and await its future. The
 thread takes everything queued (up to ``max_batch``), runs it in one
@@ -22,12 +23,12 @@ import logging
 import queue
 import sqlite3
 import threading
-from collections import namedtuple
 from typing import Any
 
 from sqlalchemy.dialects.sqlite import pysqlite
 
 from ..threads import call_in_loops
+from .compiled import StatementCache
 from .engine import DEFAULT_TIMEOUT, sqlite_pragmas
 from .executor import Rows, Work, as_store_error
 
@@ -36,70 +37,24 @@ logger = logging.getLogger(__name__)
 _STOP = object()
 
 
-class _Compiled:
-    """A Core statement compiled once for SQLite, run on a plain sqlite3 cursor.
-
-    Values go through the bind processors SQLAlchemy itself uses and results
-    through its result processors (a DateTime is written as the same text and
-    read back as a datetime), and rows are named tuples: the same values, read
-    the same way, as the engine's rows.
-    """
-
-    _dialect = pysqlite.dialect()
-
-    def __init__(self, statement):
-        compiled = statement.compile(dialect=self._dialect)
-        self.sql = str(compiled)
-        self.names = list(compiled.positiontup or ())
-        self.defaults = {name: bind.effective_value for name, bind in compiled.binds.items()}
-        self.processors = [
-            compiled.binds[name].type.dialect_impl(self._dialect).bind_processor(self._dialect)
-            for name in self.names
-        ]
-        columns = compiled._result_columns
-        results = [column.type.dialect_impl(self._dialect).result_processor(self._dialect, None)
-                   for column in columns]
-        self.results = results if any(results) else None
-        # Rows with the columns' names, as the engine's Rows have them.
-        self.row = namedtuple("Row", [column.keyname for column in columns], rename=True)._make
-
-    def parameters(self, values: dict) -> tuple:
-        defaults = self.defaults
-        return tuple(
-            (values[name] if name in values else defaults[name]) if process is None
-            else process(values[name] if name in values else defaults[name])
-            for name, process in zip(self.names, self.processors)
-        )
-
-    def run(self, cursor: sqlite3.Cursor, values: dict | list | None) -> Rows:
-        if isinstance(values, list):  # executemany: no rows come back
-            cursor.executemany(self.sql, map(self.parameters, values))
-            return Rows([], cursor.rowcount)
-        cursor.execute(self.sql, self.parameters(values or {}))
-        rows = cursor.fetchall()
-        if self.results is not None:
-            rows = [[value if process is None else process(value)
-                     for value, process in zip(row, self.results)] for row in rows]
-        return Rows(list(map(self.row, rows)), cursor.rowcount)
-
-
 class _Cursor:
     """A unit's ``db`` on the batcher's thread."""
 
-    __slots__ = ("cursor", "compiled")
+    __slots__ = ("cursor", "statements")
     dialect = "sqlite"
 
-    def __init__(self, cursor: sqlite3.Cursor, compiled: dict):
+    def __init__(self, cursor: sqlite3.Cursor, statements: StatementCache):
         self.cursor = cursor
-        self.compiled = compiled
+        self.statements = statements
 
     def execute(self, statement, values: dict | list | None = None) -> Rows:
-        compiled = self.compiled.get(statement)
-        if compiled is None:
-            if len(self.compiled) >= SqliteBatcher.max_compiled:
-                self.compiled.clear()  # statements built per call: never grow without bound
-            compiled = self.compiled[statement] = _Compiled(statement)
-        return compiled.run(self.cursor, values)
+        compiled = self.statements.get(statement)
+        cursor = self.cursor
+        if isinstance(values, list):  # executemany: no rows come back
+            cursor.executemany(compiled.sql, map(compiled.parameters, values))
+            return Rows([], cursor.rowcount)
+        cursor.execute(compiled.sql, compiled.parameters(values))
+        return Rows(compiled.rows(cursor.fetchall()), cursor.rowcount)
 
 
 class SqliteBatcher:
@@ -107,7 +62,6 @@ class SqliteBatcher:
 
     dialect = "sqlite"
     max_batch = 512
-    max_compiled = 256
 
     def __init__(self, database: str, timeout: float = DEFAULT_TIMEOUT):
         self.database = database
@@ -115,7 +69,8 @@ class SqliteBatcher:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
-        self._compiled: dict = {}  # statement -> _Compiled, filled on first use (thread only)
+        # Used on the batcher's thread only.
+        self._statements = StatementCache(pysqlite.dialect())
 
     def run(self, work: Work, *args: Any, write: bool = True) -> asyncio.Future:
         """Queue ``work(db, *args)``; the future resolves after its batch commits."""
@@ -179,7 +134,7 @@ class SqliteBatcher:
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list) -> list:
         cursor = conn.cursor()
-        db = _Cursor(cursor, self._compiled)
+        db = _Cursor(cursor, self._statements)
         writes = any(write for _work, _args, write, _future in batch)
         outcomes = []
         if writes:

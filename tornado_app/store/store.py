@@ -26,6 +26,7 @@ from .engine import DEFAULT_TIMEOUT, create_engine, probe_sqlite_write_lock, sql
 from .executor import Conflict, EngineExecutor, Executor, store_errors
 from .models import STATUS_ERROR, utcnow
 from .notifications import Notifications
+from .asyncpg_executor import AsyncpgExecutor
 from .sqlite_batcher import SqliteBatcher
 
 _SELECT_ONE = select(1)
@@ -51,10 +52,14 @@ class Store:
         self.timeout = timeout
         self.sqlite_file = sqlite_file(engine)
         self.reader: Executor = EngineExecutor(engine)
-        # A second connection to ":memory:" would be another, empty database:
-        # the batcher is for files only.
-        self.writer: Executor = (
-            SqliteBatcher(self.sqlite_file, timeout) if self.sqlite_file else self.reader)
+        # The writes skip the engine's per-statement machinery: on a SQLite file
+        # the group-commit batcher (a second connection to ":memory:" would be
+        # another, empty database), on PostgreSQL asyncpg's own connections.
+        self.writer: Executor = self.reader
+        if self.sqlite_file:
+            self.writer = SqliteBatcher(self.sqlite_file, timeout)
+        elif engine.url.get_driver_name() == "asyncpg":
+            self.writer = AsyncpgExecutor(engine, timeout)
 
     @classmethod
     def from_url(cls, url: str, echo: bool = False, timeout: float = DEFAULT_TIMEOUT) -> "Store":

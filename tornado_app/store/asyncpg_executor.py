@@ -1,0 +1,128 @@
+"""The Store's writes on PostgreSQL: units of work on asyncpg's own connections.
+
+Through SQLAlchemy's async engine, each statement of an exchange costs more
+CPU on the event loop (execution context, result objects, adaptation) than
+PostgreSQL takes to run it; an exchange runs about seven. So the writes run
+as the SQLite batcher's do: each statement compiled once (compiled.py), its
+values and rows processed the way SQLAlchemy does, on a connection of an
+asyncpg pool. The unit of work stays a plain function: it runs in a greenlet
+(SQLAlchemy's own ``greenlet_spawn``/``await_only``), one transaction per
+unit, so the Store's code is the same on both databases
+(docs/benchmarks.md has the measurements).
+
+Reads stay on the engine (they are few per exchange, and some use SQLAlchemy
+features this path does not have, such as expanding ``IN`` lists).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import asyncpg
+from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.util import await_only, greenlet_spawn
+
+from .compiled import StatementCache
+from .executor import Conflict, Rows, StoreError, StoreUnavailable, Work
+
+# Connections of this pool per process (the engine keeps its own for reads).
+POOL_SIZE = 10
+
+
+def _dialect():
+    dialect = asyncpg_dialect.dialect()
+    dialect.paramstyle = "numeric_dollar"  # $1, $2...: positional, as asyncpg wants
+    return dialect
+
+
+class _Connection:
+    """A unit's ``db`` on an asyncpg connection (inside the unit's greenlet)."""
+
+    __slots__ = ("conn", "statements")
+    dialect = "postgresql"
+
+    def __init__(self, conn: asyncpg.Connection, statements: StatementCache):
+        self.conn = conn
+        self.statements = statements
+
+    def execute(self, statement, values: dict | list | None = None) -> Rows:
+        compiled = self.statements.get(statement)
+        if isinstance(values, list):  # executemany: no rows come back
+            await_only(self.conn.executemany(compiled.sql, map(compiled.parameters, values)))
+            return Rows([], len(values))
+        parameters = compiled.parameters(values)
+        if compiled.returns_rows:
+            records = await_only(self.conn.fetch(compiled.sql, *parameters))
+            return Rows(compiled.rows(records), len(records))
+        status = await_only(self.conn.execute(compiled.sql, *parameters))  # e.g. "UPDATE 3"
+        count = status.rsplit(" ", 1)[-1]
+        return Rows([], int(count) if count.isdigit() else -1)
+
+
+class AsyncpgExecutor:
+    """Units of work on asyncpg, one transaction each."""
+
+    dialect = "postgresql"
+
+    def __init__(self, engine: AsyncEngine, timeout: float):
+        self.dsn = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self.timeout = timeout
+        self._statements = StatementCache(_dialect(), native_results=True)
+        self._pool: asyncpg.Pool | None = None
+        self._opening: asyncio.Lock | None = None
+
+    async def run(self, work: Work, *args: Any, write: bool = True,
+                  lock_key: int | None = None) -> Any:
+        try:
+            pool = self._pool or await self._open()
+            async with pool.acquire(timeout=self.timeout) as conn:
+                async with conn.transaction(readonly=not write):
+                    return await greenlet_spawn(work, _Connection(conn, self._statements),
+                                                *args)
+        except Exception as exc:
+            error = as_store_error(exc)
+            if error is exc:
+                raise
+            raise error from exc
+
+    async def _open(self) -> asyncpg.Pool:
+        if self._opening is None:
+            self._opening = asyncio.Lock()
+        async with self._opening:
+            if self._pool is None:
+                self._pool = await asyncpg.create_pool(
+                    self.dsn, min_size=1, max_size=POOL_SIZE, timeout=self.timeout,
+                    command_timeout=self.timeout, init=_set_codecs)
+        return self._pool
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()
+
+
+async def _set_codecs(conn: asyncpg.Connection) -> None:
+    """JSON in and out as Python values, as through SQLAlchemy's asyncpg dialect."""
+    for name in ("json", "jsonb"):
+        await conn.set_type_codec(name, schema="pg_catalog", encoder=json.dumps,
+                                  decoder=json.loads, format="text")
+
+
+def as_store_error(exc: BaseException) -> BaseException:
+    """asyncpg's failures as the Store's exceptions (the engine's are mapped
+    in executor.py); bugs in a statement stay as they are."""
+    if isinstance(exc, StoreError):
+        return exc
+    if isinstance(exc, asyncpg.exceptions.IntegrityConstraintViolationError):
+        return Conflict("the database refused the write (a constraint)")
+    if isinstance(exc, asyncpg.exceptions.DataError):
+        return StoreError("the database refused a value")
+    if isinstance(exc, (asyncpg.exceptions.SyntaxOrAccessError,
+                        asyncpg.exceptions.FeatureNotSupportedError)):
+        return exc
+    if isinstance(exc, (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)):
+        return StoreUnavailable(f"database unavailable ({type(exc).__name__})")
+    return exc
