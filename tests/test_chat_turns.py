@@ -29,7 +29,7 @@ async def test_migration_0003_up_and_down_keeps_the_messages(db_store):
         await conn.execute(text(
             "INSERT INTO messages (id, conversation_id, user_id, role, content, status, "
             "created_at) VALUES (1, 1, 1, 'user', 'kept', 'ok', '2025-01-01 00:00:01')"))
-    await upgrade(engine)
+    await upgrade(engine, "0003")
     assert await current_revision(engine) == "0003"
     async with engine.connect() as conn:
         turns = (await conn.execute(text("SELECT question, status FROM chat_turns"))).all()
@@ -45,7 +45,7 @@ async def test_migration_0003_up_and_down_keeps_the_messages(db_store):
     assert not any(name.startswith("analytics_") for name in tables)
     assert "chat_turns" not in views and "error_kind" not in columns
     assert content == "kept"
-    await upgrade(engine)
+    await upgrade(engine, "0003")
     assert await current_revision(engine) == "0003"
 
 

@@ -107,6 +107,10 @@ class ChatSocket(WebSocketHandler):
                 return
             user, claims = identity
             conversation_id = await self.chat.store.open_conversation(user.id, client_id)
+            # v2: the replies in flight are read before this socket can start
+            # one of its own (no frame is read until open() returns).
+            in_progress = (await self.chat.store.live_replies(conversation_id)
+                           if self.selected_subprotocol == frames.V2 else [])
             self.lease = await self.connections.take_slot(user.id)
         except StoreError:
             logger.exception("websocket: database unavailable while opening a socket")
@@ -125,18 +129,14 @@ class ChatSocket(WebSocketHandler):
         self.history = History(conversation_id)
         self.connections.join(self)
         self._send_now(frames.frame(frames.SYSTEM, frames.WELCOME.format(username=user.username)))
-        if self.v2:
-            self._extra(self._announce_replies_in_progress())
-
-    async def _announce_replies_in_progress(self) -> None:
-        """v2: name the conversation's replies in flight (on any instance), so
-        that a client that lost its state can resume them."""
-        for row in await self.chat.store.live_replies(self.history.conversation_id):
+        # v2: name the conversation's replies in flight (on any instance), so
+        # that a client that lost its state can resume them.
+        for row in in_progress:
             live = self.chat.replies.local(row.reply_id)
             seq = live.last_seq if live is not None else row.last_seq
-            await self._send(frames.frame(frames.SYSTEM, frames.IN_PROGRESS,
-                                          reply_id=row.reply_id, message_id=row.message_id,
-                                          seq=seq))
+            self._send_now(frames.frame(frames.SYSTEM, frames.IN_PROGRESS,
+                                        reply_id=row.reply_id, message_id=row.message_id,
+                                        seq=seq))
 
     def on_message(self, message: str | bytes) -> None:
         if self.user is None:

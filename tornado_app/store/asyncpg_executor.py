@@ -32,6 +32,21 @@ from .executor import Conflict, Rows, StoreError, StoreUnavailable, Work
 POOL_SIZE = 10
 
 
+# URL query keys that SQLAlchemy's asyncpg dialect takes for itself.
+_DIALECT_ONLY = ("prepared_statement_cache_size", "prepared_statement_name_func",
+                 "async_fallback")
+
+
+def connect_args(engine: AsyncEngine) -> dict[str, Any]:
+    """asyncpg's ``connect()`` arguments for the engine's URL: the engine's own
+    reading of it (host, port, ``ssl=``...), less what only SQLAlchemy's dialect
+    understands (asyncpg would send unknown keys to the server as settings)."""
+    _, args = engine.dialect.create_connect_args(engine.url)
+    for key in _DIALECT_ONLY:
+        args.pop(key, None)
+    return args
+
+
 def _dialect():
     dialect = asyncpg_dialect.dialect()
     dialect.paramstyle = "numeric_dollar"  # $1, $2...: positional, as asyncpg wants
@@ -68,7 +83,7 @@ class AsyncpgExecutor:
     dialect = "postgresql"
 
     def __init__(self, engine: AsyncEngine, timeout: float):
-        self.dsn = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self.connect_args = connect_args(engine)
         self.timeout = timeout
         self._statements = StatementCache(_dialect(), native_results=True)
         self._pool: asyncpg.Pool | None = None
@@ -94,7 +109,7 @@ class AsyncpgExecutor:
         async with self._opening:
             if self._pool is None:
                 self._pool = await asyncpg.create_pool(
-                    self.dsn, min_size=1, max_size=POOL_SIZE, timeout=self.timeout,
+                    **self.connect_args, min_size=1, max_size=POOL_SIZE, timeout=self.timeout,
                     command_timeout=self.timeout, init=_set_codecs)
         return self._pool
 

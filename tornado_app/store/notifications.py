@@ -16,6 +16,7 @@ from typing import Callable
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from .asyncpg_executor import connect_args
 from .streams import CHANNEL
 
 logger = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ class Notifications:
 
     def __init__(self, engine: AsyncEngine, timeout: float,
                  on_notify: Callable[[list[str]], None], on_state: Callable[[bool], None]):
-        self.dsn = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self.connect_args = connect_args(engine)
         self.timeout = timeout
         self.on_notify = on_notify
         self.on_state = on_state
@@ -49,7 +50,7 @@ class Notifications:
             lost = asyncio.Event()
             conn = None
             try:
-                conn = await asyncpg.connect(self.dsn, timeout=self.timeout)
+                conn = await asyncpg.connect(**self.connect_args, timeout=self.timeout)
                 conn.add_termination_listener(lambda _conn: lost.set())
                 await conn.add_listener(CHANNEL, self._received)
                 self.on_state(True)
