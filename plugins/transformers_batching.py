@@ -38,6 +38,8 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from tornado_app.agents import call_in_loops
+
 logger = logging.getLogger(__name__)
 
 # Prompts are prefilled in chunks of this many tokens: the attention scores of
@@ -122,14 +124,14 @@ def new_cache(model: Any) -> DynamicCache:
 class DecodeLinear(nn.Module):
     """``nn.Linear`` laid out for decode steps of a few rows, on CPU.
 
-    Measured on this machine class (2 cores, AVX-512, MKL), whole model:
+    - the weight is stored (in, out): MKL multiplies a few rows by it faster
+      than by the transposed view F.linear uses;
+    - optionally it is also packed by MKL for exactly ``packed_rows`` rows.
+      Between 3/4 of ``packed_rows`` and ``packed_rows`` the input is padded
+      with zero rows to use it. It costs a second copy of the weights, so it
+      is an option (``packed_weights``).
 
-    - the weight stored (in, out): MKL multiplies a few rows by it faster than
-      by the transposed view F.linear uses (8 rows: 55 ms a step, not 60);
-    - optionally also packed by MKL for exactly ``packed_rows`` rows: 47 ms a
-      step at 8 rows. Between 3/4 of ``packed_rows`` and ``packed_rows`` the
-      input is padded with zero rows to use it. It costs a second copy of the
-      weights, so it is an option (``packed_weights``).
+    The step times that chose this layout are in docs/benchmarks.md.
     """
 
     def __init__(self, linear: nn.Linear, packed_rows: int | None = None):
@@ -174,10 +176,9 @@ def compute_dtype(name: str) -> torch.dtype:
     """The dtype of the option ``dtype``. ``auto``: bfloat16 where the CPU has
     native bfloat16 arithmetic (AVX512-BF16, AMX), else float32.
 
-    Measured on a 2-core AMD EPYC with AVX512-BF16 (SmolLM2-135M, decode
-    steps): about 1.3x the tokens/s of float32 for one row and 1.8x for 8,
-    with the same greedy answers on the prompts tried (docs/agents/transformers.md).
-    Without native support bfloat16 matmuls are emulated, and slower.
+    Where it is native, bfloat16 decodes faster with the same greedy answers
+    (figures in docs/benchmarks.md); without native support its matmuls are
+    emulated, and slower.
     """
     if name != "auto":
         return getattr(torch, name)
@@ -545,14 +546,8 @@ class BatchEngine:
     @staticmethod
     def _publish(events: list[tuple[Sequence, Any]]) -> None:
         """Hand the events to their event loops: one thread-safe call per loop."""
-        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for sequence, item in events:
-            by_loop.setdefault(sequence.loop, []).append((sequence.queue, item))
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, items)
-            except RuntimeError:  # that loop is closed: nobody is listening
-                pass
+        call_in_loops(((sequence.loop, (sequence.queue, item)) for sequence, item in events),
+                      _deliver)
 
 
 def _deliver(items: list[tuple[asyncio.Queue, Any]]) -> None:
