@@ -33,6 +33,13 @@ def config_for(folder, db_url, delay=0.1, **sections):
     )
 
 
+def start(servers, tmp_path, db_url, count=2, delay=0.1, **sections):
+    """``count`` instances of one service with user alice: the instances, her token."""
+    config = config_for(tmp_path, db_url, delay, **sections)
+    add_users(config, "alice")
+    return [servers(config) for _ in range(count)], token(config, "alice")
+
+
 async def open_v2(server: ServerProcess, tok: str, client_id: str = "c1"):
     client = await connect_ws(server.ws_url(client_id, tok), subprotocols=V2)
     welcome = await client.receive(timeout=15)
@@ -52,10 +59,7 @@ def assert_whole(chunks: list[dict], final: dict) -> None:
 
 
 def test_resume_on_another_instance(tmp_path, postgres_url, servers):
-    config = config_for(tmp_path, postgres_url)
-    add_users(config, "alice")
-    first, second = servers(config), servers(config)
-    tok = token(config, "alice")
+    (first, second), tok = start(servers, tmp_path, postgres_url)
 
     async def scenario():
         asker = await open_v2(first, tok)
@@ -75,11 +79,8 @@ def test_resume_on_another_instance(tmp_path, postgres_url, servers):
 
 
 def test_resume_between_processes_of_one_instance(tmp_path, servers):
-    config = config_for(tmp_path, "sqlite:///data/chat.db",
-                        server={"processes": 2})
-    add_users(config, "alice")
-    server = servers(config)
-    tok = token(config, "alice")
+    (server,), tok = start(servers, tmp_path, "sqlite:///data/chat.db", count=1,
+                           server={"processes": 2})
 
     async def scenario():
         asker = await open_v2(server, tok)
@@ -100,10 +101,7 @@ def test_resume_between_processes_of_one_instance(tmp_path, servers):
 
 
 def test_cancel_from_another_instance(tmp_path, postgres_url, servers):
-    config = config_for(tmp_path, postgres_url)
-    add_users(config, "alice")
-    first, second = servers(config), servers(config)
-    tok = token(config, "alice")
+    (first, second), tok = start(servers, tmp_path, postgres_url)
 
     async def scenario():
         asker = await open_v2(first, tok)
@@ -119,10 +117,7 @@ def test_cancel_from_another_instance(tmp_path, postgres_url, servers):
 
 
 def test_a_killed_instance_leaves_no_reply_hanging(tmp_path, postgres_url, servers):
-    config = config_for(tmp_path, postgres_url, delay=0.2)
-    add_users(config, "alice")
-    doomed, survivor = servers(config), servers(config)
-    tok = token(config, "alice")
+    (doomed, survivor), tok = start(servers, tmp_path, postgres_url, delay=0.2)
 
     async def scenario():
         asker = await open_v2(doomed, tok)
