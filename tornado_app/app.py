@@ -26,6 +26,7 @@ from .chat import ChatService
 from .connections import Connections, instance_name
 from .config import ConfigError, Settings, load_settings
 from .handlers.base import log_request
+from .memory import Memories, MemoryCipher
 from .replies import Replies
 from .store import Store
 
@@ -45,6 +46,7 @@ def make_app(
         chat=chat,
         connections=connections,
         verifier=chat.verifier,
+        memories=chat.memories,
         log_function=log_request,
         websocket_max_message_size=server.max_message_bytes,
         websocket_ping_interval=server.ping_interval_seconds or None,
@@ -65,6 +67,7 @@ class Service:
         self.store: Store | None = None
         self.pool: AgentPool | None = None
         self.chat: ChatService | None = None
+        self.memories: Memories | None = None
         self.replies: Replies | None = None
         self.notifications = None
         self.connections: Connections | None = None
@@ -89,8 +92,11 @@ class Service:
             self.replies.notified, self.replies.listening)
         if self.notifications is not None:
             self.notifications.start()
+        self.memories = Memories(self.store, MemoryCipher(settings.memory_key),
+                                 settings.memory.max_items)
         self.chat = ChatService(settings, self.store, self.pool,
-                                TokenVerifier.from_settings(settings), self.replies)
+                                TokenVerifier.from_settings(settings), self.replies,
+                                self.memories)
         self.connections = Connections(settings, self.store, self.replies)
         self.connections.start()
         if self.background_jobs:

@@ -20,6 +20,7 @@ from .agents import Agent, AgentRequest
 from .config import Settings
 from .connections import refusal
 from .history import History, Turn
+from .memory import Memories, memory_section, system_prompt
 from .replies import Ending, LiveReply, Replies
 from .store import Conflict, Store, StoreError
 from .store.models import ROLE_USER, STATUS_ERROR
@@ -43,8 +44,10 @@ class RateLimited(Exception):
 
 class ChatService:
     def __init__(self, settings: Settings, store: Store, pool: AgentPool,
-                 verifier: auth.TokenVerifier, replies: Replies):
+                 verifier: auth.TokenVerifier, replies: Replies,
+                 memories: Memories | None = None):
         self.settings = settings
+        self.memories = memories
         self.store = store
         self.pool = pool
         self.verifier = verifier
@@ -108,11 +111,13 @@ class ChatService:
         (replies.py): it goes on when the socket that asked closes."""
         live = LiveReply(admission.reply_id, admission.message_public_id, user.id,
                          history.conversation_id, admission.message_id)
+        remembered = self._remembered(user.id, admission.memories)
         return self.replies.start(
-            live, lambda live: self._answer(live, user.username, history, turns, content))
+            live, lambda live: self._answer(live, user.username, history, turns, content,
+                                            remembered))
 
     async def _answer(self, live: LiveReply, username: str, history: History,
-                      turns: list[Turn], content: str) -> None:
+                      turns: list[Turn], content: str, remembered: list = ()) -> None:
         """Get the reply from the agent chain, save it, and end it. Cancelling
         the task saves the partial reply as ``cancelled`` first."""
         reply = live.reply
@@ -120,7 +125,8 @@ class ChatService:
             if live.cancel_pending:  # cancelled before the task first ran
                 raise asyncio.CancelledError
             with self.pool.lease() as chain:
-                await self._generate(chain, username, history, turns, content, live)
+                await self._generate(chain, username, history, turns, content, live,
+                                     remembered)
         except asyncio.CancelledError:
             reply.cancel()
             reply.finish()
@@ -154,7 +160,8 @@ class ChatService:
         live.end(Ending(reply.status, reply.text,
                         reply.error_text() if reply.status == STATUS_ERROR else None))
 
-    async def _generate(self, chain, username, history, turns, content, live) -> None:
+    async def _generate(self, chain, username, history, turns, content, live,
+                        remembered=()) -> None:
         reply = live.reply
         deadline = self.settings.agent.timeout_seconds
         for position, agent in enumerate(chain):
@@ -165,7 +172,7 @@ class ChatService:
                     # Ready first: a loaded model counts tokens with its own tokenizer.
                     await agent.wait_ready()
                     request.messages, prompt_tokens = self._prompt(
-                        agent, username, history, turns, content)
+                        agent, username, history, turns, content, remembered)
                     await self._stream(agent, request, live)
                 reply.count_tokens(agent, request.usage, prompt_tokens)
                 return
@@ -187,15 +194,23 @@ class ChatService:
                     # not keep the event loop (and a cancel) waiting.
                     await asyncio.sleep(0)
 
+    def _remembered(self, user_id: int, rows: list) -> list:
+        """The user's memories for the prompt, decrypted (Store.admit read them)."""
+        return [] if self.memories is None else self.memories.readable(user_id, rows)
+
     def _prompt(
-        self, agent: Agent, username: str, history: History, turns: list[Turn], content: str
+        self, agent: Agent, username: str, history: History, turns: list[Turn], content: str,
+        remembered: list = (),
     ) -> tuple[list[dict], int]:
-        """System prompt, then as many of the latest turns as fit, then the
+        """System prompt (with the user's memories, within ``memory.prompt_share``
+        of the budget), then as many of the latest turns as fit, then the
         message; and the prompt's tokens as the agent counts them."""
-        system = self.settings.agent.system_prompt.replace("{username}", username)
+        budget = agent.context_tokens - agent.reply_tokens
+        section = memory_section(remembered, int(budget * self.settings.memory.prompt_share),
+                                 agent.count_tokens)
+        system = system_prompt(self.settings.agent.system_prompt, username, section)
         history.count(agent, turns)
         used = agent.count_tokens(system) + agent.count_tokens(content) + 2 * TOKENS_PER_MESSAGE
-        budget = agent.context_tokens - agent.reply_tokens
         start = len(turns)
         while start > 0 and used + turns[start - 1].tokens + TOKENS_PER_MESSAGE <= budget:
             start -= 1

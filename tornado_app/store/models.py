@@ -17,6 +17,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -192,6 +193,29 @@ class ConnectionLease(Base):
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
     instance: Mapped[str] = mapped_column(String(128))
     expires_at: Mapped[float] = mapped_column(Float)  # unix seconds
+
+
+class Memory(Base):
+    """A user's saved memory: key -> value (tornado_app/memory.py). The value
+    is encrypted (AES-GCM, bound to the user and key); the key stays plain
+    for lookup. Deleting the user deletes them; retention never does."""
+
+    __tablename__ = "memories"
+
+    user_id: Mapped[int] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[bytes] = mapped_column(LargeBinary)  # nonce + ciphertext + tag
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+# Full-text search over messages (the recall tool): SQLite's FTS5 table
+# ``messages_fts`` (kept by triggers) and PostgreSQL's GIN index
+# ``ix_messages_fts`` are made by migration 0006 and are not described here
+# (neither is a plain table or index); schema.include_object leaves them out
+# of comparisons with these models.
+FULL_TEXT_NAMES = ("messages_fts", "ix_messages_fts")
 
 
 # Analytics (tornado_app/analytics): indexes for the reports, and daily rollups
