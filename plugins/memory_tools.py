@@ -20,10 +20,6 @@ MAX_KEY = 64
 MAX_VALUE = 1000
 
 
-class NoOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
 class MemoryArguments(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -90,5 +86,5 @@ class RecallTool(Tool):
 
 @hookimpl
 def register_tools(register):
-    register("memory", lambda options, settings: MemoryTool(), options=NoOptions)
-    register("recall", lambda options, settings: RecallTool(), options=NoOptions)
+    register("memory", lambda options, settings: MemoryTool())
+    register("recall", lambda options, settings: RecallTool())

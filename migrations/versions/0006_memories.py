@@ -1,7 +1,7 @@
 """memories, and full-text search over messages (recall)
 
 Revision ID: 0006
-Revises: 0004 (the integrator re-chains 0005..0008)
+Revises: 0005 (0004 on the memory branch alone; the integrator re-chains 0005..0008)
 Create Date: 2026-11-28 10:00:00.000000
 
 - ``memories``: a user's saved memories, values encrypted (tornado_app/memory.py).
@@ -18,7 +18,7 @@ import sqlalchemy as sa
 
 
 revision = '0006'
-down_revision = '0004'
+down_revision = '0005'
 branch_labels = None
 depends_on = None
 
