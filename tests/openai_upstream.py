@@ -21,6 +21,9 @@ Script it per test; each behaviour serves ``times`` requests, in order:
 - ``hang(seconds)``: send nothing at all for that long.
 - ``stream_error(pieces, message)``: stream ``pieces``, then an error event
   (``data: {"error": {...}}``), as vLLM and OpenAI do when generation fails.
+- ``respond(answer, times=1)``: ``answer(body)`` returns the Behaviour for
+  each request (a ``reply`` or ``tool_calls`` one): a model that reads its
+  prompt and the tool results in it.
 - ``garbage(kind)``: a malformed 200 stream: ``"json"`` (invalid JSON in an
   event), ``"no_choices"`` (a chunk without ``choices``), ``"not_sse"``.
 
@@ -69,6 +72,7 @@ class Behaviour:
     garbage: str = "json"
     calls: list[tuple[str, str, str]] = field(default_factory=list)
     arguments_piece: int = 4
+    answer: Any = None  # respond: body -> Behaviour
 
 
 class FakeOpenAI:
@@ -150,6 +154,9 @@ class FakeOpenAI:
 
     def stream_error(self, pieces, message: str = "fake upstream: generation failed", times=1):
         self._add(Behaviour("stream_error", times, pieces=list(pieces), body=message))
+
+    def respond(self, answer, times=1):
+        self._add(Behaviour("respond", times, answer=answer))
 
     def garbage(self, kind: str = "json", times=1):
         assert kind in ("json", "no_choices", "not_sse"), kind
@@ -270,6 +277,10 @@ class _Handler(tornado.web.RequestHandler):
             await self._event({**_chunk(model, None), "usage": _usage(behaviour.usage)})
         await self._send("data: [DONE]\n\n")
         self.finish()
+
+    async def _respond(self, behaviour: Behaviour, body: dict) -> None:
+        chosen = behaviour.answer(body)
+        await getattr(self, "_" + chosen.kind)(chosen, body)
 
     async def _status(self, behaviour: Behaviour, body: dict) -> None:
         for name, value in behaviour.headers.items():
