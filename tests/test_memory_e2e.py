@@ -15,10 +15,9 @@ import pytest
 from sqlalchemy import text
 from tornado.httpclient import AsyncHTTPClient
 
-from tornado_app.config import load_settings
 
 from .conftest import TEST_SECRET
-from .openai_upstream import Behaviour, FakeOpenAI
+from .openai_upstream import Behaviour, FakeOpenAI, service_settings
 from .test_memory import raw_database, raw_postgres
 
 
@@ -57,17 +56,7 @@ def upstream():
 
 @pytest.fixture
 def settings(tmp_path, db_url, upstream):
-    return load_settings(None, {
-        "TORNADO_APP_DATA_DIR": str(tmp_path / "data"),
-        "TORNADO_APP_DATABASE__URL": db_url,
-        "TORNADO_APP_AUTH__JWT_SECRET": TEST_SECRET,
-        "TORNADO_APP_SERVER__HOST": "127.0.0.1",
-        "TORNADO_APP_AGENT__BACKEND": "openai",
-        "TORNADO_APP_AGENT__OPENAI__BASE_URL": upstream.base_url,
-        "TORNADO_APP_AGENT__OPENAI__API_KEY": "sk-test",
-        "TORNADO_APP_AGENT__OPENAI__MAX_RETRIES": "0",
-        "TORNADO_APP_AGENT__TOOLS": "[memory, recall]",
-    })
+    return service_settings(upstream, tmp_path, db_url, TEST_SECRET, "[memory, recall]")
 
 
 async def ask(connect, client_id: str, user: str, content: str) -> str:
