@@ -256,3 +256,22 @@ async def test_migration_0006_up_and_down_with_data(db_store):
     await insert_message(engine, alice, "after the downgrade")
     await upgrade(engine, "0006")
     assert len(await memories.messages_of(alice).search("downgrade", 5)) == 1
+
+
+def test_the_memory_key_comes_from_config_or_a_generated_file(tmp_path):
+    from tornado_app.config import ConfigError, load_settings
+
+    base = {"TORNADO_APP_DATA_DIR": str(tmp_path / "data"),
+            "TORNADO_APP_AUTH__JWT_SECRET": "j" * 40}
+    generated = load_settings(None, base).memory_key
+    assert (tmp_path / "data" / "memory_key").read_text().strip() == generated
+    assert load_settings(None, base).memory_key == generated  # the same on the next start
+    assert len(bytes.fromhex(generated)) == 32
+    configured = load_settings(None, {**base, "TORNADO_APP_MEMORY__KEY": "m" * 40})
+    assert configured.memory_key == "m" * 40
+    with pytest.raises(ConfigError, match=r"^memory\.key: must be at least 32 bytes"):
+        load_settings(None, {**base, "TORNADO_APP_MEMORY__KEY": "short"})
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=r"^memory\.key_file: cannot use .*"
+                                          r"set memory\.key or TORNADO_APP_MEMORY__KEY"):
+        load_settings(None, {**base, "TORNADO_APP_MEMORY__KEY_FILE": "../file/key"})
