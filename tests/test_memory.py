@@ -5,6 +5,7 @@ full-text search of a user's own messages (migration 0006)."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -121,6 +122,17 @@ async def test_max_items_keys_and_values_are_enforced(db_store):
     await mine.set("c", "v" * 1000)  # the longest value, and the longest key
     await mine.set("k" * 64, "tab\tand\nnew line")
     assert await mine.get("c") == "v" * 1000
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_concurrent_saves_never_pass_max_items(db_store):
+    (alice,) = await users_of(db_store, "alice")
+    mine = Memories(db_store, MemoryCipher("s" * 40), max_items=5).of(alice)
+    results = await asyncio.gather(*(mine.set(f"key{index}", "v") for index in range(30)),
+                                   return_exceptions=True)
+    assert sum(result is None for result in results) == 5
+    assert all(isinstance(result, MemoryFull) for result in results if result is not None)
+    assert len(await mine.list()) == 5
 
 
 @pytest.mark.gen_test(timeout=60)

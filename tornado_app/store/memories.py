@@ -26,6 +26,10 @@ _COUNT = select(func.count()).select_from(memories).where(_USER)
 _DELETE = delete(memories).where(_USER, _KEY)
 _DELETE_ALL = delete(memories).where(_USER)
 _USER_ID = select(users.c.id).where(users.c.username == bindparam("username", type_=String))
+# PostgreSQL: concurrent saves of one user's new keys queue here, so that the
+# count below holds (SQLite's writes are one at a time anyway).
+_LOCK_USER = select(users.c.id).where(
+    users.c.id == bindparam("user_id", type_=Integer)).with_for_update()
 
 
 @functools.cache
@@ -45,6 +49,8 @@ def save(db, user_id: int, key: str, value: bytes, max_items: int) -> bool:
     """Save or replace a memory. False (nothing saved) when the key is new and
     the user already has ``max_items`` memories."""
     values = {"user_id": user_id, "key": key}
+    if db.dialect == "postgresql":
+        db.execute(_LOCK_USER, values)
     if db.execute(_EXISTS, values).first() is None:
         if db.execute(_COUNT, values).scalar() >= max_items:
             return False
