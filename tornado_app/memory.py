@@ -201,6 +201,8 @@ def memory_section(items: list[tuple[str, str, datetime]], budget_tokens: int,
                    count_tokens: Callable[[str], int]) -> str:
     """The system prompt's section listing the memories, most recently updated
     first, as many whole lines as fit in ``budget_tokens``; "" when none."""
+    if not items:
+        return ""  # nothing to count: most users save nothing
     lines = [SECTION_HEADER]
     used = count_tokens(SECTION_HEADER)
     for key, value, _updated in sorted(items, key=lambda item: item[2], reverse=True):
