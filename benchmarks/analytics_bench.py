@@ -182,7 +182,9 @@ async def insert_costs(args: argparse.Namespace) -> list[str]:
     return lines
 
 
-async def main(args: argparse.Namespace) -> None:
+async def databases(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(label, URL) of the benchmark databases (``--sqlite``, ``--postgres``),
+    made afresh first with ``--generate``. Also used by recall_bench.py."""
     targets = []
     if args.sqlite:
         sqlite_url = f"sqlite+aiosqlite:///{Path(args.sqlite).resolve()}"
@@ -197,6 +199,11 @@ async def main(args: argparse.Namespace) -> None:
                             f'CREATE DATABASE "{args.postgres}"')
             await generate(postgres_url(args.postgres), args.messages)
         targets.append(("PostgreSQL", postgres_url(args.postgres)))
+    return targets
+
+
+async def main(args: argparse.Namespace) -> None:
+    targets = await databases(args)
     lines = ["| database | report | range | median | slowest |", "| --- | --- | --- | --- | --- |"]
     for label, url in targets if args.reports else ():
         lines += await bench(label, url, args.repeat)

@@ -12,6 +12,7 @@ import os
 from alembic import context
 
 from tornado_app.store.models import Base
+from tornado_app.store.schema import include_object
 
 target_metadata = Base.metadata
 
@@ -19,7 +20,8 @@ target_metadata = Base.metadata
 def run_migrations(connection) -> None:
     # Batch mode lets later migrations ALTER tables on SQLite too.
     context.configure(
-        connection=connection, target_metadata=target_metadata, render_as_batch=True
+        connection=connection, target_metadata=target_metadata, render_as_batch=True,
+        include_object=include_object,
     )
     with context.begin_transaction():
         context.run_migrations()

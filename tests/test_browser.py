@@ -317,11 +317,11 @@ def test_keyboard_only_focus_order_and_visible_focus(page):
     page.locator("#message").type("typed with the keyboard")
     order = []
     page.locator("#new-conversation").focus()
-    for _ in range(4):
+    for _ in range(5):
         order.append(page.evaluate("document.activeElement.id"))
         page.keyboard.press("Tab")
     # Stop is disabled with nothing in flight, so it is skipped.
-    assert order == ["new-conversation", "logout", "message", "send"]
+    assert order == ["new-conversation", "memory-toggle", "logout", "message", "send"]
     page.locator("#logout").focus()
     page.keyboard.press("Shift+Tab")
     outline = page.evaluate(

@@ -13,6 +13,7 @@ from tornado_app.store.schema import (
     downgrade,
     ensure_schema,
     head_revision,
+    include_object,
     upgrade,
 )
 
@@ -31,7 +32,9 @@ def engine(db_store):
 async def schema_differences(engine) -> list:
     async with engine.connect() as conn:
         return await conn.run_sync(
-            lambda sync_conn: compare_metadata(MigrationContext.configure(sync_conn), Base.metadata)
+            lambda sync_conn: compare_metadata(
+                MigrationContext.configure(sync_conn, opts={"include_object": include_object}),
+                Base.metadata)
         )
 
 

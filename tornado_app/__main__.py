@@ -1,6 +1,6 @@
 """Command line: ``python -m tornado_app --config FILE [--host H] [--port P] [COMMAND]``.
 
-Without a command it serves. Commands: ``users add|list|disable|revoke|promote``,
+Without a command it serves. Commands: ``users add|list|disable|revoke|promote|forget``,
 ``token``, ``db upgrade|current``, ``analytics REPORT|export|purge|rollup``. Every
 failure is one clear line on stderr and a non-zero exit code (2 for configuration
 and usage mistakes), never a traceback.
@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("name")
     promote = users.add_parser("promote", help="give a user the admin flag (analytics API)")
     promote.add_argument("name")
+    forget = users.add_parser("forget", help="delete every memory a user saved")
+    forget.add_argument("name")
 
     token = commands.add_parser("token", help="print an access token for a user")
     token.add_argument("name")
@@ -108,9 +110,11 @@ def serve(settings: Settings, config_path: str | None) -> int:
     # Imported here: the app loads the agent plugins, which the other commands need not.
     from .agents import available_agents, validate_agent_settings
     from .app import run
+    from .toolbox import available_tools, validate_tool_settings
 
-    # Refuse an unknown agent or bad plugin options before anything starts.
+    # Refuse an unknown agent or tool, or bad plugin options, before anything starts.
     validate_agent_settings(settings, available_agents())
+    validate_tool_settings(settings, available_tools())
     try:
         run(settings, config_path)
     except OSError as exc:
@@ -207,6 +211,11 @@ async def users_command(store: Store, args: argparse.Namespace) -> int:
         if not await store.set_admin(args.name):
             raise CommandError(f"no user named {args.name!r}")
         print(f"{args.name} is now an admin")
+    elif args.action == "forget":
+        forgotten = await store.forget_memories(args.name)
+        if forgotten is None:
+            raise CommandError(f"no user named {args.name!r}")
+        print(f"deleted {forgotten} memories of {args.name}")
     return 0
 
 

@@ -4,7 +4,7 @@ Start-up (JupyterHub style, one step each): logging, database schema, agents
 (loading in the background), handlers, listening socket. Shutdown on SIGTERM
 or SIGINT: stop accepting, let replies in flight finish (up to
 ``server.shutdown_grace_seconds``), close every socket with 1001, close the
-agents, dispose of the database. SIGHUP re-reads the ``agent`` section.
+agents, dispose of the database. SIGHUP re-reads the ``agent`` and ``tools`` sections.
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ from .chat import ChatService
 from .connections import Connections, instance_name
 from .config import ConfigError, Settings, load_settings
 from .handlers.base import log_request
+from .memory import Memories, MemoryCipher
 from .replies import Replies
 from .store import Store
+from .toolbox import Toolbox
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +47,7 @@ def make_app(
         chat=chat,
         connections=connections,
         verifier=chat.verifier,
+        memories=chat.memories,
         log_function=log_request,
         websocket_max_message_size=server.max_message_bytes,
         websocket_ping_interval=server.ping_interval_seconds or None,
@@ -64,7 +67,9 @@ class Service:
         self.background_jobs = background_jobs
         self.store: Store | None = None
         self.pool: AgentPool | None = None
+        self.toolbox: Toolbox | None = None
         self.chat: ChatService | None = None
+        self.memories: Memories | None = None
         self.replies: Replies | None = None
         self.notifications = None
         self.connections: Connections | None = None
@@ -82,6 +87,7 @@ class Service:
         if await self.store.ensure_schema() == "created":
             logger.info("created the database schema")
         self.pool = AgentPool(settings)
+        self.toolbox = Toolbox(settings)
         self.replies = Replies(self.store, instance_name(), settings.limits.lease_seconds,
                                settings.chat.resume_window_seconds)
         self.replies.start_background()
@@ -89,8 +95,11 @@ class Service:
             self.replies.notified, self.replies.listening)
         if self.notifications is not None:
             self.notifications.start()
+        self.memories = Memories(self.store, MemoryCipher(settings.memory_key),
+                                 settings.memory.max_items)
         self.chat = ChatService(settings, self.store, self.pool,
-                                TokenVerifier.from_settings(settings), self.replies)
+                                TokenVerifier.from_settings(settings), self.replies, self.toolbox,
+                                self.memories)
         self.connections = Connections(settings, self.store, self.replies)
         self.connections.start()
         if self.background_jobs:
@@ -106,14 +115,17 @@ class Service:
                     settings.server.host, self.port, settings.agent.backend)
 
     def reload_agents(self) -> None:
-        """Re-read the config file and swap to its ``agent`` section."""
+        """Re-read the config file and swap to its ``agent`` and ``tools`` sections."""
         try:
             fresh = load_settings(self.config_path)
+            self.toolbox.check(fresh)  # before the agents change: all or nothing
             self.pool.swap(fresh)
+            self.toolbox.swap(fresh)
         except ConfigError as exc:
             logger.error("SIGHUP: config not reloaded: %s", exc)
             return
         self.settings.agent = fresh.agent
+        self.settings.tools = fresh.tools
 
     async def stop(self) -> None:
         if self.http is None:
@@ -136,6 +148,7 @@ class Service:
         if self.analytics is not None:
             await self.analytics.stop()
         await self.pool.close()
+        await self.toolbox.close()
         await self.store.close()
         self.http = None
         logger.info("stopped")

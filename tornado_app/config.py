@@ -154,11 +154,31 @@ class AgentSettings(BaseModel):
     fallbacks: list[str] = []
     # Deadline for one whole reply, first token to last.
     timeout_seconds: float = Field(120.0, gt=0)
+    # The tools (tornado_app.toolbox) an agent that supports them may call.
+    tools: list[str] = []
+    # Model turns that may call tools; then the host asks for an answer without them.
+    max_tool_steps: int = Field(4, ge=0, le=32)
 
     def plugin_options(self, name: str) -> dict[str, Any]:
         value = (self.model_extra or {}).get(name) or {}
         if not isinstance(value, dict):
             raise ConfigError(f"agent.{name}: must be a mapping of options")
+        return value
+
+
+class ToolsSettings(BaseModel):
+    """The tools section. Tool option sections (``tools.<name>``) are extra
+    keys here; each tool validates its own (see tornado_app.toolbox)."""
+
+    model_config = ConfigDict(extra="allow", validate_default=True)
+
+    # Longest a tool call may take (the reply's own deadline may cut it shorter).
+    timeout_seconds: float = Field(10.0, gt=0, le=600)
+
+    def plugin_options(self, name: str) -> dict[str, Any]:
+        value = (self.model_extra or {}).get(name) or {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"tools.{name}: must be a mapping of options")
         return value
 
 
@@ -175,6 +195,21 @@ class AnalyticsSettings(Section):
     rollup_interval_seconds: float = Field(3600.0, ge=1)
 
 
+class MemorySettings(Section):
+    """Each user's saved memories (tornado_app/memory.py)."""
+
+    # Encrypts memory values at rest (AES-GCM, key derived by HKDF). Left
+    # empty, one is generated on first run into key_file. Losing it loses
+    # the memories: back it up with the database.
+    key: SecretStr | None = None
+    key_file: str = "memory_key"  # relative to data_dir
+    # Memories one user may save.
+    max_items: int = Field(100, ge=1, le=10000)
+    # Share of the prompt's budget (agent context minus reply) the memories
+    # may take in the system prompt; the most recently updated come first.
+    prompt_share: float = Field(0.25, gt=0, le=0.9)
+
+
 class Settings(Section):
     data_dir: str = "data"
     server: ServerSettings = ServerSettings()
@@ -184,13 +219,20 @@ class Settings(Section):
     chat: ChatSettings = ChatSettings()
     limits: LimitsSettings = LimitsSettings()
     agent: AgentSettings = AgentSettings()
+    tools: ToolsSettings = ToolsSettings()
     logging: LoggingSettings = LoggingSettings()
     analytics: AnalyticsSettings = AnalyticsSettings()
+    memory: MemorySettings = MemorySettings()
 
     @property
     def jwt_secret(self) -> str:
         assert self.auth.jwt_secret is not None, "load_settings() fills the secret"
         return self.auth.jwt_secret.get_secret_value()
+
+    @property
+    def memory_key(self) -> str:
+        assert self.memory.key is not None, "load_settings() fills the key"
+        return self.memory.key.get_secret_value()
 
 
 def load_settings(
@@ -214,6 +256,7 @@ def load_settings(
     base = Path(path).resolve().parent if path else Path.cwd()
     _resolve_paths(settings, base)
     _ensure_jwt_secret(settings)
+    _ensure_memory_key(settings)
     _check_external_keys(settings)
     return settings
 
@@ -336,7 +379,21 @@ def _ensure_jwt_secret(settings: Settings) -> None:
         )
 
 
-def _stored_secret(path: Path) -> str:
+def _ensure_memory_key(settings: Settings) -> None:
+    """Like the JWT secret: the configured key, or the one saved under data_dir."""
+    memory = settings.memory
+    if memory.key is None or not memory.key.get_secret_value():
+        path = Path(settings.data_dir) / memory.key_file
+        memory.key = SecretStr(_stored_secret(path, "memory.key"))
+    if len(settings.memory_key.encode()) < MIN_SECRET_BYTES:
+        raise ConfigError(
+            f"memory.key: must be at least {MIN_SECRET_BYTES} bytes; "
+            f"generate one with: python -c 'import secrets; print(secrets.token_hex(32))' "
+            f"or leave it empty to have one generated"
+        )
+
+
+def _stored_secret(path: Path, setting: str = "auth.jwt_secret") -> str:
     try:
         if path.exists():
             return path.read_text(encoding="utf-8").strip()
@@ -358,8 +415,8 @@ def _stored_secret(path: Path) -> str:
         return secret
     except OSError as exc:
         raise ConfigError(
-            f"auth.jwt_secret_file: cannot use {path} ({exc.strerror}); "
-            f"set auth.jwt_secret or TORNADO_APP_AUTH__JWT_SECRET instead"
+            f"{setting}_file: cannot use {path} ({exc.strerror}); "
+            f"set {setting} or {env_name(tuple(setting.split('.')))} instead"
         ) from None
 
 

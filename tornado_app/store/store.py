@@ -21,10 +21,11 @@ from datetime import datetime
 
 from sqlalchemy import select
 
-from . import leases, messages, ratelimit, revocations, schema, streams, users
+from . import (leases, memories, message_search, messages, ratelimit, revocations, schema,
+               streams, tool_steps, users)
 from .engine import DEFAULT_TIMEOUT, create_engine, probe_sqlite_write_lock, sqlite_file
 from .executor import Conflict, EngineExecutor, Executor, store_errors
-from .models import STATUS_ERROR, utcnow
+from .models import ROLE_USER, STATUS_ERROR, utcnow
 from .notifications import Notifications
 from .asyncpg_executor import AsyncpgExecutor
 from .sqlite_batcher import SqliteBatcher
@@ -37,13 +38,17 @@ class Admission:
     """What :meth:`Store.admit` decided: the rate limit's decision and, when it
     allowed the message, the message's row id and public id, the reply's
     public id (its stream is open), and the history turns before the message
-    (rows with ``id``, ``role`` and ``content``, oldest first)."""
+    (rows with ``id``, ``role`` and ``content``, oldest first), and the user's
+    memories for the prompt (``key``, ``value`` encrypted, ``updated_at``)."""
 
     decision: ratelimit.Decision
     message_id: int | None = None
     message_public_id: str | None = None
     reply_id: str | None = None
     turns: list = field(default_factory=list)
+    memories: list = field(default_factory=list)
+    # The tool steps of the replies among ``turns``: {message id: steps}.
+    steps: dict = field(default_factory=dict)
 
 
 class Store:
@@ -162,7 +167,7 @@ class Store:
         """The start of an exchange, in one transaction: take the rate limit
         (``messages`` per ``per_seconds``) and, if it allows, save the user's
         message, open its reply's stream (leased to ``instance``) and read the
-        history turns between ``after_id`` and the message.
+        history turns between ``after_id`` and the message, and the user's memories.
         """
         return await self.writer.run(_admit, conversation_id, user_id, content, now, messages,
                                      per_seconds, after_id, history_limit, instance,
@@ -170,16 +175,17 @@ class Store:
 
     async def finish_reply(self, reply_id: str, conversation_id: int, user_id: int,
                            reply_to_id: int, pieces: list[str], flushed: bool,
-                           **columns) -> int:
+                           steps=(), **columns) -> int:
         """Save a reply (or the record of a failed or cancelled one) and close
         its stream, in one transaction. ``pieces`` are its chunks (for a later
-        resume); ``flushed``: whether any of them were saved on the way.
+        resume); ``flushed``: whether any of them were saved on the way;
+        ``steps`` its tool calls (tool_loop.Step).
 
         ``columns`` are Message columns: content, status, agent, model,
         tokens_in, tokens_out, latency_ms, ttft_ms, error_ref, error_kind.
         """
         row = messages.reply_row(conversation_id, user_id, reply_to_id, reply_id, **columns)
-        return await self.writer.run(streams.finish, reply_id, row, pieces, flushed)
+        return await self.writer.run(_finish_reply, reply_id, row, pieces, flushed, list(steps))
 
     # Replies in flight (streams.py; the design is in tornado_app/replies.py)
 
@@ -232,6 +238,28 @@ class Store:
                                       "limit": limit}, write=False)
         rows.reverse()
         return rows
+
+    # Memories (memories.py; values encrypted by tornado_app/memory.py) and recall
+
+    async def list_memories(self, user_id: int) -> list:
+        """(key, value, updated_at) rows of a user's memories, by key; values encrypted."""
+        return await self.reader.run(_all, memories.LIST, {"user_id": user_id}, write=False)
+
+    async def save_memory(self, user_id: int, key: str, value: bytes, max_items: int) -> bool:
+        """Save or replace; False when the key is new and the user has ``max_items``."""
+        return await self.writer.run(memories.save, user_id, key, value, max_items)
+
+    async def delete_memory(self, user_id: int, key: str) -> bool:
+        return await self.writer.run(memories.remove, user_id, key)
+
+    async def forget_memories(self, username: str) -> int | None:
+        """Delete all of a user's memories: how many; None when there is no such user."""
+        return await self.writer.run(memories.forget, username)
+
+    async def search_messages(self, user_id: int, query: str, limit: int) -> list:
+        """A user's messages holding every word of ``query``, newest first:
+        (conversation, role, content, created_at) rows."""
+        return await self.reader.run(message_search.search, user_id, query, limit, write=False)
 
     # Connection slots (leases.py)
 
@@ -301,7 +329,21 @@ def _admit(db, conversation_id, user_id, content, now, limit, per_seconds, after
         "conversation_id": conversation_id, "before_id": message_id, "after_id": after_id,
         "limit": history_limit}).all()
     turns.reverse()
-    return Admission(decision, message_id, public_id, reply_id, turns)
+    steps = {}
+    if any(turn.role != ROLE_USER for turn in turns):
+        steps = tool_steps.between(db, conversation_id, turns[0].id - 1, message_id)
+    # In the same transaction: the prompt needs them, and a read of its own
+    # would cost every exchange another round trip.
+    saved = db.execute(memories.LIST, {"user_id": user_id}).all()
+    return Admission(decision, message_id, public_id, reply_id, turns, memories=saved,
+                     steps=steps)
+
+
+def _finish_reply(db, reply_id: str, row: dict, pieces: list[str], flushed: bool,
+                  steps: list) -> int:
+    reply_row_id = streams.finish(db, reply_id, row, pieces, flushed)
+    tool_steps.save(db, reply_row_id, row["conversation_id"], row["user_id"], row["agent"], steps)
+    return reply_row_id
 
 
 def _renew(db, instance: str, now: float, ttl: float, reply_ids: list[str]) -> None:

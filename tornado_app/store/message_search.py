@@ -1,0 +1,63 @@
+"""Full-text search over one user's messages (the recall tool).
+
+SQLite: the FTS5 table ``messages_fts`` (migration 0006), queried with every
+word quoted, so that a user's text is never read as FTS5 syntax. PostgreSQL:
+``to_tsvector('simple', content)``, served by the GIN index of the same
+expression, and ``plainto_tsquery``. Both find the messages holding every
+word of the query, newest first.
+"""
+
+from __future__ import annotations
+
+import re
+
+from sqlalchemy import DateTime, Integer, String, Text, bindparam, text
+
+from .models import ROLE_ASSISTANT, ROLE_USER, STATUS_ERROR
+
+# FTS5's unicode61 tokenizer: letters and digits; everything else separates.
+_WORD = re.compile(r"[^\W_]+")
+
+_COLUMNS = (
+    "SELECT c.client_id AS conversation, m.role, m.content, m.created_at "
+    "FROM messages m JOIN conversations c ON c.id = m.conversation_id "
+)
+# Replies that failed hold an error text, not something said.
+_FILTER = (
+    f"m.user_id = :user_id AND m.role IN ('{ROLE_USER}', '{ROLE_ASSISTANT}') "
+    f"AND m.status != '{STATUS_ERROR}' "
+)
+_ORDER = "ORDER BY m.created_at DESC, m.id DESC LIMIT :limit"
+_PARAMS = (bindparam("user_id", type_=Integer), bindparam("query", type_=String),
+           bindparam("limit", type_=Integer))
+# Typed result columns: SQLite's times come back as datetimes, as elsewhere.
+_RESULTS = {"conversation": String, "role": String, "content": Text, "created_at": DateTime}
+
+SQLITE = text(
+    _COLUMNS + "WHERE m.id IN (SELECT rowid FROM messages_fts WHERE messages_fts MATCH :query) "
+    "AND " + _FILTER + _ORDER).bindparams(*_PARAMS).columns(**_RESULTS)
+POSTGRES = text(
+    _COLUMNS + "WHERE to_tsvector('simple', m.content) @@ plainto_tsquery('simple', :query) "
+    "AND " + _FILTER + _ORDER).bindparams(*_PARAMS).columns(**_RESULTS)
+
+
+def words(query: str) -> list[str]:
+    return _WORD.findall(query.lower())
+
+
+def fts5_query(query: str) -> str:
+    """Every word quoted: FTS5 reads them as phrases, all required."""
+    return " ".join(f'"{word}"' for word in words(query))
+
+
+# Units of work (store/executor.py)
+
+def search(db, user_id: int, query: str, limit: int) -> list:
+    """(conversation, role, content, created_at) rows, newest first."""
+    if not words(query):
+        return []
+    if db.dialect == "sqlite":
+        statement, query = SQLITE, fts5_query(query)
+    else:
+        statement = POSTGRES
+    return db.execute(statement, {"user_id": user_id, "query": query, "limit": limit}).all()
