@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import socket
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tornado_app.config import ConfigError, McpServerSettings, McpSettings, load_settings
-from tornado_app.mcp_servers import McpServers
+from tornado_app.mcp_servers import McpServers, plugin_tool_names
 from tornado_app.mcp_tools import tool_name
 from tornado_app.tools import ToolContext, ToolError
 
@@ -296,3 +297,65 @@ def test_a_bad_server_config_stops_start_up_with_one_line(tmp_path):
     config = write_config(tmp_path, mcp={"servers": [{"name": "x", "url": "http://a/mcp",
                                                       "command": "x"}]})
     one_line_error(cli(config, "db", "current"), 2, "mcp.servers", "either url")
+
+
+# The service: /readyz, /metrics, SIGHUP
+
+
+def wait_for_readyz(server, expected: dict, timeout: float = WAIT) -> dict:
+    """Poll /readyz until its ``mcp`` detail is ``expected``; the last body."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status, body = server.get("/readyz")
+        assert status == 200, body  # MCP servers never make the service unready
+        if body.get("mcp") == expected or time.monotonic() > deadline:
+            assert body.get("mcp") == expected, body
+            return body
+        time.sleep(0.05)  # another process's background connection: nothing to await
+
+
+def test_sighup_adds_and_removes_servers_and_readyz_names_their_state(
+        tmp_path, servers, http_server):
+    down = {"name": "gone", "url": f"http://127.0.0.1:{free_port()}/mcp"}
+    config = write_config(tmp_path, mcp={"servers": [{"name": "web", "url": http_server.url},
+                                                     down]})
+    server = servers(config)
+    wait_for_readyz(server, {"web": "connected", "gone": "down"})
+    write_config(tmp_path, mcp={"servers": [{"name": "local", "command": sys.executable,
+                                             "args": [SCRIPT, "stdio"]}]})
+    server.signal(signal.SIGHUP)
+    wait_for_readyz(server, {"local": "connected"})
+    metrics = server_text(server, "/metrics")
+    assert 'chat_mcp_server_up{server="local"} 1.0' in metrics
+    assert 'server="web"' not in metrics and 'server="gone"' not in metrics
+    log = server.log()
+    assert "MCP server gone unreachable (" in log
+    assert "MCP server local: test server: starting" in log  # the child's stderr
+
+
+def server_text(server, path: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(server.base_url + path, timeout=10) as response:
+        return response.read().decode()
+
+
+# agent.tools entries
+
+
+def test_agent_tools_name_mcp_servers_or_their_tools():
+    settings = McpSettings(servers=[McpServerSettings(name="web", url="http://a/mcp")])
+    names = ["clock", "mcp:web", "web__lookup", "other__x", "web"]
+    assert plugin_tool_names(names, settings) == {0: "clock", 3: "other__x", 4: "web"}
+    with pytest.raises(ConfigError, match=r"agent.tools\[1\]: 'mcp:files' names no server "
+                                          r"of mcp.servers; configured: web"):
+        plugin_tool_names(["clock", "mcp:files"], settings)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_enabled_tools_follow_the_connected_servers(mcp, http_server):
+    servers = mcp(http(http_server, allow=["lookup", "header", "slow"]),
+                  http(http_server, name="two", allow=["lookup", "fail"]))
+    await until(servers, connected(servers, "web", "two"))
+    assert set(servers.enabled(["mcp:web", "two__fail", "two__nothing", "clock"])) == \
+        {"web__lookup", "web__header", "web__slow", "two__fail"}

@@ -31,8 +31,8 @@ from mcp.shared.exceptions import MCPError
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from . import metrics
-from .config import McpServerSettings, McpSettings
-from .mcp_tools import McpTool
+from .config import ConfigError, McpServerSettings, McpSettings
+from .mcp_tools import SEPARATOR, McpTool
 from .tools import ToolError
 
 logger = logging.getLogger(__name__)
@@ -271,6 +271,27 @@ async def _finish(task: asyncio.Task) -> None:
         await asyncio.wait_for(task, 2)
 
 
+SERVER_PREFIX = "mcp:"
+
+
+def plugin_tool_names(names: list[str], settings: McpSettings) -> dict[int, str]:
+    """The ``agent.tools`` entries (by position) that are not MCP tools, for the
+    plugin tools' check. ``mcp:<server>`` and ``<server>__<tool>`` name tools of
+    a server in ``mcp.servers`` (which ones it has is known only once it is
+    connected); ``mcp:`` with another name is a ConfigError."""
+    servers = [server.name for server in settings.servers]
+    rest = {}
+    for index, name in enumerate(names):
+        if name.startswith(SERVER_PREFIX):
+            if name[len(SERVER_PREFIX):] not in servers:
+                raise ConfigError(
+                    f"agent.tools[{index}]: {name!r} names no server of mcp.servers; "
+                    f"configured: {', '.join(servers) or 'none'}")
+        elif name.split(SEPARATOR, 1)[0] not in servers or SEPARATOR not in name:
+            rest[index] = name
+    return rest
+
+
 class McpServers:
     """Every configured server's connection; what tools are available now."""
 
@@ -316,6 +337,18 @@ class McpServers:
     def server_tools(self, server: str) -> dict[str, McpTool]:
         connection = self.connections.get(server)
         return dict(connection.tools) if connection is not None else {}
+
+    def enabled(self, names: list[str]) -> dict[str, McpTool]:
+        """The connected tools that ``agent.tools`` entries name: ``mcp:<server>``
+        (all its tools) or ``<server>__<tool>`` one by one."""
+        available = self.tools()
+        chosen: dict[str, McpTool] = {}
+        for name in names:
+            if name.startswith(SERVER_PREFIX):
+                chosen.update(self.server_tools(name[len(SERVER_PREFIX):]))
+            elif name in available:
+                chosen[name] = available[name]
+        return chosen
 
     def states(self) -> dict[str, str]:
         """Each server's state (connecting, connected, down), for /readyz."""
