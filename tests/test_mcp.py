@@ -193,6 +193,22 @@ async def test_a_slow_call_times_out(mcp, http_server):
 
 
 @pytest.mark.gen_test(timeout=30)
+async def test_calls_run_concurrently_and_a_cancelled_one_harms_nothing(mcp, http_server):
+    servers = mcp(http(http_server))
+    await until(servers, connected(servers, "web"))
+    started = time.monotonic()
+    results = await asyncio.gather(*(call(servers, "web__slow", {"seconds": 2})
+                                     for _ in range(3)))
+    assert results == ["slept 2.0"] * 3
+    assert time.monotonic() - started < 5.5  # one after another: 6 s
+    # The host's own timeout (or a cancel) ends a call from outside.
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(call(servers, "web__slow", {"seconds": 10}), 0.3)
+    assert "Oslo" in await call(servers, "web__lookup", {"city": "Oslo"})
+    assert servers.states() == {"web": "connected"}
+
+
+@pytest.mark.gen_test(timeout=30)
 async def test_the_user_header_carries_the_callers_name_and_nothing_else(mcp, http_server):
     servers = mcp(http(http_server, name="scoped", user_header="X-Chat-User",
                        headers={"Authorization": "Bearer s3cret"}),

@@ -247,9 +247,9 @@ def stderr_to_log(name: str, stack: contextlib.AsyncExitStack):
     """A pipe for a child's stderr whose lines go to this log, one task reading it."""
     read_fd, write_fd = os.pipe()
     errlog = os.fdopen(write_fd, "w")
-    stack.callback(errlog.close)
     task = asyncio.get_running_loop().create_task(_log_lines(name, read_fd))
     stack.push_async_callback(_finish, task)
+    stack.callback(errlog.close)  # first out: the reader then sees EOF once the child is gone
     return errlog
 
 
