@@ -244,6 +244,20 @@ async def test_a_server_down_at_start_up_joins_when_it_comes_up(mcp, tmp_path, c
     assert warnings[0].startswith("MCP server late unreachable (")
 
 
+@pytest.mark.gen_test(timeout=30)
+async def test_a_server_that_never_answers_blocks_no_other(mcp, http_server):
+    with socket.socket() as silent:  # accepts connections (the backlog), answers nothing
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/mcp"
+        servers = mcp(McpServerSettings(name="silent", url=url, timeout_seconds=0.5),
+                      http(http_server))
+        await until(servers, connected(servers, "web"))
+        await until(servers, lambda: servers.states()["silent"] == "down")
+        assert servers.connections["silent"].reason
+        assert all(name.startswith("web__") for name in servers.tools())
+
+
 @pytest.mark.gen_test(timeout=60)
 async def test_a_stdio_server_is_supervised_and_restarted(mcp, caplog):
     caplog.set_level(logging.INFO, "tornado_app.mcp_servers")

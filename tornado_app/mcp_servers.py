@@ -100,7 +100,9 @@ class McpConnection:
 
     async def _connect_and_watch(self) -> None:
         async with contextlib.AsyncExitStack() as stack:
-            client = await stack.enter_async_context(self._client_for(stack))
+            # The SDK waits 10 s for its version probe: a silent server gets ours.
+            async with asyncio.timeout(self.settings.timeout_seconds):
+                client = await stack.enter_async_context(self._client_for(stack))
             self._client = client
             try:
                 await self._watch(client)
@@ -210,17 +212,20 @@ class McpConnection:
                 raise ToolError(f"the MCP server {self.name} did not answer within "
                                 f"{timeout:g} s") from None
             raise ToolError(f"the MCP server {self.name} refused the call: {exc}") from None
-        except (OSError, httpx2.HTTPError, TimeoutError) as exc:
+        except TimeoutError:
+            raise ToolError(f"the MCP server {self.name} did not answer within "
+                            f"{timeout:g} s") from None
+        except (OSError, httpx2.HTTPError) as exc:
             raise ToolError(f"the MCP server {self.name} failed: {describe(exc)}") from None
 
     async def _call_as(self, username: str, tool: str, arguments: dict) -> mcp_types.CallToolResult:
         """A call on a connection of its own that carries the user's name in
         ``user_header``: the SDK's requests share no per-call headers."""
-        async with contextlib.AsyncExitStack() as stack:
-            header = {self.settings.user_header: username}
-            client = await stack.enter_async_context(self._client_for(stack, header))
-            return await client.call_tool(tool, arguments,
-                                          read_timeout_seconds=self.settings.timeout_seconds)
+        async with asyncio.timeout(self.settings.timeout_seconds):
+            async with contextlib.AsyncExitStack() as stack:
+                header = {self.settings.user_header: username}
+                client = await stack.enter_async_context(self._client_for(stack, header))
+                return await client.call_tool(tool, arguments)
 
 
 CLIENT_INFO = mcp_types.Implementation(name="tornado-app", version="0.1.0")
