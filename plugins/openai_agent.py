@@ -7,6 +7,13 @@ it works with api.openai.com and with vLLM, Ollama, the llama.cpp server,
 Failures become :class:`AgentError` with a fixed text per kind: an upstream
 body or the API key never reaches a message, and so never a log line or a
 client. When the host cancels the reply, the HTTP stream is closed.
+
+Tools: native function calling. The host's tools go out as
+``tools=[{"type": "function", "function": {...}}]``; the model's
+``tool_calls`` (streamed as ``delta.tool_calls`` fragments whose
+``arguments`` arrive in pieces, or whole with ``agent.openai.stream: false``)
+come back as ToolCall requests, and the host's ``tool`` messages carry their
+``tool_call_id`` as the API wants.
 """
 
 from __future__ import annotations
@@ -17,12 +24,13 @@ from typing import Any, AsyncIterator
 from urllib.parse import urlsplit
 
 import openai
-from openai.types.chat import ChatCompletionChunk
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from tornado_app.agents import Agent, AgentError, AgentRequest, Usage
 from tornado_app.config import ConfigError
 from tornado_app.hookspecs import hookimpl
+from tornado_app.tools import ToolCall
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +72,11 @@ class OpenAIOptions(BaseModel):
     temperature: float = Field(0.7, ge=0, le=2)
     # The model's context window; the host trims history to fit it.
     context_tokens: int = Field(8192, ge=256)
+    # Stream the reply (false: ask for it whole; the user then gets it at once).
+    stream: bool = True
+    # Offer the host's tools (agent.tools) to the model: false for a server
+    # or model without function calling.
+    tools: bool = True
 
     @field_validator("base_url", "api_key", mode="before")
     @classmethod
@@ -111,6 +124,7 @@ class OpenAIAgent(Agent):
     def __init__(self, options: OpenAIOptions, api_key: str):
         super().__init__()
         self.options = options
+        self.supports_tools = options.tools
         self.model = options.model
         self.context_tokens = options.context_tokens
         self.reply_tokens = options.max_tokens
@@ -125,16 +139,21 @@ class OpenAIAgent(Agent):
             max_retries=options.max_retries,
         )
 
-    async def stream(self, request: AgentRequest) -> AsyncIterator[str]:
-        stream = await self._open(request.messages)
+    async def stream(self, request: AgentRequest) -> AsyncIterator[str | ToolCall]:
+        if not self.options.stream:
+            for piece in await self._whole(request):
+                yield piece
+            return
+        stream = await self._open(request)
         received = False
+        calls: dict[int, list] = {}  # index -> [id, name, argument pieces]
         # Leaving this block (end, error, or the host cancelling the task)
         # closes the HTTP response, so the server stops generating.
         async with stream:
             try:
                 async for chunk in stream:
                     received = True
-                    text = _read_chunk(chunk, request.usage)
+                    text = _read_chunk(chunk, request.usage, calls)
                     if text:
                         yield text
             except AgentError:
@@ -143,11 +162,26 @@ class OpenAIAgent(Agent):
                 raise _agent_error(exc) from None
         if not received:
             raise AgentError("bad_reply", EMPTY_REPLY)
+        for index in sorted(calls):
+            call_id, name, pieces = calls[index]
+            if not name:
+                raise AgentError("bad_reply", BAD_REPLY)
+            yield ToolCall(call_id or f"call_{index}", name, "".join(pieces))
 
-    async def _open(self, messages: list[dict[str, str]]):
+    async def _whole(self, request: AgentRequest) -> list[str | ToolCall]:
+        """The reply asked for without streaming: its text, then its calls."""
+        try:
+            answer = await self._create(request, stream=False)
+            return _read_completion(answer, request.usage)
+        except AgentError:
+            raise
+        except Exception as exc:
+            raise _agent_error(exc) from None
+
+    async def _open(self, request: AgentRequest):
         try:
             try:
-                return await self._create(messages)
+                return await self._create(request)
             except openai.BadRequestError as exc:
                 if not (self._ask_usage and _mentions_stream_options(exc)):
                     raise
@@ -156,20 +190,22 @@ class OpenAIAgent(Agent):
                 safe_url(self.base_url),
             )
             self._ask_usage = False
-            return await self._create(messages)
+            return await self._create(request)
         except Exception as exc:
             raise _agent_error(exc) from None
 
-    async def _create(self, messages: list[dict[str, str]]):
+    async def _create(self, request: AgentRequest, stream: bool = True):
         extra: dict[str, Any] = {}
-        if self._ask_usage:
+        if stream and self._ask_usage:
             extra["stream_options"] = {"include_usage": True}
+        if request.tools:
+            extra["tools"] = [{"type": "function", "function": tool} for tool in request.tools]
         return await self.client.chat.completions.create(
             model=self.options.model,
-            messages=messages,
+            messages=request.messages,
             max_tokens=self.options.max_tokens,
             temperature=self.options.temperature,
-            stream=True,
+            stream=stream,
             **extra,
         )
 
@@ -177,22 +213,17 @@ class OpenAIAgent(Agent):
         await self.client.close()
 
 
-def _read_chunk(chunk: Any, usage: Usage) -> str:
-    """The text of one streamed chunk; fills ``usage`` from the usage chunk.
+def _read_chunk(chunk: Any, usage: Usage, calls: dict[int, list]) -> str:
+    """The text of one streamed chunk; fills ``usage`` from the usage chunk
+    and gathers ``delta.tool_calls`` fragments into ``calls``.
 
     The SDK does not validate replies, so the shape is checked here.
     """
     if not isinstance(chunk, ChatCompletionChunk):
         raise AgentError("bad_reply", BAD_REPLY)
-    reported = chunk.usage
-    if reported is not None:
-        tokens_in = getattr(reported, "prompt_tokens", None)
-        tokens_out = getattr(reported, "completion_tokens", None)
-        if not (_is_count(tokens_in) and _is_count(tokens_out)):
-            raise AgentError("bad_reply", BAD_REPLY)
-        usage.tokens_in, usage.tokens_out = tokens_in, tokens_out
+    _read_usage(chunk.usage, usage)
     choices = chunk.choices
-    if choices is None and reported is not None:
+    if choices is None and chunk.usage is not None:
         return ""  # some servers leave choices out of the usage chunk
     if not isinstance(choices, list):
         raise AgentError("bad_reply", BAD_REPLY)
@@ -202,8 +233,60 @@ def _read_chunk(chunk: Any, usage: Usage) -> str:
     text = getattr(delta, "content", None)
     if delta is None or not (text is None or isinstance(text, str)):
         raise AgentError("bad_reply", BAD_REPLY)
+    for fragment in getattr(delta, "tool_calls", None) or ():
+        _add_fragment(fragment, calls)
     # Reasoning models' thoughts (reasoning_content) are not shown to users.
     return text or ""
+
+
+def _add_fragment(fragment: Any, calls: dict[int, list]) -> None:
+    """One piece of a streamed tool call: the first names it (id, name), the
+    others bring more of its ``arguments``; ``index`` tells the calls apart."""
+    index = getattr(fragment, "index", None)
+    function = getattr(fragment, "function", None)
+    call_id = getattr(fragment, "id", None)
+    name = getattr(function, "name", None)
+    arguments = getattr(function, "arguments", None)
+    if not isinstance(index, int) or not all(
+            value is None or isinstance(value, str) for value in (call_id, name, arguments)):
+        raise AgentError("bad_reply", BAD_REPLY)
+    call = calls.setdefault(index, [None, None, []])
+    call[0] = call[0] or call_id
+    call[1] = call[1] or name
+    if arguments:
+        call[2].append(arguments)
+
+
+def _read_completion(answer: Any, usage: Usage) -> list[str | ToolCall]:
+    """A whole (not streamed) answer: its text, then its tool calls."""
+    if not isinstance(answer, ChatCompletion) or not isinstance(answer.choices, list):
+        raise AgentError("bad_reply", BAD_REPLY)
+    _read_usage(answer.usage, usage)
+    if not answer.choices:
+        raise AgentError("bad_reply", EMPTY_REPLY)
+    message = getattr(answer.choices[0], "message", None)
+    text = getattr(message, "content", None)
+    if message is None or not (text is None or isinstance(text, str)):
+        raise AgentError("bad_reply", BAD_REPLY)
+    pieces: list[str | ToolCall] = [text] if text else []
+    for index, call in enumerate(getattr(message, "tool_calls", None) or ()):
+        function = getattr(call, "function", None)
+        name = getattr(function, "name", None)
+        arguments = getattr(function, "arguments", None)
+        if not isinstance(name, str) or not isinstance(arguments, str):
+            raise AgentError("bad_reply", BAD_REPLY)
+        pieces.append(ToolCall(getattr(call, "id", None) or f"call_{index}", name, arguments))
+    return pieces
+
+
+def _read_usage(reported: Any, usage: Usage) -> None:
+    if reported is None:
+        return
+    tokens_in = getattr(reported, "prompt_tokens", None)
+    tokens_out = getattr(reported, "completion_tokens", None)
+    if not (_is_count(tokens_in) and _is_count(tokens_out)):
+        raise AgentError("bad_reply", BAD_REPLY)
+    usage.tokens_in, usage.tokens_out = tokens_in, tokens_out
 
 
 def _is_count(value: Any) -> bool:

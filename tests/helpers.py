@@ -21,7 +21,7 @@ from tornado.websocket import WebSocketClientConnection, websocket_connect
 from tornado_app.agents import Agent, AgentRequest
 from tornado_app.hookspecs import hookimpl
 from tornado_app.store import Store
-from tornado_app.store.models import Message
+from tornado_app.store.models import Message, ToolStep
 
 TIMEOUT = 5.0
 BROWSER_TIMEOUT_MS = 10_000
@@ -204,15 +204,21 @@ class FakeAgent(Agent):
 
 
 class FakePlugin:
-    """A plugin object offering the given agent instances under their names."""
+    """A plugin object offering the given agent (and tool) instances under their names."""
 
-    def __init__(self, agents: dict[str, Agent]):
+    def __init__(self, agents: dict[str, Agent], tools: dict | None = None):
         self.agents = agents
+        self.tools = tools or {}
 
     @hookimpl
     def register_agents(self, register):
         for name, agent in self.agents.items():
             register(name, lambda options, settings, agent=agent: agent)
+
+    @hookimpl
+    def register_tools(self, register):
+        for name, tool in self.tools.items():
+            register(name, lambda options, settings, tool=tool: tool)
 
 
 # Browser steps (Playwright's sync API; see the page fixture in conftest.py)
@@ -252,6 +258,13 @@ async def saved_messages(store, conversation_id: int) -> list:
         result = await conn.execute(select(messages).where(
             messages.c.conversation_id == conversation_id).order_by(messages.c.id))
         return list(result)
+
+
+async def saved_tool_steps(store) -> list:
+    """Every tool step the store saved, oldest first."""
+    steps = ToolStep.__table__
+    async with store.engine.connect() as conn:
+        return list(await conn.execute(select(steps).order_by(steps.c.id)))
 
 
 # Store.admit's arguments for a test's messages: a process name, and a lease

@@ -11,6 +11,12 @@ Script it per test; each behaviour serves ``times`` requests, in order:
 - ``reply(["Hel", "lo"], usage=(12, 2), delay=0.0)``: a normal answer; the
   usage chunk is sent only if the request asked for it
   (``stream_options.include_usage``), as OpenAI does.
+- ``tool_calls([(id, name, arguments_json), ...], pieces=[...], usage=...)``:
+  an answer that calls tools, as OpenAI, vLLM and llama.cpp send it:
+  streamed, text pieces first, then each call's first ``delta.tool_calls``
+  fragment (index, id, name) and its ``arguments`` in pieces of
+  ``arguments_piece`` characters; not streamed, one message with
+  ``tool_calls``; ``finish_reason`` is ``tool_calls``.
 - ``status(429)``, ``status(500, body="...", headers={...})``: an error answer.
 - ``hang(seconds)``: send nothing at all for that long.
 - ``stream_error(pieces, message)``: stream ``pieces``, then an error event
@@ -61,6 +67,8 @@ class Behaviour:
     headers: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     garbage: str = "json"
+    calls: list[tuple[str, str, str]] = field(default_factory=list)
+    arguments_piece: int = 4
 
 
 class FakeOpenAI:
@@ -126,6 +134,11 @@ class FakeOpenAI:
 
     def reply(self, pieces, usage: tuple[int, int] | None = None, delay: float = 0.0, times=1):
         self._add(Behaviour("reply", times, pieces=list(pieces), usage=usage, delay=delay))
+
+    def tool_calls(self, calls, pieces=(), usage: tuple[int, int] | None = None,
+                   arguments_piece: int = 4, times=1):
+        self._add(Behaviour("tool_calls", times, pieces=list(pieces), usage=usage,
+                            calls=list(calls), arguments_piece=arguments_piece))
 
     def status(self, code: int, body: Any = None, headers: dict | None = None, times=1):
         if body is None:
@@ -230,6 +243,34 @@ class _Handler(tornado.web.RequestHandler):
         await self._send("data: [DONE]\n\n")
         self.finish()
 
+    async def _tool_calls(self, behaviour: Behaviour, body: dict) -> None:
+        model = body.get("model", "fake-model")
+        text = "".join(behaviour.pieces) or None
+        if not body.get("stream"):
+            answer = _completion(model, text, behaviour.usage, "tool_calls")
+            answer["choices"][0]["message"]["tool_calls"] = [
+                {"id": call_id, "type": "function",
+                 "function": {"name": name, "arguments": arguments}}
+                for call_id, name, arguments in behaviour.calls]
+            self._json(200, answer)
+            return
+        await self._start_stream()
+        for piece in behaviour.pieces:
+            await self._event(_chunk(model, {"content": piece}))
+        size = behaviour.arguments_piece
+        for index, (call_id, name, arguments) in enumerate(behaviour.calls):
+            await self._event(_chunk(model, {"tool_calls": [
+                {"index": index, "id": call_id, "type": "function",
+                 "function": {"name": name, "arguments": ""}}]}))
+            for start in range(0, len(arguments), size):
+                await self._event(_chunk(model, {"tool_calls": [
+                    {"index": index, "function": {"arguments": arguments[start:start + size]}}]}))
+        await self._event(_chunk(model, {}, finish_reason="tool_calls"))
+        if behaviour.usage and (body.get("stream_options") or {}).get("include_usage"):
+            await self._event({**_chunk(model, None), "usage": _usage(behaviour.usage)})
+        await self._send("data: [DONE]\n\n")
+        self.finish()
+
     async def _status(self, behaviour: Behaviour, body: dict) -> None:
         for name, value in behaviour.headers.items():
             self.set_header(name, value)
@@ -312,14 +353,16 @@ def _usage(usage: tuple[int, int]) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _completion(model: str, text: str, usage: tuple[int, int] | None) -> dict:
+def _completion(model: str, text: str | None, usage: tuple[int, int] | None,
+                finish_reason: str = "stop") -> dict:
     answer = {
         "id": "chatcmpl-fake",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
         "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+            {"index": 0, "message": {"role": "assistant", "content": text},
+             "finish_reason": finish_reason}
         ],
     }
     if usage:

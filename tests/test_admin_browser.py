@@ -139,15 +139,17 @@ def test_an_admin_sees_charts_of_the_real_data(page, live_server):
     expect(page.locator("#kpi-error-rate")).to_have_text(re.compile(r"^\d+\.\d{1,2}%$"))
     expect(page.locator("#kpi-latency")).to_have_text(re.compile(r"^\d+(\.\d+)? s$|^\d+ ms$"))
 
-    # Six charts, each drawn by Chart.js, each with a text alternative.
-    canvases = page.locator(".chart-card canvas")
+    # Six charts, each drawn by Chart.js, each with a text alternative; the
+    # generated chats called no tool, so the Tools chart says so.
+    canvases = page.locator(".chart-card:not(#chart-tools) canvas")
     expect(canvases).to_have_count(6)
-    assert page.evaluate("[...document.querySelectorAll('.chart-card canvas')]"
+    assert page.evaluate("[...document.querySelectorAll('.chart-card:not(#chart-tools) canvas')]"
                          ".every((canvas) => Chart.getChart(canvas) !== undefined)")
     for index in range(6):
         label = canvases.nth(index).get_attribute("aria-label")
         assert label and label != "Loading", index
-    expect(page.locator(".chart-card .empty:visible")).to_have_count(0)
+    expect(page.locator(".chart-card .empty:visible")).to_have_count(1)
+    expect(page.locator("#chart-tools .empty")).to_have_text("No tool calls in this range")
 
     # The data tables hold what the API returns for the page's own query.
     query = urlsplit(summary.value.url).query
@@ -222,7 +224,7 @@ def test_an_empty_range_and_an_api_error_are_readable(page):
     with page.expect_response(is_summary):
         page.goto("/admin?since=2001-01-01&until=2001-01-31")
     expect(page.locator("#kpi-messages")).to_have_text("0")
-    expect(page.locator(".chart-card .empty:visible")).to_have_count(6)
+    expect(page.locator(".chart-card .empty:visible")).to_have_count(7)
     expect(page.locator("#chart-messages .empty")).to_have_text("No data in this range")
     expect(page.locator("#chart-messages canvas")).to_be_hidden()
     expect(page.locator("#notice")).to_be_hidden()

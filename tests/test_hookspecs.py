@@ -16,7 +16,7 @@ def hook_names():
 
 
 def test_there_are_hooks():
-    assert hook_names() == ["register_agents"]
+    assert hook_names() == ["register_agents", "register_tools"]
 
 
 def test_every_hook_has_a_docstring_and_a_section_in_the_docs():

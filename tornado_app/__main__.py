@@ -108,9 +108,11 @@ def serve(settings: Settings, config_path: str | None) -> int:
     # Imported here: the app loads the agent plugins, which the other commands need not.
     from .agents import available_agents, validate_agent_settings
     from .app import run
+    from .toolbox import available_tools, validate_tool_settings
 
-    # Refuse an unknown agent or bad plugin options before anything starts.
+    # Refuse an unknown agent or tool, or bad plugin options, before anything starts.
     validate_agent_settings(settings, available_agents())
+    validate_tool_settings(settings, available_tools())
     try:
         run(settings, config_path)
     except OSError as exc:

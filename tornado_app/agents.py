@@ -1,7 +1,8 @@
 """The agent interface and the plugin manager that finds agents.
 
 An agent only *produces text*: ``Agent.stream(request)`` yields pieces of the
-reply as they come. The host (tornado_app.chat) owns everything else: timing,
+reply as they come (and, if it supports tools, tool-call requests that the
+host runs: tool_loop.py). The host (tornado_app.chat) owns everything else: timing,
 deadlines, token accounting, transcripts, cancellation and fallbacks.
 """
 
@@ -27,6 +28,7 @@ DEFAULT_PLUGINS = (
     "plugins.echo_agent",
     "plugins.openai_agent",
     "plugins.transformers_agent",
+    "plugins.clock_tool",
 )
 
 
@@ -58,6 +60,9 @@ class AgentRequest:
     messages: list[dict[str, str]]
     username: str
     usage: Usage = field(default_factory=Usage)
+    # The tools the model may call: name, description, parameters (JSON
+    # Schema). Empty: answer without tools. Only for agents that support them.
+    tools: list[dict] = field(default_factory=list)
 
 
 class Agent:
@@ -71,6 +76,8 @@ class Agent:
     context_tokens: int = 8192
     #: Tokens kept free in the context for the reply.
     reply_tokens: int = 512
+    #: Whether :meth:`stream` takes ``request.tools`` and yields ToolCalls.
+    supports_tools: bool = False
 
     def __init__(self) -> None:
         self._ready = asyncio.Event()
@@ -96,7 +103,9 @@ class Agent:
         await self._ready.wait()
 
     def stream(self, request: AgentRequest) -> AsyncIterator[str]:
-        """Yield the reply in pieces. Raise :class:`AgentError` on failure."""
+        """Yield the reply in pieces; an agent that supports tools may also
+        yield :class:`tornado_app.tools.ToolCall` requests (when
+        ``request.tools`` is not empty). Raise :class:`AgentError` on failure."""
         raise NotImplementedError
 
     def count_tokens(self, text: str) -> int:
@@ -131,6 +140,13 @@ def get_plugin_manager() -> pluggy.PluginManager:
                 manager.register(module, name=module_name)
         _manager = manager
     return _manager
+
+
+def load_new_plugins(manager: pluggy.PluginManager | None = None) -> None:
+    """Register entry points of packages installed since start-up (SIGHUP):
+    pluggy skips those already registered."""
+    importlib.invalidate_caches()
+    (manager or get_plugin_manager()).load_setuptools_entrypoints(PROJECT)
 
 
 def available_agents(manager: pluggy.PluginManager | None = None) -> dict[str, AgentSpec]:
@@ -170,15 +186,22 @@ def validate_agent_settings(settings: Settings, specs: dict[str, AgentSpec]) -> 
 
 
 def plugin_options(settings: Settings, spec: AgentSpec) -> Any:
-    raw = settings.agent.plugin_options(spec.name)
-    if spec.options is None:
+    return validate_options(settings.agent.plugin_options(spec.name), spec.options,
+                            ("agent", spec.name), "agent")
+
+
+def validate_options(raw: dict, model: type[BaseModel] | None, key: tuple[str, str],
+                     kind: str) -> Any:
+    """A plugin's options section (``agent.<name>``, ``tools.<name>``) checked
+    by its own model; one ConfigError line at the key on a mistake."""
+    if model is None:
         if raw:
-            raise ConfigError(f"agent.{spec.name}: this agent takes no options")
+            raise ConfigError(f"{'.'.join(key)}: this {kind} takes no options")
         return None
     try:
-        return spec.options.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(describe_error(exc, ("agent", spec.name), spec.options)) from None
+        raise ConfigError(describe_error(exc, key, model)) from None
 
 
 def create_agent(settings: Settings, spec: AgentSpec) -> Agent:

@@ -4,7 +4,7 @@ Start-up (JupyterHub style, one step each): logging, database schema, agents
 (loading in the background), handlers, listening socket. Shutdown on SIGTERM
 or SIGINT: stop accepting, let replies in flight finish (up to
 ``server.shutdown_grace_seconds``), close every socket with 1001, close the
-agents, dispose of the database. SIGHUP re-reads the ``agent`` section.
+agents, dispose of the database. SIGHUP re-reads the ``agent`` and ``tools`` sections.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from .handlers.base import log_request
 from .mcp_servers import McpServers
 from .replies import Replies
 from .store import Store
+from .toolbox import Toolbox
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ class Service:
         self.store: Store | None = None
         self.pool: AgentPool | None = None
         self.mcp: McpServers | None = None
+        self.toolbox: Toolbox | None = None
         self.chat: ChatService | None = None
         self.replies: Replies | None = None
         self.notifications = None
@@ -89,6 +91,7 @@ class Service:
         self.pool = AgentPool(settings)
         # MCP servers connect in the background; their tools join as they come.
         self.mcp = McpServers(settings.mcp)
+        self.toolbox = Toolbox(settings, self.mcp)
         self.replies = Replies(self.store, instance_name(), settings.limits.lease_seconds,
                                settings.chat.resume_window_seconds)
         self.replies.start_background()
@@ -97,7 +100,7 @@ class Service:
         if self.notifications is not None:
             self.notifications.start()
         self.chat = ChatService(settings, self.store, self.pool,
-                                TokenVerifier.from_settings(settings), self.replies)
+                                TokenVerifier.from_settings(settings), self.replies, self.toolbox)
         self.connections = Connections(settings, self.store, self.replies)
         self.connections.start()
         if self.background_jobs:
@@ -113,14 +116,17 @@ class Service:
                     settings.server.host, self.port, settings.agent.backend)
 
     def reload_agents(self) -> None:
-        """Re-read the config file: swap to its ``agent`` section and its MCP servers."""
+        """Re-read the config file: swap to its ``agent`` and ``tools`` sections and its MCP servers."""
         try:
             fresh = load_settings(self.config_path)
+            self.toolbox.check(fresh)  # before the agents change: all or nothing
             self.pool.swap(fresh)
+            self.toolbox.swap(fresh)
         except ConfigError as exc:
             logger.error("SIGHUP: config not reloaded: %s", exc)
             return
         self.settings.agent = fresh.agent
+        self.settings.tools = fresh.tools
         self.reload_mcp(fresh)
 
     def reload_mcp(self, fresh: Settings) -> None:
@@ -151,6 +157,7 @@ class Service:
         if self.analytics is not None:
             await self.analytics.stop()
         await self.pool.close()
+        await self.toolbox.close()
         await self.mcp.close()
         await self.store.close()
         self.http = None

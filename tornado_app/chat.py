@@ -16,11 +16,13 @@ import time
 
 from . import auth, metrics
 from .agent_pool import AgentPool
-from .agents import Agent, AgentRequest
+from .agents import Agent
 from .config import Settings
 from .connections import refusal
 from .history import History, Turn
 from .replies import Ending, LiveReply, Replies
+from .tool_loop import Caller, converse
+from .toolbox import Toolbox
 from .store import Conflict, Store, StoreError
 from .store.models import ROLE_USER, STATUS_ERROR
 
@@ -43,12 +45,13 @@ class RateLimited(Exception):
 
 class ChatService:
     def __init__(self, settings: Settings, store: Store, pool: AgentPool,
-                 verifier: auth.TokenVerifier, replies: Replies):
+                 verifier: auth.TokenVerifier, replies: Replies, toolbox: Toolbox | None = None):
         self.settings = settings
         self.store = store
         self.pool = pool
         self.verifier = verifier
         self.replies = replies
+        self.toolbox = toolbox
 
     async def authenticate(self, token: str | None) -> tuple[object, auth.Claims] | None:
         """The active user a token names and its claims, or None (the reason is logged)."""
@@ -99,7 +102,7 @@ class ChatService:
             instance=self.replies.instance, lease_seconds=self.settings.limits.lease_seconds)
         if not admission.decision.allowed:
             raise RateLimited(admission.decision.retry_after)
-        turns = history.add(admission.turns, admission.message_id, content)
+        turns = history.add(admission.turns, admission.message_id, content, admission.steps)
         return admission, turns
 
     def start_reply(self, user, history: History, admission, turns: list[Turn],
@@ -108,10 +111,11 @@ class ChatService:
         (replies.py): it goes on when the socket that asked closes."""
         live = LiveReply(admission.reply_id, admission.message_public_id, user.id,
                          history.conversation_id, admission.message_id)
+        caller = Caller(user.id, user.username, history.client_id)
         return self.replies.start(
-            live, lambda live: self._answer(live, user.username, history, turns, content))
+            live, lambda live: self._answer(live, caller, history, turns, content))
 
-    async def _answer(self, live: LiveReply, username: str, history: History,
+    async def _answer(self, live: LiveReply, caller: Caller, history: History,
                       turns: list[Turn], content: str) -> None:
         """Get the reply from the agent chain, save it, and end it. Cancelling
         the task saves the partial reply as ``cancelled`` first."""
@@ -119,8 +123,8 @@ class ChatService:
         try:
             if live.cancel_pending:  # cancelled before the task first ran
                 raise asyncio.CancelledError
-            with self.pool.lease() as chain:
-                await self._generate(chain, username, history, turns, content, live)
+            with self.pool.lease() as chain, self._tools() as tools:
+                await self._generate(chain, tools, caller, history, turns, content, live)
         except asyncio.CancelledError:
             reply.cancel()
             reply.finish()
@@ -142,7 +146,8 @@ class ChatService:
         try:
             await self.store.finish_reply(
                 live.reply_id, live.conversation_id, live.user_id, live.message_row_id,
-                reply.pieces, live.saved_any or live.flushing, **reply.columns())
+                reply.pieces, live.saved_any or live.flushing, steps=reply.steps,
+                **reply.columns())
         except StoreError:
             # Not saved: its stream is no longer renewed, so the sweep saves it
             # as interrupted with the chunks saved so far once the database is back.
@@ -154,38 +159,33 @@ class ChatService:
         live.end(Ending(reply.status, reply.text,
                         reply.error_text() if reply.status == STATUS_ERROR else None))
 
-    async def _generate(self, chain, username, history, turns, content, live) -> None:
+    def _tools(self):
+        """The tools in use now, kept open for one reply (none without a toolbox)."""
+        return self.toolbox.lease() if self.toolbox is not None else contextlib.nullcontext({})
+
+    async def _generate(self, chain, tools, caller: Caller, history, turns, content,
+                        live) -> None:
         reply = live.reply
-        deadline = self.settings.agent.timeout_seconds
+        agent_settings = self.settings.agent
         for position, agent in enumerate(chain):
             reply.attempt(agent)
-            request = AgentRequest([], username)
             try:
-                async with asyncio.timeout(deadline):
+                async with asyncio.timeout(agent_settings.timeout_seconds):
                     # Ready first: a loaded model counts tokens with its own tokenizer.
                     await agent.wait_ready()
-                    request.messages, prompt_tokens = self._prompt(
-                        agent, username, history, turns, content)
-                    await self._stream(agent, request, live)
-                reply.count_tokens(agent, request.usage, prompt_tokens)
+                    messages, prompt_tokens = self._prompt(
+                        agent, caller.username, history, turns, content)
+                    tokens = await converse(
+                        agent, messages, prompt_tokens, caller.username, live, tools, caller,
+                        agent_settings.max_tool_steps, self.settings.tools.timeout_seconds)
+                reply.count_tokens(tokens)
                 return
             except Exception as exc:  # AgentError, TimeoutError, or a plugin's bug
                 reply.fail(exc)
-                if reply.pieces or position == len(chain) - 1:
-                    return  # fallbacks only take over before the first token
+                if reply.pieces or reply.steps or position == len(chain) - 1:
+                    return  # fallbacks only take over before the first token or tool call
                 logger.info("agent %s failed before its first token; trying %s",
                             agent.name, chain[position + 1].name)
-
-    async def _stream(self, agent: Agent, request: AgentRequest, live: LiveReply) -> None:
-        # aclosing: a cancel closes the agent's stream (an upstream HTTP
-        # response, say) at once, not at garbage collection.
-        async with contextlib.aclosing(agent.stream(request)) as pieces:
-            async for piece in pieces:
-                if piece:
-                    live.take(piece)
-                    # A yield point: an agent that yields without awaiting must
-                    # not keep the event loop (and a cancel) waiting.
-                    await asyncio.sleep(0)
 
     def _prompt(
         self, agent: Agent, username: str, history: History, turns: list[Turn], content: str
@@ -206,6 +206,9 @@ class ChatService:
             start += 1
         # The turns' own dicts: agents read a request's messages, never change them.
         messages = [{"role": "system", "content": system}]
-        messages += [turn.message for turn in turns[start:]]
+        for turn in turns[start:]:
+            if turn.steps:  # the reply's tool calls and results, before its text
+                messages += turn.steps
+            messages.append(turn.message)
         messages.append({"role": "user", "content": content})
         return messages, used

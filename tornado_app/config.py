@@ -155,11 +155,31 @@ class AgentSettings(BaseModel):
     fallbacks: list[str] = []
     # Deadline for one whole reply, first token to last.
     timeout_seconds: float = Field(120.0, gt=0)
+    # The tools (tornado_app.toolbox) an agent that supports them may call.
+    tools: list[str] = []
+    # Model turns that may call tools; then the host asks for an answer without them.
+    max_tool_steps: int = Field(4, ge=0, le=32)
 
     def plugin_options(self, name: str) -> dict[str, Any]:
         value = (self.model_extra or {}).get(name) or {}
         if not isinstance(value, dict):
             raise ConfigError(f"agent.{name}: must be a mapping of options")
+        return value
+
+
+class ToolsSettings(BaseModel):
+    """The tools section. Tool option sections (``tools.<name>``) are extra
+    keys here; each tool validates its own (see tornado_app.toolbox)."""
+
+    model_config = ConfigDict(extra="allow", validate_default=True)
+
+    # Longest a tool call may take (the reply's own deadline may cut it shorter).
+    timeout_seconds: float = Field(10.0, gt=0, le=600)
+
+    def plugin_options(self, name: str) -> dict[str, Any]:
+        value = (self.model_extra or {}).get(name) or {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"tools.{name}: must be a mapping of options")
         return value
 
 
@@ -255,6 +275,7 @@ class Settings(Section):
     chat: ChatSettings = ChatSettings()
     limits: LimitsSettings = LimitsSettings()
     agent: AgentSettings = AgentSettings()
+    tools: ToolsSettings = ToolsSettings()
     logging: LoggingSettings = LoggingSettings()
     analytics: AnalyticsSettings = AnalyticsSettings()
     mcp: McpSettings = McpSettings()

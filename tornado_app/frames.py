@@ -23,6 +23,9 @@ AI_RESPONSE = "ai_response"
 ERROR = "error"
 AI_RESPONSE_CHUNK = "ai_response_chunk"
 ACK = "ack"
+# v2 with "stream": true: a reply's tool calls (docs/protocol.md).
+TOOL_CALL = "tool_call"
+TOOL_RESULT = "tool_result"
 
 WELCOME = "Welcome to AI Chat, {username}! How can I assist you today?"
 CANCELLED = "The reply was cancelled."
@@ -46,6 +49,19 @@ def frame(kind: str, message: str, **ids) -> str:
     return json.dumps(
         {"type": kind, "message": message, "timestamp": timestamp(), **ids}, ensure_ascii=False
     )
+
+
+def tool_frame(event, reply_id: str) -> str:
+    """A v2 ``tool_call`` (``event.ok`` None) or ``tool_result`` frame: exactly
+    the fields of the protocol. A result itself is never sent (it may hold
+    data the page should not show)."""
+    if event.ok is None:
+        body = {"type": TOOL_CALL, "name": event.name, "arguments": event.arguments,
+                "call_id": event.call_id, "reply_id": reply_id}
+    else:
+        body = {"type": TOOL_RESULT, "name": event.name, "call_id": event.call_id,
+                "ok": event.ok, "reply_id": reply_id}
+    return json.dumps(body, ensure_ascii=False)
 
 
 class FrameError(ValueError):

@@ -21,11 +21,14 @@ from collections import deque
 from dataclasses import dataclass
 
 from .agents import Agent
+from .tool_loop import result_text, steps_messages
 from .store.models import ROLE_USER
 
 # Most turns kept for a prompt; the agent's token budget then trims them
 # further, oldest first.
 HISTORY_LIMIT = 200
+# Tokens counted for each tool call or result message of a turn (role markers).
+TOKENS_PER_STEP = 4
 # A copy older than this is read again in full.
 REFRESH_SECONDS = 60.0
 
@@ -35,6 +38,8 @@ class Turn:
     id: int
     message: dict  # {"role": ..., "content": ...}, built once, as prompts hold it
     tokens: int | None = None  # by History.counted_by's count_tokens
+    # A reply's tool calls and results, as prompt messages (tool_loop.steps_messages).
+    steps: list | None = None
 
     @property
     def role(self) -> str:
@@ -54,10 +59,12 @@ class History:
     reads them as it saves the message (Store.admit), :meth:`add` takes them.
     """
 
-    __slots__ = ("conversation_id", "limit", "turns", "counted_by", "_last_id", "_read_at")
+    __slots__ = ("conversation_id", "client_id", "limit", "turns", "counted_by", "_last_id",
+                 "_read_at")
 
-    def __init__(self, conversation_id: int, limit: int = HISTORY_LIMIT):
+    def __init__(self, conversation_id: int, limit: int = HISTORY_LIMIT, client_id: str = ""):
         self.conversation_id = conversation_id
+        self.client_id = client_id
         self.limit = limit
         self.turns: deque[Turn] = deque(maxlen=limit)
         self.counted_by: Agent | None = None
@@ -72,10 +79,14 @@ class History:
             self._last_id, self._read_at = 0, now
         return self._last_id
 
-    def add(self, rows: list, message_id: int, content: str) -> list[Turn]:
-        """Take the turns read (id, role, content; oldest first) and the new
+    def add(self, rows: list, message_id: int, content: str,
+            steps: dict | None = None) -> list[Turn]:
+        """Take the turns read (id, role, content; oldest first), the tool
+        steps of those that are replies ({message id: steps}), and the new
         user message; returns the turns before the message."""
-        self.turns.extend(Turn(row.id, {"role": row.role, "content": row.content})
+        steps = steps or {}
+        self.turns.extend(Turn(row.id, {"role": row.role, "content": row.content},
+                               steps=steps_messages(steps[row.id]) if row.id in steps else None)
                           for row in rows)
         earlier = list(self.turns)
         self.turns.append(Turn(message_id, {"role": ROLE_USER, "content": content}))
@@ -92,3 +103,5 @@ class History:
         for turn in turns:
             if turn.tokens is None:
                 turn.tokens = agent.count_tokens(turn.content)
+                for message in turn.steps or ():
+                    turn.tokens += agent.count_tokens(result_text(message)) + TOKENS_PER_STEP

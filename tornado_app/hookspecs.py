@@ -26,3 +26,23 @@ def register_agents(register):
 
     Returns nothing; it is not awaited.
     """
+
+
+@hookspec
+def register_tools(register):
+    """Offer named tools that agents may call (see tornado_app.tools).
+
+    Call ``register(name, factory, options=OptionsModel)`` once per tool:
+
+    - ``name``: what ``agent.tools`` lists to let the agent use the tool; the
+      model sees it too, so keep to letters, digits, ``_`` and ``-``.
+    - ``options``: a pydantic model for the ``tools.<name>`` config section
+      (unknown keys should be forbidden); optional.
+    - ``factory(options, settings)``: returns a :class:`tornado_app.tools.Tool`;
+      it receives the validated options and the whole Settings, and must be
+      quick.
+
+    The host runs the tool's calls (validation, timeout, concurrency, the
+    transcript); a tool only sees the calling user's data. Returns nothing;
+    it is not awaited.
+    """

@@ -84,12 +84,12 @@ class Listener:
         self._on_close = on_close
         self.closed = False
 
-    def put(self, event: Chunk | Ending) -> None:
+    def put(self, event) -> None:  # a Chunk, a ToolEvent or the Ending
         if not self.closed:
             self._queue.put_nowait(event)
 
     async def events(self) -> AsyncIterator[Chunk | Ending]:
-        """Chunks in order, then the Ending; stops after it."""
+        """Chunks in order (tool events among them), then the Ending; stops after it."""
         while True:
             event = await self._queue.get()
             yield event
@@ -135,6 +135,12 @@ class LiveReply:
         chunk = Chunk(len(self.reply.pieces) - 1, piece)
         for listener in self.listeners:
             listener.put(chunk)
+
+    def tool_event(self, event) -> None:
+        """A tool call starting or ending (tool_loop.ToolEvent): only for the
+        listeners of this process, live (a resume gets the text alone)."""
+        for listener in self.listeners:
+            listener.put(event)
 
     def listen(self, after_seq: int = -1) -> Listener:
         """A new listener, given the chunks after ``after_seq`` so far."""

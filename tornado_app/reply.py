@@ -14,7 +14,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 
-from .agents import Agent, AgentError, Usage
+from .agents import Agent, AgentError
 from .store.models import STATUS_CANCELLED, STATUS_ERROR, STATUS_OK
 
 logger = logging.getLogger(__name__)
@@ -33,6 +33,8 @@ class Reply:
     ttft_ms: float | None = None
     error_ref: str | None = None
     error_kind: str | None = None
+    # The tool calls made on the way (tool_loop.Step), saved with the reply.
+    steps: list = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter, repr=False)
 
     @property
@@ -82,13 +84,9 @@ class Reply:
     def finish(self) -> None:
         self.latency_ms = (time.perf_counter() - self.started) * 1000
 
-    def count_tokens(self, agent: Agent, usage: Usage, prompt_tokens: int) -> None:
-        """The agent's own counts where it reported them, else the host's."""
-        self.tokens_in = usage.tokens_in if usage.tokens_in is not None else prompt_tokens
-        self.tokens_out = usage.tokens_out
-        if self.tokens_out is None:
-            text = self.text
-            self.tokens_out = agent.count_tokens(text) if text else 0
+    def count_tokens(self, tokens) -> None:
+        """The tokens of every model call (tool_loop.Tokens)."""
+        self.tokens_in, self.tokens_out = tokens.tokens_in, tokens.tokens_out
 
     def columns(self) -> dict:
         """The messages row's columns."""

@@ -10,6 +10,9 @@ results back to the model (docs/plugins.md, "Tools").
 
 A tool sees only the calling user's data, through :class:`ToolContext`: never
 the engine, the Store, or another user's rows.
+
+An agent that supports tools yields :class:`ToolCall` requests among its text
+pieces; tool_loop.py runs them and calls the model again.
 """
 
 from __future__ import annotations
@@ -54,8 +57,20 @@ class ToolContext:
     username: str
     conversation: str  # the conversation's client_id
     deadline: float  # loop.time() by which the call must have returned
-    memories: UserMemories
-    messages: UserMessages
+    # Filled in by the memory feature; None where it is not available.
+    memories: UserMemories | None = None
+    messages: UserMessages | None = None
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A model's request to call a tool, as an agent yields it. ``arguments``
+    is the JSON object the model wrote: a dict, or its raw text (which the
+    host parses, so that a malformed one becomes an error result)."""
+
+    call_id: str
+    name: str
+    arguments: dict | str
 
 
 class ToolError(Exception):
@@ -79,7 +94,14 @@ class Tool:
         """The JSON Schema of the arguments, as models are given it."""
         return self.Arguments.model_json_schema()
 
-    async def call(self, arguments: BaseModel, context: ToolContext) -> dict | str:
+    def validate(self, arguments: dict) -> Any:
+        """Check the model's arguments; return what :meth:`call` receives.
+        Raise ``ValueError`` (pydantic's ValidationError is one) with a text
+        the model may read. A tool described by a plain JSON Schema (MCP)
+        overrides this and :meth:`schema`."""
+        return self.Arguments.model_validate(arguments)
+
+    async def call(self, arguments: Any, context: ToolContext) -> dict | str:
         """Do it; return what the model should read (a dict becomes JSON).
         Raise :class:`ToolError` with a safe text for a failure the model may
         act on."""

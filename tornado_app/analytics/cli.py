@@ -34,6 +34,7 @@ REPORT_HELP = {
     "agents": "per agent and model",
     "conversations": "the longest and the most recently active conversations",
     "errors": "failed replies by kind, and the latest ones",
+    "tools": "tool calls per tool and per agent: calls, errors, timeouts, latency",
 }
 
 

@@ -21,7 +21,7 @@ from decimal import Decimal
 from sqlalchemy import distinct, false, func, literal_column, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from ..store.models import Conversation, Message, User
+from ..store.models import Conversation, Message, ToolStep, User
 from . import percentiles
 from .filters import Filters, ReportError, UnknownUser
 from .percentiles import METRICS
@@ -30,6 +30,7 @@ from .rollup import constant, daily_percentiles, facts, in_windows, roll_up
 users = User.__table__
 conversations = Conversation.__table__
 messages = Message.__table__
+tool_steps = ToolStep.__table__
 
 PERCENTILE_COLUMNS = ("latency_p50_ms", "latency_p95_ms", "ttft_p50_ms", "ttft_p95_ms")
 COUNT_COLUMNS = ("conversations", "messages", "user_messages", "replies", "errors")
@@ -333,6 +334,44 @@ async def errors(ctx: Context) -> list[Section]:
     ]
 
 
+TOOL_COLUMNS = ("calls", "errors", "timeouts", "error_rate", "latency_p50_ms", "latency_p95_ms")
+
+
+async def tools(ctx: Context) -> list[Section]:
+    """Tool calls per tool and per agent: calls, errors (timeouts included),
+    timeouts, and the latency percentiles of every call.
+
+    Read from the tool steps (no rollups), so calls older than the retention
+    period are gone with their replies.
+    """
+    conditions = [in_windows(tool_steps.c.created_at, [(ctx.filters.since, ctx.filters.until)])]
+    if ctx.user_id is not None:
+        conditions.append(tool_steps.c.user_id == ctx.user_id)
+    if ctx.filters.agent is not None:
+        conditions.append(tool_steps.c.agent == ctx.filters.agent)
+    found = (await ctx.conn.execute(
+        select(tool_steps.c.tool, tool_steps.c.agent, tool_steps.c.status,
+               tool_steps.c.latency_ms).where(*conditions))).all()
+    return [Section(key, (key[:-1], *TOOL_COLUMNS), _tool_rows(found, key[:-1]))
+            for key in ("tools", "agents")]
+
+
+def _tool_rows(steps: list, by: str) -> list[dict]:
+    groups: dict[str, list] = {}
+    for step in steps:
+        groups.setdefault(getattr(step, by) or "", []).append(step)
+    rows = []
+    for name, group in groups.items():
+        latencies = sorted(step.latency_ms for step in group)
+        failed = sum(step.status != "ok" for step in group)
+        rows.append({by: name, "calls": len(group), "errors": failed,
+                     "timeouts": sum(step.status == "timeout" for step in group),
+                     "error_rate": failed / len(group),
+                     "latency_p50_ms": percentiles.percentile(latencies, 0.5),
+                     "latency_p95_ms": percentiles.percentile(latencies, 0.95)})
+    return sorted(rows, key=lambda row: (-row["calls"], row[by]))
+
+
 REPORTS = {
     "summary": summary,
     "users": users_report,
@@ -340,6 +379,7 @@ REPORTS = {
     "agents": agents,
     "conversations": conversations_report,
     "errors": errors,
+    "tools": tools,
 }
 
 

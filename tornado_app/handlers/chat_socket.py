@@ -33,6 +33,7 @@ from ..frames import Cancel, ChatMessage, FrameError, Resume
 from ..history import History
 from ..replies import UNEXPECTED, Chunk, Ending, Listener, LiveReply
 from ..store import StoreError
+from ..tool_loop import ToolEvent
 from ..store.models import STATUS_CANCELLED, STATUS_OK
 from .base import COOKIE_NAME, request_summary
 
@@ -126,7 +127,7 @@ class ChatSocket(WebSocketHandler):
             return
         self.user, self.jti, self.issued_at = user, claims.jti, claims.issued_at_naive
         self.v2 = self.selected_subprotocol == frames.V2
-        self.history = History(conversation_id)
+        self.history = History(conversation_id, client_id=client_id)
         self.connections.join(self)
         self._send_now(frames.frame(frames.SYSTEM, frames.WELCOME.format(username=user.username)))
         # v2: name the conversation's replies in flight (on any instance), so
@@ -293,6 +294,9 @@ class ChatSocket(WebSocketHandler):
                         extra = {**ids, "seq": event.seq} if v2 else ids
                         await self._send(frames.frame(frames.AI_RESPONSE_CHUNK, event.text,
                                                       **extra))
+                elif isinstance(event, ToolEvent):
+                    if stream and v2:  # v1 clients see nothing of tools
+                        await self._send(frames.tool_frame(event, listener.reply_id))
                 else:
                     await self._send(final_frame(event, ids))
         finally:

@@ -438,6 +438,29 @@
        `${percent(kinds[0].share)}.`, table);
   }
 
+  function drawTools(tools) {
+    const table = {
+      caption: "Tool calls by tool",
+      columns: ["Tool", "Calls", "Errors", "Timeouts", "Latency p50", "Latency p95"],
+      rows: tools.map((row) => ({key: row.tool, cells: [row.tool, count(row.calls),
+        count(row.errors), count(row.timeouts), duration(row.latency_p50_ms),
+        duration(row.latency_p95_ms)]})),
+    };
+    if (!tools.length) return draw("chart-tools", null, "", table, "No tool calls in this range");
+    const options = baseOptions({horizontal: true, stacked: true});
+    options.scales.y.ticks.autoSkip = false;
+    draw("chart-tools", {
+      type: "bar",
+      data: {labels: tools.map((row) => row.tool), datasets: [
+        bars("Succeeded", tools.map((row) => row.calls - row.errors), css("--series-1"),
+             {maxBarThickness: 14}),
+        bars("Failed", tools.map((row) => row.errors), css("--series-6"), {maxBarThickness: 14}),
+      ]},
+      options,
+    }, `Tool calls by tool; the most used is ${tools[0].tool} with ${count(tools[0].calls)} ` +
+       `calls, ${count(tools[0].errors)} failed.`, table);
+  }
+
   // Key figures
 
   function kpi(id, value, shown, sub) {
@@ -531,6 +554,7 @@
         drawTokens(days);
         drawUsers(users.users);
         drawErrorKinds(errors.by_kind, s.replies > 0);
+        drawTools((await report("tools", query, signal)).tools);
       } catch (error) {
         if (error.name === "AbortError") return;
         if (error.status === 401 || error.status === 403) {

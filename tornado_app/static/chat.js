@@ -170,6 +170,44 @@
     scrollToEnd();
   }
 
+  // v2: one quiet line per tool call under the reply ("Used clock"),
+  // expandable to the arguments the model gave. Results are never sent.
+  function showToolCall(reply, frame) {
+    if (!reply) return;
+    let list = reply.item.querySelector(".msg-tools");
+    if (!list) {
+      list = document.createElement("div");
+      list.className = "msg-tools";
+      reply.item.insertBefore(list, reply.item.querySelector(".msg-meta"));
+    }
+    const step = document.createElement("details");
+    step.className = "msg-tool";
+    const summary = document.createElement("summary");
+    const args = document.createElement("pre");
+    args.textContent = JSON.stringify(frame.arguments || {}, null, 2);
+    step.append(summary, args);
+    list.append(step);
+    reply.tools = reply.tools || new Map();
+    reply.tools.set(String(frame.call_id), {step, name: String(frame.name), args: frame.arguments});
+    summary.textContent = toolLine(String(frame.name), frame.arguments, null);
+    scrollToEnd();
+  }
+
+  function showToolResult(reply, frame) {
+    const tool = reply && reply.tools && reply.tools.get(String(frame.call_id));
+    if (!tool) return;
+    tool.step.dataset.ok = String(frame.ok === true);
+    tool.step.querySelector("summary").textContent = toolLine(tool.name, tool.args, frame.ok === true);
+  }
+
+  function toolLine(name, args, ok) {
+    const values = Object.values(args || {})
+      .filter((v) => typeof v === "string" || typeof v === "number").join(", ");
+    const what = values ? ": " + (values.length > 60 ? values.slice(0, 59) + "…" : values) : "";
+    if (ok === null) return `Using ${name}${what}…`;
+    return ok ? `Used ${name}${what}` : `Tried ${name}${what} (it failed)`;
+  }
+
   // The connection dropped. v1: every reply in flight is lost to this page.
   // v2: the replies go on at the server; those with an id are resumed after
   // the reconnect, only those never acknowledged are given up.
@@ -278,6 +316,12 @@
         break;
       case "ai_response_chunk":
         appendChunk(replyFor(frame), frame);
+        break;
+      case "tool_call":
+        showToolCall(replyFor(frame), frame);
+        break;
+      case "tool_result":
+        showToolResult(replyFor(frame), frame);
         break;
       case "ai_response":
         finishReply(replyFor(frame), "ok", message, frame.timestamp);

@@ -156,6 +156,36 @@ class ReplyChunk(Base):
     text: Mapped[str] = mapped_column(Text)
 
 
+class ToolStep(Base):
+    """One tool call of a reply (tornado_app/tool_loop.py), saved with the reply.
+
+    ``result`` keeps at most RESULT_CHARS characters (store/tool_steps.py);
+    later prompts read it back. Deleted with its reply (and so by retention).
+    """
+
+    __tablename__ = "tool_steps"
+    __table_args__ = (
+        Index("ix_tool_steps_conversation", "conversation_id", "message_id"),
+        Index("ix_tool_steps_created", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # The reply (messages.id) it belongs to.
+    message_id: Mapped[int] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"))
+    conversation_id: Mapped[int] = mapped_column(
+        ForeignKey("conversations.id", ondelete="CASCADE"))
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    agent: Mapped[str | None] = mapped_column(String(64))
+    turn: Mapped[int] = mapped_column(Integer)  # the model turn that asked, from 0
+    call_id: Mapped[str] = mapped_column(String(128))
+    tool: Mapped[str] = mapped_column(String(64))
+    arguments: Mapped[str] = mapped_column(Text)  # JSON
+    result: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))  # ok, error, timeout
+    latency_ms: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
 class RateLimit(Base):
     """GCRA state per user: the theoretical arrival time of the next message."""
 

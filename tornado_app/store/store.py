@@ -21,10 +21,10 @@ from datetime import datetime
 
 from sqlalchemy import select
 
-from . import leases, messages, ratelimit, revocations, schema, streams, users
+from . import leases, messages, ratelimit, revocations, schema, streams, tool_steps, users
 from .engine import DEFAULT_TIMEOUT, create_engine, probe_sqlite_write_lock, sqlite_file
 from .executor import Conflict, EngineExecutor, Executor, store_errors
-from .models import STATUS_ERROR, utcnow
+from .models import ROLE_USER, STATUS_ERROR, utcnow
 from .notifications import Notifications
 from .asyncpg_executor import AsyncpgExecutor
 from .sqlite_batcher import SqliteBatcher
@@ -44,6 +44,8 @@ class Admission:
     message_public_id: str | None = None
     reply_id: str | None = None
     turns: list = field(default_factory=list)
+    # The tool steps of the replies among ``turns``: {message id: steps}.
+    steps: dict = field(default_factory=dict)
 
 
 class Store:
@@ -170,16 +172,17 @@ class Store:
 
     async def finish_reply(self, reply_id: str, conversation_id: int, user_id: int,
                            reply_to_id: int, pieces: list[str], flushed: bool,
-                           **columns) -> int:
+                           steps=(), **columns) -> int:
         """Save a reply (or the record of a failed or cancelled one) and close
         its stream, in one transaction. ``pieces`` are its chunks (for a later
-        resume); ``flushed``: whether any of them were saved on the way.
+        resume); ``flushed``: whether any of them were saved on the way;
+        ``steps`` its tool calls (tool_loop.Step).
 
         ``columns`` are Message columns: content, status, agent, model,
         tokens_in, tokens_out, latency_ms, ttft_ms, error_ref, error_kind.
         """
         row = messages.reply_row(conversation_id, user_id, reply_to_id, reply_id, **columns)
-        return await self.writer.run(streams.finish, reply_id, row, pieces, flushed)
+        return await self.writer.run(_finish_reply, reply_id, row, pieces, flushed, list(steps))
 
     # Replies in flight (streams.py; the design is in tornado_app/replies.py)
 
@@ -301,7 +304,17 @@ def _admit(db, conversation_id, user_id, content, now, limit, per_seconds, after
         "conversation_id": conversation_id, "before_id": message_id, "after_id": after_id,
         "limit": history_limit}).all()
     turns.reverse()
-    return Admission(decision, message_id, public_id, reply_id, turns)
+    steps = {}
+    if any(turn.role != ROLE_USER for turn in turns):
+        steps = tool_steps.between(db, conversation_id, turns[0].id - 1, message_id)
+    return Admission(decision, message_id, public_id, reply_id, turns, steps)
+
+
+def _finish_reply(db, reply_id: str, row: dict, pieces: list[str], flushed: bool,
+                  steps: list) -> int:
+    reply_row_id = streams.finish(db, reply_id, row, pieces, flushed)
+    tool_steps.save(db, reply_row_id, row["conversation_id"], row["user_id"], row["agent"], steps)
+    return reply_row_id
 
 
 def _renew(db, instance: str, now: float, ttl: float, reply_ids: list[str]) -> None:

@@ -1,0 +1,47 @@
+"""The chat page shows each tool call as one quiet line under the reply,
+expandable to its arguments: a real Chromium, a real server process, its
+``openai`` agent talking to a loopback fake that calls the ``clock`` tool."""
+
+from __future__ import annotations
+
+import pytest
+
+from .helpers import expect, log_in
+from .openai_upstream import FakeOpenAI
+from .servers import PASSWORD, add_users, serving, write_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    with FakeOpenAI() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def live_server(tmp_path_factory, upstream):
+    config = write_config(tmp_path_factory.mktemp("tools-browser"), agent={
+        "backend": "openai", "tools": ["clock"],
+        "openai": {"base_url": upstream.base_url, "api_key": "sk-test", "max_retries": 0}})
+    add_users(config, "alice")
+    with serving(config) as server:
+        yield server
+
+
+def test_a_tool_call_is_a_quiet_line_that_opens_to_its_arguments(page, upstream):
+    upstream.tool_calls([("call_1", "clock", "{}"), ("call_2", "nope", '{"city": "Paris"}')])
+    upstream.reply(["It is ", "Saturday."])
+    log_in(page, "alice", PASSWORD)
+    expect(page.locator("#status")).to_have_text("Connected")
+    page.locator("#message").fill("What day is it?")
+    page.locator("#message").press("Enter")
+    reply = page.locator(".msg-assistant").last
+    expect(reply.locator(".msg-body")).to_have_text("It is Saturday.")
+    lines = reply.locator(".msg-tool summary")
+    expect(lines).to_have_text(["Used clock", "Tried nope: Paris (it failed)"])
+    arguments = reply.locator(".msg-tool pre").nth(1)
+    expect(arguments).to_be_hidden()
+    lines.nth(1).click()
+    expect(arguments).to_be_visible()
+    expect(arguments).to_have_text('{\n  "city": "Paris"\n}')

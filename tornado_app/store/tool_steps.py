@@ -1,0 +1,61 @@
+"""The tool calls of replies (tool_steps): saved with their reply, read back
+with the history a prompt is built from."""
+
+from __future__ import annotations
+
+import json
+
+from sqlalchemy import Integer, bindparam, select
+
+from .models import ToolStep, utcnow
+
+tool_steps = ToolStep.__table__
+
+# Characters of a result kept in the transcript (and so in later prompts).
+RESULT_CHARS = 4000
+# Characters of a call id kept (models' ids are short; a long one is cut).
+CALL_ID_CHARS = 128
+
+_COLUMNS = [c.name for c in tool_steps.c if c.name != "id"]
+INSERT = tool_steps.insert().values(
+    {name: bindparam(name, type_=tool_steps.c[name].type) for name in _COLUMNS})
+
+# The steps of a conversation's replies between two message ids (exclusive),
+# in the order they were made: those of the history turns a prompt is built from.
+BETWEEN = (
+    select(tool_steps.c.message_id, tool_steps.c.turn, tool_steps.c.call_id,
+           tool_steps.c.tool.label("name"), tool_steps.c.arguments, tool_steps.c.result)
+    .where(tool_steps.c.conversation_id == bindparam("conversation_id", type_=Integer),
+           tool_steps.c.message_id > bindparam("after_id", type_=Integer),
+           tool_steps.c.message_id < bindparam("before_id", type_=Integer))
+    .order_by(tool_steps.c.message_id, tool_steps.c.id)
+)
+
+
+def rows(message_id: int, conversation_id: int, user_id: int, agent: str | None,
+         steps) -> list[dict]:
+    """Rows of a reply's steps (tool_loop.Step)."""
+    now = utcnow()
+    return [{"message_id": message_id, "conversation_id": conversation_id, "user_id": user_id,
+             "agent": agent, "turn": step.turn, "call_id": step.call_id[:CALL_ID_CHARS],
+             "tool": step.name, "arguments": json.dumps(step.arguments, ensure_ascii=False),
+             "result": step.result[:RESULT_CHARS], "status": step.status,
+             "latency_ms": step.latency_ms, "created_at": now}
+            for step in steps]
+
+
+# Units of work
+
+def save(db, message_id: int, conversation_id: int, user_id: int, agent: str | None,
+         steps) -> None:
+    if steps:
+        db.execute(INSERT, rows(message_id, conversation_id, user_id, agent, steps))
+
+
+def between(db, conversation_id: int, after_id: int, before_id: int) -> dict[int, list]:
+    """{reply id: its steps (turn, call_id, name, arguments, result)}."""
+    found: dict[int, list] = {}
+    values = {"conversation_id": conversation_id, "after_id": after_id, "before_id": before_id}
+    for row in db.execute(BETWEEN, values).all():
+        found.setdefault(row.message_id, []).append(row)
+    return found
