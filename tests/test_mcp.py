@@ -21,6 +21,11 @@ from tornado_app.mcp_servers import McpServers, plugin_tool_names
 from tornado_app.mcp_tools import tool_name
 from tornado_app.tools import ToolContext, ToolError
 
+from tornado_app.analytics import make_filters, run_report
+
+from .conftest import openai_settings
+from .helpers import saved_tool_steps
+from .openai_upstream import FakeOpenAI
 from .servers import _preexec, clean_env, cli, free_port, one_line_error, write_config
 
 SCRIPT = str(Path(__file__).with_name("mcp_test_server.py"))
@@ -186,7 +191,8 @@ async def test_a_slow_call_times_out(mcp, http_server):
     servers = mcp(http(http_server, timeout_seconds=0.5))
     await until(servers, connected(servers, "web"))
     started = time.monotonic()
-    with pytest.raises(ToolError, match="did not answer within 0.5 s"):
+    # A TimeoutError: the host's loop records it as a timeout, like its own.
+    with pytest.raises(TimeoutError, match="no answer in 0.5 s"):
         await call(servers, "web__slow", {"seconds": 10})
     assert time.monotonic() - started < 5
     assert await call(servers, "web__slow", {"seconds": 0}) == "slept 0.0"
@@ -389,3 +395,74 @@ async def test_enabled_tools_follow_the_connected_servers(mcp, http_server):
     await until(servers, connected(servers, "web", "two"))
     assert set(servers.enabled(["mcp:web", "two__fail", "two__nothing", "clock"])) == \
         {"web__lookup", "web__header", "web__slow", "two__fail"}
+
+
+# End to end: the openai plugin (against a loopback upstream) calls MCP tools
+
+
+@pytest.fixture
+def upstream():
+    with FakeOpenAI() as fake:
+        yield fake
+
+
+@pytest.fixture
+def settings(tmp_path, db_url, upstream, http_server):
+    web = {"name": "web", "url": http_server.url, "user_header": "X-Chat-User",
+           "allow": ["lookup", "header", "fail"]}
+    return openai_settings(tmp_path, db_url, upstream,
+                           TORNADO_APP_AGENT__TOOLS='["clock", "mcp:web"]',
+                           TORNADO_APP_MCP__SERVERS=_yaml([web]))
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_the_openai_plugin_calls_mcp_tools_through_the_host_loop(
+        service, connect, upstream, store):
+    await until(service.mcp, connected(service.mcp, "web"))
+    upstream.tool_calls([("call_1", "web__lookup", '{"city": "Oslo"}'),
+                         ("call_2", "web__header", '{"name": "X-Chat-User"}'),
+                         ("call_3", "web__fail", '{"message": "no luck"}'),
+                         ("call_4", "web__lookup", '{"city": 5}')])
+    upstream.reply(["Oslo has ", "4000 people."])
+    client = await connect("mcp-e2e", subprotocols=["ai-chat.v2"])
+    await client.send({"content": "How big is Oslo?", "stream": True})
+    frames = await client.receive_until("ai_response")
+    assert frames[-1]["message"] == "Oslo has 4000 people."
+    results = {f["call_id"]: f for f in frames if f["type"] == "tool_result"}
+    assert {k: (f["name"], f["ok"]) for k, f in results.items()} == {
+        "call_1": ("web__lookup", True), "call_2": ("web__header", True),
+        "call_3": ("web__fail", False), "call_4": ("web__lookup", False)}
+    assert all("result" not in f for f in results.values())  # results stay off the page
+    first, second = (request.json for request in upstream.requests)
+    offered = {tool["function"]["name"]: tool["function"] for tool in first["tools"]}
+    assert set(offered) == {"clock", "web__lookup", "web__header", "web__fail"}
+    assert offered["web__lookup"]["description"] == "Population of a city."
+    assert offered["web__lookup"]["parameters"]["required"] == ["city"]
+    answers = {m["tool_call_id"]: m["content"] for m in second["messages"] if m["role"] == "tool"}
+    assert answers["call_1"] == '{"city": "Oslo", "population": 4000}'
+    assert answers["call_2"] == "alice"  # the user header reached the server
+    assert answers["call_3"] == "error: Error executing tool fail: no luck"  # the server's text
+    assert answers["call_4"].startswith("error: invalid arguments: city: 5 is not of type")
+    steps = await saved_tool_steps(store)
+    assert sorted((s.tool, s.status) for s in steps) == [
+        ("web__fail", "error"), ("web__header", "ok"), ("web__lookup", "error"),
+        ("web__lookup", "ok")]
+    report = (await run_report(store.engine, "tools", make_filters())).as_json()
+    assert {(row["tool"], row["calls"], row["errors"]) for row in report["tools"]} == {
+        ("web__fail", 1, 1), ("web__header", 1, 0), ("web__lookup", 2, 1)}
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_server_that_is_down_leaves_its_tools_out_of_the_prompt(
+        service, connect, upstream, http_server):
+    await until(service.mcp, connected(service.mcp, "web"))
+    await service.mcp.reload(McpSettings(servers=[McpServerSettings(
+        name="web", url=f"http://127.0.0.1:{free_port()}/mcp")]))
+    await until(service.mcp, lambda: service.mcp.states()["web"] == "down")
+    upstream.reply(["Hi."])
+    client = await connect("mcp-down")
+    await client.send({"content": "Hello"})
+    frame = await client.receive()
+    assert frame == {"type": "ai_response", "message": "Hi.", "timestamp": frame["timestamp"]}
+    [request] = upstream.requests
+    assert [tool["function"]["name"] for tool in request.json["tools"]] == ["clock"]

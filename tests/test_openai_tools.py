@@ -13,10 +13,9 @@ import pytest
 
 from plugins.openai_agent import OpenAIOptions, create_openai_agent
 from tornado_app.agents import AgentError, AgentRequest
-from tornado_app.config import load_settings
 from tornado_app.tools import ToolCall
 
-from .conftest import TEST_SECRET
+from .conftest import openai_settings
 from .helpers import saved_tool_steps
 from .openai_upstream import FakeOpenAI
 
@@ -98,17 +97,7 @@ def test_tools_false_in_the_options_turns_them_off(upstream):
 
 @pytest.fixture
 def settings(tmp_path, db_url, upstream):
-    return load_settings(None, {
-        "TORNADO_APP_DATA_DIR": str(tmp_path / "data"),
-        "TORNADO_APP_DATABASE__URL": db_url,
-        "TORNADO_APP_AUTH__JWT_SECRET": TEST_SECRET,
-        "TORNADO_APP_SERVER__HOST": "127.0.0.1",
-        "TORNADO_APP_AGENT__BACKEND": "openai",
-        "TORNADO_APP_AGENT__OPENAI__BASE_URL": upstream.base_url,
-        "TORNADO_APP_AGENT__OPENAI__API_KEY": "sk-test",
-        "TORNADO_APP_AGENT__OPENAI__MAX_RETRIES": "0",
-        "TORNADO_APP_AGENT__TOOLS": "[clock]",
-    })
+    return openai_settings(tmp_path, db_url, upstream, TORNADO_APP_AGENT__TOOLS="[clock]")
 
 
 @pytest.mark.gen_test(timeout=30)

@@ -198,7 +198,9 @@ class McpConnection:
     # Calls
 
     async def call_tool(self, tool: str, arguments: dict, username: str) -> mcp_types.CallToolResult:
-        """Call ``tool``; a failure to reach the server is a ToolError for the model."""
+        """Call ``tool``. A failure to reach the server is a ToolError for the
+        model; no answer within ``timeout_seconds`` a TimeoutError, which the
+        host's loop records as a timeout like its own."""
         client = self._client
         if client is None:
             raise ToolError(f"the MCP server {self.name} is unreachable")
@@ -209,12 +211,8 @@ class McpConnection:
             return await client.call_tool(tool, arguments, read_timeout_seconds=timeout)
         except MCPError as exc:
             if exc.code == mcp_types.REQUEST_TIMEOUT:
-                raise ToolError(f"the MCP server {self.name} did not answer within "
-                                f"{timeout:g} s") from None
+                raise TimeoutError(f"MCP server {self.name}: no answer in {timeout:g} s") from None
             raise ToolError(f"the MCP server {self.name} refused the call: {exc}") from None
-        except TimeoutError:
-            raise ToolError(f"the MCP server {self.name} did not answer within "
-                            f"{timeout:g} s") from None
         except (OSError, httpx2.HTTPError) as exc:
             raise ToolError(f"the MCP server {self.name} failed: {describe(exc)}") from None
 
