@@ -9,6 +9,8 @@ Fixtures:
 - ``db_store``: a Store on ``any_db_url``, without a service (closed after).
 - ``settings``: Settings for a test server (random port, fake agent, a fixed
   JWT secret); tests adjust fields before asking for ``service``.
+  ``openai_settings(tmp_path, db_url, upstream, **environ)`` (a function): the
+  same with the ``openai`` plugin on a loopback upstream, for a module's own ``settings``.
 - ``fake_agent``: the FakeAgent behind agent name ``fake``; ``enqueue()``
   scripts replies, ``history`` holds every request it received.
 - ``second_agent``: another FakeAgent, named ``fake2``.
@@ -182,6 +184,22 @@ def settings(tmp_path, db_url, fake_agent):
         "TORNADO_APP_SERVER__SHUTDOWN_GRACE_SECONDS": "2",
     }
     return load_settings(None, environ)
+
+
+def openai_settings(tmp_path, db_url: str, upstream, **environ: str):
+    """Settings of a test service whose agent is the ``openai`` plugin on the
+    loopback ``upstream`` (tests/openai_upstream.py), with more ``environ``."""
+    return load_settings(None, {
+        "TORNADO_APP_DATA_DIR": str(tmp_path / "data"),
+        "TORNADO_APP_DATABASE__URL": db_url,
+        "TORNADO_APP_AUTH__JWT_SECRET": TEST_SECRET,
+        "TORNADO_APP_SERVER__HOST": "127.0.0.1",
+        "TORNADO_APP_AGENT__BACKEND": "openai",
+        "TORNADO_APP_AGENT__OPENAI__BASE_URL": upstream.base_url,
+        "TORNADO_APP_AGENT__OPENAI__API_KEY": "sk-test",
+        "TORNADO_APP_AGENT__OPENAI__MAX_RETRIES": "0",
+        **environ,
+    })
 
 
 @pytest.fixture

@@ -348,24 +348,6 @@ class _Handler(tornado.web.RequestHandler):
         await self.flush()
 
 
-def service_settings(fake: FakeOpenAI, tmp_path, db_url: str, secret: str, tools: str):
-    """Settings for a test service whose agent is the ``openai`` plugin on
-    ``fake``, with ``agent.tools`` set to ``tools`` (a YAML list)."""
-    from tornado_app.config import load_settings
-
-    return load_settings(None, {
-        "TORNADO_APP_DATA_DIR": str(tmp_path / "data"),
-        "TORNADO_APP_DATABASE__URL": db_url,
-        "TORNADO_APP_AUTH__JWT_SECRET": secret,
-        "TORNADO_APP_SERVER__HOST": "127.0.0.1",
-        "TORNADO_APP_AGENT__BACKEND": "openai",
-        "TORNADO_APP_AGENT__OPENAI__BASE_URL": fake.base_url,
-        "TORNADO_APP_AGENT__OPENAI__API_KEY": "sk-test",
-        "TORNADO_APP_AGENT__OPENAI__MAX_RETRIES": "0",
-        "TORNADO_APP_AGENT__TOOLS": tools,
-    })
-
-
 def _chunk(model: str, delta: dict | None, finish_reason: str | None = None) -> dict:
     choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish_reason}]
     return {

@@ -16,8 +16,8 @@ from sqlalchemy import text
 from tornado.httpclient import AsyncHTTPClient
 
 
-from .conftest import TEST_SECRET
-from .openai_upstream import Behaviour, FakeOpenAI, service_settings
+from .conftest import openai_settings
+from .openai_upstream import Behaviour, FakeOpenAI
 from .test_memory import raw_database, raw_postgres
 
 
@@ -56,7 +56,7 @@ def upstream():
 
 @pytest.fixture
 def settings(tmp_path, db_url, upstream):
-    return service_settings(upstream, tmp_path, db_url, TEST_SECRET, "[memory, recall]")
+    return openai_settings(tmp_path, db_url, upstream, TORNADO_APP_AGENT__TOOLS="[memory, recall]")
 
 
 async def ask(connect, client_id: str, user: str, content: str) -> str:

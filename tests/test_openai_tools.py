@@ -15,9 +15,9 @@ from plugins.openai_agent import OpenAIOptions, create_openai_agent
 from tornado_app.agents import AgentError, AgentRequest
 from tornado_app.tools import ToolCall
 
-from .conftest import TEST_SECRET
+from .conftest import openai_settings
 from .helpers import saved_tool_steps
-from .openai_upstream import FakeOpenAI, service_settings
+from .openai_upstream import FakeOpenAI
 
 TOOLS = [{"name": "lookup", "description": "Look a key up.",
           "parameters": {"type": "object", "properties": {"key": {"type": "string"}}}}]
@@ -97,7 +97,7 @@ def test_tools_false_in_the_options_turns_them_off(upstream):
 
 @pytest.fixture
 def settings(tmp_path, db_url, upstream):
-    return service_settings(upstream, tmp_path, db_url, TEST_SECRET, "[clock]")
+    return openai_settings(tmp_path, db_url, upstream, TORNADO_APP_AGENT__TOOLS="[clock]")
 
 
 @pytest.mark.gen_test(timeout=30)

@@ -26,6 +26,7 @@ from .chat import ChatService
 from .connections import Connections, instance_name
 from .config import ConfigError, Settings, load_settings
 from .handlers.base import log_request
+from .mcp_servers import McpServers
 from .memory import Memories, MemoryCipher
 from .replies import Replies
 from .store import Store
@@ -35,7 +36,8 @@ logger = logging.getLogger(__name__)
 
 
 def make_app(
-    settings: Settings, store: Store, chat: ChatService, connections: Connections
+    settings: Settings, store: Store, chat: ChatService, connections: Connections,
+    mcp: McpServers | None = None,
 ) -> tornado.web.Application:
     """The Application; handlers reach these shared objects through self.settings."""
     server = settings.server
@@ -48,6 +50,7 @@ def make_app(
         connections=connections,
         verifier=chat.verifier,
         memories=chat.memories,
+        mcp=mcp,
         log_function=log_request,
         websocket_max_message_size=server.max_message_bytes,
         websocket_ping_interval=server.ping_interval_seconds or None,
@@ -67,6 +70,7 @@ class Service:
         self.background_jobs = background_jobs
         self.store: Store | None = None
         self.pool: AgentPool | None = None
+        self.mcp: McpServers | None = None
         self.toolbox: Toolbox | None = None
         self.chat: ChatService | None = None
         self.memories: Memories | None = None
@@ -76,6 +80,7 @@ class Service:
         self.analytics: AnalyticsTask | None = None
         self.http: HTTPServer | None = None
         self.port: int | None = None
+        self._reloads: set[asyncio.Task] = set()
 
     async def start(self, sockets: list[socket.socket] | None = None) -> None:
         settings = self.settings
@@ -87,7 +92,9 @@ class Service:
         if await self.store.ensure_schema() == "created":
             logger.info("created the database schema")
         self.pool = AgentPool(settings)
-        self.toolbox = Toolbox(settings)
+        # MCP servers connect in the background; their tools join as they come.
+        self.mcp = McpServers(settings.mcp)
+        self.toolbox = Toolbox(settings, self.mcp)
         self.replies = Replies(self.store, instance_name(), settings.limits.lease_seconds,
                                settings.chat.resume_window_seconds)
         self.replies.start_background()
@@ -107,7 +114,7 @@ class Service:
             self.analytics = AnalyticsTask(self.store.engine, settings.analytics.retention_days,
                                            settings.analytics.rollup_interval_seconds)
             self.analytics.start()
-        app = make_app(settings, self.store, self.chat, self.connections)
+        app = make_app(settings, self.store, self.chat, self.connections, self.mcp)
         self.http = HTTPServer(app, xheaders=False)
         self.http.add_sockets(sockets)
         self.port = sockets[0].getsockname()[1]
@@ -115,7 +122,7 @@ class Service:
                     settings.server.host, self.port, settings.agent.backend)
 
     def reload_agents(self) -> None:
-        """Re-read the config file and swap to its ``agent`` and ``tools`` sections."""
+        """Re-read the config file: swap to its ``agent`` and ``tools`` sections and its MCP servers."""
         try:
             fresh = load_settings(self.config_path)
             self.toolbox.check(fresh)  # before the agents change: all or nothing
@@ -126,6 +133,14 @@ class Service:
             return
         self.settings.agent = fresh.agent
         self.settings.tools = fresh.tools
+        self.reload_mcp(fresh)
+
+    def reload_mcp(self, fresh: Settings) -> None:
+        """SIGHUP: connect added or changed MCP servers, drop removed ones."""
+        self.settings.mcp = fresh.mcp
+        task = asyncio.get_running_loop().create_task(self.mcp.reload(fresh.mcp))
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
 
     async def stop(self) -> None:
         if self.http is None:
@@ -149,6 +164,7 @@ class Service:
             await self.analytics.stop()
         await self.pool.close()
         await self.toolbox.close()
+        await self.mcp.close()
         await self.store.close()
         self.http = None
         logger.info("stopped")

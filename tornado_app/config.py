@@ -14,6 +14,7 @@ and the fix; ``__main__`` turns it into exit code 2.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from pathlib import Path
 from typing import Any, Literal
@@ -210,6 +211,76 @@ class MemorySettings(Section):
     prompt_share: float = Field(0.25, gt=0, le=0.9)
 
 
+# MCP servers as tool sources (tornado_app/mcp_servers.py, docs/mcp.md)
+
+MCP_SERVER_NAME = r"^[A-Za-z0-9-]+(?:_[A-Za-z0-9-]+)*$"  # no "__": it joins server and tool
+ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class McpServerSettings(Section):
+    """One MCP server: ``url`` (Streamable HTTP) or ``command`` (stdio)."""
+
+    name: str = Field(pattern=MCP_SERVER_NAME, max_length=32)
+    url: str | None = None
+    # Sent with every HTTP request; "${VAR}" in a value is read from the environment.
+    headers: dict[str, str] = {}
+    # Sends the calling user's name in this header (HTTP servers only).
+    user_header: str | None = Field(None, pattern=r"^[A-Za-z0-9-]+$")
+    command: str | None = None
+    args: list[str] = []
+    # Added to the child's environment (PATH, HOME... are inherited); "${VAR}" as for headers.
+    env: dict[str, str] = {}
+    # The server's tools to expose (its own names); empty: all of them.
+    allow: list[str] = []
+    # Per call (the host's tools.timeout_seconds may cut it shorter) and per connection attempt.
+    timeout_seconds: float = Field(30.0, gt=0, le=600)
+    # A longer result reaches the model cut, with a marker.
+    max_result_chars: int = Field(8000, ge=100)
+
+    @model_validator(mode="after")
+    def _one_transport(self):
+        if bool(self.url) == bool(self.command):
+            raise ValueError("give either url (Streamable HTTP) or command (stdio), not both")
+        if self.user_header and not self.url:
+            raise ValueError("user_header needs an HTTP server (url)")
+        if self.url and not self.url.startswith(("http://", "https://")):
+            raise ValueError("url must start with http:// or https://")
+        return self
+
+
+class McpSettings(Section):
+    servers: list[McpServerSettings] = []
+
+    @model_validator(mode="after")
+    def _unique_names(self):
+        names = [server.name for server in self.servers]
+        if len(names) != len(set(names)):
+            raise ValueError("two servers have the same name")
+        return self
+
+
+def expand_environment(value: str, key: str, environ: dict[str, str]) -> str:
+    """``${VAR}`` in ``value`` replaced by the variable (a missing one is a ConfigError)."""
+
+    def variable(match: re.Match) -> str:
+        name = match.group(1)
+        if name not in environ:
+            raise ConfigError(f"{key}: environment variable {name} is not set; set it or "
+                              f"write the value in the config file")
+        return environ[name]
+
+    return ENV_REFERENCE.sub(variable, value)
+
+
+def _expand_mcp_environment(settings: "Settings", environ: dict[str, str]) -> None:
+    for i, server in enumerate(settings.mcp.servers):
+        for field_name in ("headers", "env"):
+            values = getattr(server, field_name)
+            for name, value in values.items():
+                values[name] = expand_environment(
+                    value, f"mcp.servers[{i}].{field_name}.{name}", environ)
+
+
 class Settings(Section):
     data_dir: str = "data"
     server: ServerSettings = ServerSettings()
@@ -223,6 +294,7 @@ class Settings(Section):
     logging: LoggingSettings = LoggingSettings()
     analytics: AnalyticsSettings = AnalyticsSettings()
     memory: MemorySettings = MemorySettings()
+    mcp: McpSettings = McpSettings()
 
     @property
     def jwt_secret(self) -> str:
@@ -258,6 +330,7 @@ def load_settings(
     _ensure_jwt_secret(settings)
     _ensure_memory_key(settings)
     _check_external_keys(settings)
+    _expand_mcp_environment(settings, environ)
     return settings
 
 

@@ -51,6 +51,11 @@ errors = Counter(
     ["kind"],
 )
 
+mcp_server_up = Gauge(
+    "chat_mcp_server_up", "1 while the MCP server (mcp.servers) is connected, 0 while it is not",
+    ["server"], multiprocess_mode="livemax",
+)
+
 
 def observe_reply(reply) -> None:
     """Count one finished exchange (a tornado_app.chat.Reply)."""

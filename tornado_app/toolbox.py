@@ -25,6 +25,7 @@ from pydantic import BaseModel
 
 from .agents import get_plugin_manager, load_new_plugins, validate_options
 from .config import ConfigError, Settings
+from .mcp_servers import McpServers, plugin_tool_names
 from .tools import Tool
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,8 @@ def validate_tool_settings(settings: Settings, specs: dict[str, ToolSpec]) -> No
     """Check ``agent.tools`` and every ``tools.<name>`` section against the
     registered tools, with one clear line on failure."""
     available = ", ".join(sorted(specs)) or "none installed"
-    for index, name in enumerate(settings.agent.tools):
+    # MCP tools (mcp:<server>, <server>__<tool>) are known once their server is connected.
+    for index, name in plugin_tool_names(settings.agent.tools, settings.mcp).items():
         if name not in specs:
             raise ConfigError(
                 f"agent.tools[{index}]: unknown tool {name!r}; available: {available}")
@@ -93,8 +95,11 @@ def _identity(settings: Settings, name: str) -> str:
 class Toolbox:
     """The tools ``agent.tools`` enables, by name (see the module)."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, mcp: McpServers | None = None):
         self._specs = available_tools()
+        # The MCP servers' tools join each lease as their servers are connected.
+        self.mcp = mcp
+        self._mcp_names: list[str] = settings.agent.tools
         self._tools: dict[str, Tool] = {}
         self._identities: dict[int, str] = {}
         self._in_use: Counter[int] = Counter()
@@ -106,7 +111,7 @@ class Toolbox:
         validate_tool_settings(settings, self._specs)
         current = {self._identities[id(tool)]: tool for tool in self._tools.values()}
         tools = {}
-        for name in dict.fromkeys(settings.agent.tools):
+        for name in dict.fromkeys(plugin_tool_names(settings.agent.tools, settings.mcp).values()):
             identity = _identity(settings, name)
             tool = current.get(identity)
             if tool is None:
@@ -121,8 +126,10 @@ class Toolbox:
         tools = dict(self._tools)
         for tool in tools.values():
             self._in_use[id(tool)] += 1
+        # MCP tools are not the toolbox's to close: their server's connection owns them.
+        mcp_tools = self.mcp.enabled(self._mcp_names) if self.mcp is not None else {}
         try:
-            yield tools
+            yield {**tools, **mcp_tools}
         finally:
             for tool in tools.values():
                 self._in_use[id(tool)] -= 1
@@ -140,6 +147,7 @@ class Toolbox:
         self.check(settings)
         old = self._tools
         self._tools = self._build(settings)
+        self._mcp_names = settings.agent.tools
         kept = {id(tool) for tool in self._tools.values()}
         for tool in old.values():
             if id(tool) not in kept:

@@ -19,7 +19,8 @@ class HealthHandler(BaseHandler):
 
 
 class ReadyHandler(BaseHandler):
-    """Ready: the database answers and the agent is loaded (503 otherwise)."""
+    """Ready: the database answers and the agent is loaded (503 otherwise).
+    ``mcp`` gives each MCP server's state; one that is down is never a 503."""
 
     async def get(self) -> None:
         checks = {"database": "ok", "agent": "ok"}
@@ -31,7 +32,11 @@ class ReadyHandler(BaseHandler):
         if not self.chat.pool.ready:
             checks["agent"] = "loading"
         ready = all(value == "ok" for value in checks.values())
-        self.write_json(200 if ready else 503, {"status": "ready" if ready else "not ready", **checks})
+        body = {"status": "ready" if ready else "not ready", **checks}
+        if (mcp := self.settings.get("mcp")) and mcp.connections:
+            # Informational: an MCP server that is down leaves out its tools, not the service.
+            body["mcp"] = mcp.states()
+        self.write_json(200 if ready else 503, body)
 
 
 class MetricsHandler(BaseHandler):
