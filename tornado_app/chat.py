@@ -14,14 +14,14 @@ import contextlib
 import logging
 import time
 
-from . import auth, metrics
+from . import auth, metrics, quotas
 from .agent_pool import AgentPool
 from .agents import Agent, AgentRequest
 from .config import Settings
 from .connections import refusal
 from .history import History, Turn
 from .replies import Ending, LiveReply, Replies
-from .store import Conflict, Store, StoreError
+from .store import Conflict, QuotaRequest, Store, StoreError
 from .store.models import ROLE_USER, STATUS_ERROR
 
 logger = logging.getLogger(__name__)
@@ -41,6 +41,11 @@ class RateLimited(Exception):
         self.retry_after = retry_after
 
 
+class QuotaExceeded(Exception):
+    """The reply would pass one of the user's quotas; nothing was saved. The
+    text is the error frame's."""
+
+
 class ChatService:
     def __init__(self, settings: Settings, store: Store, pool: AgentPool,
                  verifier: auth.TokenVerifier, replies: Replies):
@@ -49,6 +54,8 @@ class ChatService:
         self.pool = pool
         self.verifier = verifier
         self.replies = replies
+        self.pricing = quotas.Pricing(settings.pricing)
+        self.limits = quotas.limits(settings.quota)
 
     async def authenticate(self, token: str | None) -> tuple[object, auth.Claims] | None:
         """The active user a token names and its claims, or None (the reason is logged)."""
@@ -85,22 +92,56 @@ class ChatService:
 
     async def admit(self, user, history: History, content: str):
         """Save the user's message and open its reply's stream, in one
-        transaction with the rate limit; returns the Admission and the history
-        turns before the message. Raises :class:`RateLimited` (nothing saved)
-        when the user is over the rate limit.
+        transaction with the rate limit and the quota reservation; returns the
+        Admission and the history turns before the message. Raises
+        :class:`RateLimited` or :class:`QuotaExceeded` (nothing saved) when the
+        user is over the rate limit or would pass a quota.
 
         ``history`` is the socket's copy of its conversation (history.py).
         """
         limit = self.settings.rate_limit
+        now = time.time()
+        after_id = history.read_from()
+        quota = self._quota_request(user, history, content, now)
         admission = await self.store.admit(
-            history.conversation_id, user.id, content, now=time.time(),
+            history.conversation_id, user.id, content, now=now,
             messages=limit.messages, per_seconds=limit.per_seconds,
-            after_id=history.read_from(), history_limit=history.limit,
-            instance=self.replies.instance, lease_seconds=self.settings.limits.lease_seconds)
+            after_id=after_id, history_limit=history.limit,
+            instance=self.replies.instance, lease_seconds=self.settings.limits.lease_seconds,
+            quota=quota)
         if not admission.decision.allowed:
             raise RateLimited(admission.decision.retry_after)
+        if admission.over_quota is not None:
+            raise QuotaExceeded(quotas.refusal(admission.over_quota, admission.reserved,
+                                               quotas.Windows.at(now), self.pricing.currency))
         turns = history.add(admission.turns, admission.message_id, content)
         return admission, turns
+
+    def _quota_request(self, user, history: History, content: str,
+                       now: float) -> QuotaRequest | None:
+        """What to reserve for the reply, or None when no quota applies to the
+        user (none in the config, no override of their own, or unlimited)."""
+        if getattr(user, "quota_unlimited", None) or not (
+                self.settings.quota.any or quotas.has_override(user)):
+            return None
+        chain = self.pool.chain
+        agent = chain[0]
+        system = self._system_prompt(user.username)
+        known = list(history.turns)
+
+        def bound_of(rows: list) -> quotas.Bound:
+            # A loading model's counts are estimates: never cached in the history.
+            if agent.ready:
+                history.count(agent, known)
+                counts = [turn.tokens for turn in known]
+            else:
+                counts = [agent.count_tokens(turn.content) for turn in known]
+            counts += [agent.count_tokens(row.content) for row in rows]
+            tokens = sum(counts[-history.limit:]) + TOKENS_PER_MESSAGE * len(counts)
+            prompt = quotas.prompt_bound(agent, system, content, tokens)
+            return quotas.reply_bound(chain, prompt, self.pricing)
+
+        return QuotaRequest(bound_of, self.limits, quotas.Windows.at(now).today)
 
     def start_reply(self, user, history: History, admission, turns: list[Turn],
                     content: str) -> LiveReply:
@@ -108,6 +149,7 @@ class ChatService:
         (replies.py): it goes on when the socket that asked closes."""
         live = LiveReply(admission.reply_id, admission.message_public_id, user.id,
                          history.conversation_id, admission.message_id)
+        live.reserved = admission.reserved
         return self.replies.start(
             live, lambda live: self._answer(live, user.username, history, turns, content))
 
@@ -139,10 +181,17 @@ class ChatService:
 
     async def _save_and_end(self, live: LiveReply) -> None:
         reply = live.reply
+        columns = reply.columns()
+        columns["cost"] = self.pricing.cost(reply.agent, reply.model, reply.tokens_in,
+                                            reply.tokens_out)
+        if live.reserved is not None and (
+                (reply.tokens_in or 0) + (reply.tokens_out or 0) > live.reserved.tokens):
+            logger.warning("reply %s spent %s tokens, more than the %s reserved", live.reply_id,
+                           (reply.tokens_in or 0) + (reply.tokens_out or 0), live.reserved.tokens)
         try:
             await self.store.finish_reply(
                 live.reply_id, live.conversation_id, live.user_id, live.message_row_id,
-                reply.pieces, live.saved_any or live.flushing, **reply.columns())
+                reply.pieces, live.saved_any or live.flushing, **columns)
         except StoreError:
             # Not saved: its stream is no longer renewed, so the sweep saves it
             # as interrupted with the chunks saved so far once the database is back.
@@ -160,18 +209,26 @@ class ChatService:
         for position, agent in enumerate(chain):
             reply.attempt(agent)
             request = AgentRequest([], username)
+            prompt_tokens = None
             try:
                 async with asyncio.timeout(deadline):
                     # Ready first: a loaded model counts tokens with its own tokenizer.
                     await agent.wait_ready()
                     request.messages, prompt_tokens = self._prompt(
-                        agent, username, history, turns, content)
+                        agent, username, history, turns, content, live.reserved)
                     await self._stream(agent, request, live)
                 reply.count_tokens(agent, request.usage, prompt_tokens)
                 return
+            except asyncio.CancelledError:
+                # A stopped reply spent its prompt and its partial text (quotas count them).
+                if prompt_tokens is not None:
+                    reply.count_tokens(agent, request.usage, prompt_tokens)
+                raise
             except Exception as exc:  # AgentError, TimeoutError, or a plugin's bug
                 reply.fail(exc)
                 if reply.pieces or position == len(chain) - 1:
+                    if prompt_tokens is not None:
+                        reply.count_tokens(agent, request.usage, prompt_tokens)
                     return  # fallbacks only take over before the first token
                 logger.info("agent %s failed before its first token; trying %s",
                             agent.name, chain[position + 1].name)
@@ -187,15 +244,22 @@ class ChatService:
                     # not keep the event loop (and a cancel) waiting.
                     await asyncio.sleep(0)
 
+    def _system_prompt(self, username: str) -> str:
+        return self.settings.agent.system_prompt.replace("{username}", username)
+
     def _prompt(
-        self, agent: Agent, username: str, history: History, turns: list[Turn], content: str
+        self, agent: Agent, username: str, history: History, turns: list[Turn], content: str,
+        reserved: quotas.Bound | None = None,
     ) -> tuple[list[dict], int]:
         """System prompt, then as many of the latest turns as fit, then the
-        message; and the prompt's tokens as the agent counts them."""
-        system = self.settings.agent.system_prompt.replace("{username}", username)
+        message; and the prompt's tokens as the agent counts them. With a
+        quota ``reserved``, the prompt also leaves room in it for the reply."""
+        system = self._system_prompt(username)
         history.count(agent, turns)
         used = agent.count_tokens(system) + agent.count_tokens(content) + 2 * TOKENS_PER_MESSAGE
         budget = agent.context_tokens - agent.reply_tokens
+        if reserved is not None:
+            budget = min(budget, reserved.tokens - agent.reply_tokens)
         start = len(turns)
         while start > 0 and used + turns[start - 1].tokens + TOKENS_PER_MESSAGE <= budget:
             start -= 1

@@ -1,6 +1,6 @@
 """HTTP and WebSocket handlers. Each module exports ``routes``; here they are joined."""
 
-from . import admin, chat_socket, health, pages, token
+from . import admin, chat_socket, health, pages, quota, token
 from .base import BaseHandler
 
 
@@ -10,4 +10,5 @@ class NotFoundHandler(BaseHandler):
 
 
 def all_routes() -> list:
-    return [*chat_socket.routes, *token.routes, *health.routes, *admin.routes, *pages.routes]
+    return [*chat_socket.routes, *token.routes, *health.routes, *admin.routes, *pages.routes,
+            *quota.routes]
