@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 from tornado_app.store.models import Message, QuotaReservation, QuotaUsage, User
 
 from .helpers import connect_ws, on_engine
-from .servers import add_users, token, write_config
+from .servers import add_users, cli, ok, token, write_config
 from .test_scale_out import open_clients
 
 pytestmark = pytest.mark.slow
@@ -47,10 +47,13 @@ def test_daily_quota_is_exact_across_four_processes(tmp_path, any_db_url, server
     config = write_config(
         tmp_path, database={"url": any_db_url}, server={"processes": 4},
         quota={"tokens_per_day": limit}, chat={"max_content_chars": 20},
-        rate_limit={"messages": 1_000_000, "per_seconds": 1, "max_rejections": 1},
+        rate_limit={"messages": 1_000_000, "per_seconds": 3600, "max_rejections": 1},
         limits={"connections_per_user": 100},
     )
     add_users(config, "alice", "bob")
+    # Bob's own, larger quota: his 10 messages fit in it whatever alice does.
+    assert ok(cli(config, "users", "quota", "bob", "--tokens-per-day", "5000")) == (
+        "quota of bob: day=5000\n")
     server = servers(config)
     alice, bob = token(config, "alice"), token(config, "bob")
 
