@@ -331,3 +331,56 @@ async def test_migration_0007_counts_this_months_replies_and_goes_back(db_store)
     assert not any(c.startswith("quota_") for c in user_columns)
     assert "cost" not in message_columns
     assert kept == 2
+
+
+async def put_json(url: str, body, token: str):
+    from tornado.httpclient import AsyncHTTPClient
+
+    return await AsyncHTTPClient().fetch(
+        url, method="PUT", body=body if isinstance(body, str) else json.dumps(body),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        raise_error=False)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_admins_read_and_set_a_users_quota(base_url, make_user, token_for, connect):
+    await make_user("root", admin=True)
+    await make_user("bob")
+    admin, url = token_for("root"), f"{base_url}/api/admin/users/bob/quota"
+    answer = await put_json(url, {"tokens_per_day": 1000, "cost_per_month": 2.5}, admin)
+    assert answer.code == 200, answer.body
+    body = json.loads(answer.body)
+    assert body["overrides"] == {"tokens_per_day": 1000, "tokens_per_month": None,
+                                 "cost_per_month": 2.5, "unlimited": False}
+    assert body["limits"] == {"tokens_per_day": 1000, "tokens_per_month": None,
+                              "cost_per_month": 2.5}
+    body = json.loads((await put_json(url, {"unlimited": True}, admin)).body)
+    assert body["overrides"]["unlimited"] and body["limits"]["tokens_per_day"] is None
+    read = await get(url, Authorization=f"Bearer {admin}")
+    assert json.loads(read.body)["overrides"]["tokens_per_day"] == 1000  # kept for later
+    for bad, word in (({"tokens_per_day": -1}, "tokens_per_day"), ({"nope": 1}, "nope"),
+                      ("[1]", "JSON object"), ({"tokens_per_day": 1.5}, "whole number"),
+                      ({"unlimited": "yes"}, "unlimited")):
+        answer = await put_json(url, bad, admin)
+        assert answer.code == 400 and word in json.loads(answer.body)["error_description"]
+    assert (await put_json(f"{base_url}/api/admin/users/nobody/quota", {}, admin)).code == 404
+    assert (await put_json(url, {}, token_for("bob"))).code == 403
+    assert (await get(url)).code == 401
+
+
+def test_users_quota_on_the_command_line(tmp_path):
+    from .servers import add_users, cli, ok, one_line_error, write_config
+
+    config = write_config(tmp_path)
+    add_users(config, "alice", "bob")
+    assert ok(cli(config, "users", "quota", "alice", "--tokens-per-day", "500",
+                  "--cost-per-month", "1.5")) == "quota of alice: day=500 cost=1.5\n"
+    assert ok(cli(config, "users", "quota", "bob", "--unlimited")) == "quota of bob: unlimited\n"
+    listing = ok(cli(config, "users", "list")).splitlines()
+    assert listing[0].split()[-1] == "QUOTA"
+    assert listing[1].startswith("alice") and listing[1].endswith("day=500 cost=1.5")
+    assert listing[2].startswith("bob") and listing[2].endswith("unlimited")
+    assert ok(cli(config, "users", "quota", "alice", "--reset")) == "quota of alice: default\n"
+    one_line_error(cli(config, "users", "quota", "carol", "--unlimited"), 1, "no user", "carol")
+    one_line_error(cli(config, "users", "quota", "bob", "--tokens-per-day", "-3"), 1,
+                   "--tokens-per-day", "at least 0")
