@@ -25,9 +25,11 @@ class EchoOptions(BaseModel):
 class EchoAgent(Agent):
     model = "echo"
 
-    def __init__(self, options: EchoOptions):
+    def __init__(self, options: EchoOptions, max_content_chars: int = 4000):
         super().__init__()
         self.options = options
+        # Its longest reply: the prefix and the longest message (quotas reserve it).
+        self.reply_tokens = self.count_tokens(options.prefix + "x" * max_content_chars)
 
     async def stream(self, request: AgentRequest) -> AsyncIterator[str]:
         text = self.options.prefix + request.messages[-1]["content"]
@@ -41,4 +43,5 @@ class EchoAgent(Agent):
 
 @hookimpl
 def register_agents(register):
-    register("echo", lambda options, settings: EchoAgent(options), options=EchoOptions)
+    register("echo", lambda options, settings: EchoAgent(options, settings.chat.max_content_chars),
+             options=EchoOptions)

@@ -1,6 +1,6 @@
 """Command line: ``python -m tornado_app --config FILE [--host H] [--port P] [COMMAND]``.
 
-Without a command it serves. Commands: ``users add|list|disable|revoke|promote|forget``,
+Without a command it serves. Commands: ``users add|list|disable|revoke|promote|forget|quota``,
 ``token``, ``db upgrade|current``, ``analytics REPORT|export|purge|rollup``. Every
 failure is one clear line on stderr and a non-zero exit code (2 for configuration
 and usage mistakes), never a traceback.
@@ -16,7 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from . import auth
+from . import auth, quota_cli
 from .analytics import cli as analytics_cli
 from .config import ConfigError, Settings, load_settings
 from .logs import setup_logging
@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("name")
     forget = users.add_parser("forget", help="delete every memory a user saved")
     forget.add_argument("name")
+    quota_cli.add_parser(users)
 
     token = commands.add_parser("token", help="print an access token for a user")
     token.add_argument("name")
@@ -195,10 +196,11 @@ async def users_command(store: Store, args: argparse.Namespace) -> int:
         print(f"added user {name}" + (" (admin)" if args.admin else ""))
     elif args.action == "list":
         rows = await store.list_users()
-        print(f"{'USERNAME':<24} {'ADMIN':<6} {'DISABLED':<9} CREATED")
+        print(f"{'USERNAME':<24} {'ADMIN':<6} {'DISABLED':<9} {'CREATED':<17} QUOTA")
         for user in rows:
             print(f"{user.username:<24} {'yes' if user.is_admin else 'no':<6} "
-                  f"{'yes' if user.disabled else 'no':<9} {user.created_at:%Y-%m-%d %H:%M}")
+                  f"{'yes' if user.disabled else 'no':<9} {user.created_at:%Y-%m-%d %H:%M}  "
+                  f"{quota_cli.describe(user)}")
     elif args.action == "disable":
         if not await store.set_disabled(args.name):
             raise CommandError(f"no user named {args.name!r}")
@@ -207,6 +209,8 @@ async def users_command(store: Store, args: argparse.Namespace) -> int:
         if not await store.revoke_all_tokens(args.name):
             raise CommandError(f"no user named {args.name!r}")
         print(f"revoked every token of {args.name} issued until now")
+    elif args.action == "quota":
+        print(await quota_cli.run(store, args, CommandError))
     elif args.action == "promote":
         if not await store.set_admin(args.name):
             raise CommandError(f"no user named {args.name!r}")

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 
-from . import auth, metrics
+from . import auth, metrics, quotas
 from .agent_pool import AgentPool
 from .agents import Agent
 from .config import Settings
@@ -22,15 +22,17 @@ from .connections import refusal
 from .history import History, Turn
 from .memory import Memories, memory_section, system_prompt
 from .replies import Ending, LiveReply, Replies
-from .tool_loop import Caller, converse
+from .tool_loop import Caller, Tokens, converse
 from .toolbox import Toolbox
-from .store import Conflict, Store, StoreError
+from .store import Conflict, QuotaRequest, Store, StoreError
 from .store.models import ROLE_USER, STATUS_ERROR
 
 logger = logging.getLogger(__name__)
 
 # Tokens counted per message for the chat template's role markers.
 TOKENS_PER_MESSAGE = 4
+# The blank lines around the memory section, beyond its own count.
+MEMORY_SEPARATOR_TOKENS = 4
 
 # The error frame's text when a message or reply could not be saved.
 STORE_UNAVAILABLE = "The service could not save your message; please try again shortly."
@@ -44,6 +46,11 @@ class RateLimited(Exception):
         self.retry_after = retry_after
 
 
+class QuotaExceeded(Exception):
+    """The reply would pass one of the user's quotas; nothing was saved. The
+    text is the error frame's."""
+
+
 class ChatService:
     def __init__(self, settings: Settings, store: Store, pool: AgentPool,
                  verifier: auth.TokenVerifier, replies: Replies, toolbox: Toolbox | None = None,
@@ -55,6 +62,8 @@ class ChatService:
         self.verifier = verifier
         self.replies = replies
         self.toolbox = toolbox
+        self.pricing = quotas.Pricing(settings.pricing)
+        self.limits = quotas.limits(settings.quota)
 
     async def authenticate(self, token: str | None) -> tuple[object, auth.Claims] | None:
         """The active user a token names and its claims, or None (the reason is logged)."""
@@ -91,22 +100,60 @@ class ChatService:
 
     async def admit(self, user, history: History, content: str):
         """Save the user's message and open its reply's stream, in one
-        transaction with the rate limit; returns the Admission and the history
-        turns before the message. Raises :class:`RateLimited` (nothing saved)
-        when the user is over the rate limit.
+        transaction with the rate limit and the quota reservation; returns the
+        Admission and the history turns before the message. Raises
+        :class:`RateLimited` or :class:`QuotaExceeded` (nothing saved) when the
+        user is over the rate limit or would pass a quota.
 
         ``history`` is the socket's copy of its conversation (history.py).
         """
         limit = self.settings.rate_limit
+        now = time.time()
+        after_id = history.read_from()
+        quota = self._quota_request(user, history, content, now)
         admission = await self.store.admit(
-            history.conversation_id, user.id, content, now=time.time(),
+            history.conversation_id, user.id, content, now=now,
             messages=limit.messages, per_seconds=limit.per_seconds,
-            after_id=history.read_from(), history_limit=history.limit,
-            instance=self.replies.instance, lease_seconds=self.settings.limits.lease_seconds)
+            after_id=after_id, history_limit=history.limit,
+            instance=self.replies.instance, lease_seconds=self.settings.limits.lease_seconds,
+            quota=quota)
         if not admission.decision.allowed:
             raise RateLimited(admission.decision.retry_after)
+        if admission.over_quota is not None:
+            raise QuotaExceeded(quotas.refusal(admission.over_quota, admission.reserved,
+                                               quotas.Windows.at(now), self.pricing.currency))
         turns = history.add(admission.turns, admission.message_id, content, admission.steps)
         return admission, turns
+
+    def _quota_request(self, user, history: History, content: str,
+                       now: float) -> QuotaRequest | None:
+        """What to reserve for the reply, or None when no quota applies to the
+        user (none in the config, no override of their own, or unlimited)."""
+        if getattr(user, "quota_unlimited", None) or not (
+                self.settings.quota.any or quotas.has_override(user)):
+            return None
+        chain = self.pool.chain
+        agent = chain[0]
+        # The memories are read with the message: reserve for as many as fit.
+        system = system_prompt(self.settings.agent.system_prompt, user.username, "")
+        extra = self._memory_budget(agent) + MEMORY_SEPARATOR_TOKENS if self.memories else 0
+        # With tools, each further model call of the loop is reserved for too.
+        tool_steps = self.settings.agent.max_tool_steps if self.settings.agent.tools else 0
+        known = list(history.turns)
+
+        def bound_of(rows: list) -> quotas.Bound:
+            # A loading model's counts are estimates: never cached in the history.
+            if agent.ready:
+                history.count(agent, known)
+                counts = [turn.tokens for turn in known]
+            else:
+                counts = [agent.count_tokens(turn.content) for turn in known]
+            counts += [agent.count_tokens(row.content) for row in rows]
+            tokens = sum(counts[-history.limit:]) + TOKENS_PER_MESSAGE * len(counts)
+            prompt = quotas.prompt_bound(agent, system, content, tokens, extra)
+            return quotas.reply_bound(chain, prompt, self.pricing, tool_steps)
+
+        return QuotaRequest(bound_of, self.limits, quotas.Windows.at(now).today)
 
     def start_reply(self, user, history: History, admission, turns: list[Turn],
                     content: str) -> LiveReply:
@@ -121,6 +168,7 @@ class ChatService:
             caller.memories = self.memories.of(user.id)
             caller.messages = self.memories.messages_of(user.id)
             remembered = self.memories.readable(user.id, admission.memories)
+        live.reserved = admission.reserved
         return self.replies.start(
             live, lambda live: self._answer(live, caller, history, turns, content, remembered))
 
@@ -153,11 +201,18 @@ class ChatService:
 
     async def _save_and_end(self, live: LiveReply) -> None:
         reply = live.reply
+        columns = reply.columns()
+        columns["cost"] = self.pricing.cost(reply.agent, reply.model, reply.tokens_in,
+                                            reply.tokens_out)
+        if live.reserved is not None and (
+                (reply.tokens_in or 0) + (reply.tokens_out or 0) > live.reserved.tokens):
+            logger.warning("reply %s spent %s tokens, more than the %s reserved", live.reply_id,
+                           (reply.tokens_in or 0) + (reply.tokens_out or 0), live.reserved.tokens)
         try:
             await self.store.finish_reply(
                 live.reply_id, live.conversation_id, live.user_id, live.message_row_id,
                 reply.pieces, live.saved_any or live.flushing, steps=reply.steps,
-                **reply.columns())
+                **columns)
         except StoreError:
             # Not saved: its stream is no longer renewed, so the sweep saves it
             # as interrupted with the chunks saved so far once the database is back.
@@ -179,37 +234,52 @@ class ChatService:
         agent_settings = self.settings.agent
         for position, agent in enumerate(chain):
             reply.attempt(agent)
+            tokens = Tokens()
             try:
                 async with asyncio.timeout(agent_settings.timeout_seconds):
                     # Ready first: a loaded model counts tokens with its own tokenizer.
                     await agent.wait_ready()
                     messages, prompt_tokens = self._prompt(
-                        agent, caller.username, history, turns, content, remembered)
-                    tokens = await converse(
+                        agent, caller.username, history, turns, content, remembered,
+                        live.reserved)
+                    await converse(
                         agent, messages, prompt_tokens, caller.username, live, tools, caller,
-                        agent_settings.max_tool_steps, self.settings.tools.timeout_seconds)
+                        agent_settings.max_tool_steps, self.settings.tools.timeout_seconds,
+                        tokens)
                 reply.count_tokens(tokens)
                 return
+            except asyncio.CancelledError:
+                # A stopped reply spent its prompts and its partial text (quotas count them).
+                reply.count_tokens(tokens)
+                raise
             except Exception as exc:  # AgentError, TimeoutError, or a plugin's bug
                 reply.fail(exc)
                 if reply.pieces or reply.steps or position == len(chain) - 1:
+                    reply.count_tokens(tokens)
                     return  # fallbacks only take over before the first token or tool call
                 logger.info("agent %s failed before its first token; trying %s",
                             agent.name, chain[position + 1].name)
 
+    def _memory_budget(self, agent: Agent) -> int:
+        """The most tokens the memory section may take in a prompt to ``agent``."""
+        budget = agent.context_tokens - agent.reply_tokens
+        return int(budget * self.settings.memory.prompt_share)
+
     def _prompt(
         self, agent: Agent, username: str, history: History, turns: list[Turn], content: str,
-        remembered: list = (),
+        remembered: list = (), reserved: quotas.Bound | None = None,
     ) -> tuple[list[dict], int]:
         """System prompt (with the user's memories, within ``memory.prompt_share``
         of the budget), then as many of the latest turns as fit, then the
-        message; and the prompt's tokens as the agent counts them."""
-        budget = agent.context_tokens - agent.reply_tokens
-        section = memory_section(remembered, int(budget * self.settings.memory.prompt_share),
-                                 agent.count_tokens)
+        message; and the prompt's tokens as the agent counts them. With a quota
+        ``reserved``, the prompt stays within the prompt that was reserved for."""
+        section = memory_section(remembered, self._memory_budget(agent), agent.count_tokens)
         system = system_prompt(self.settings.agent.system_prompt, username, section)
         history.count(agent, turns)
         used = agent.count_tokens(system) + agent.count_tokens(content) + 2 * TOKENS_PER_MESSAGE
+        budget = agent.context_tokens - agent.reply_tokens
+        if reserved is not None and reserved.prompt_tokens:
+            budget = min(budget, reserved.prompt_tokens)
         start = len(turns)
         while start > 0 and used + turns[start - 1].tokens + TOKENS_PER_MESSAGE <= budget:
             start -= 1

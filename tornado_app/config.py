@@ -279,6 +279,31 @@ def _expand_mcp_environment(settings: "Settings", environ: dict[str, str]) -> No
             for name, value in values.items():
                 values[name] = expand_environment(
                     value, f"mcp.servers[{i}].{field_name}.{name}", environ)
+class QuotaSettings(Section):
+    """Every user's limits (``users quota`` overrides them per user). Empty:
+    no limit. Windows are UTC calendar days and months."""
+
+    tokens_per_day: int | None = Field(None, ge=0)
+    tokens_per_month: int | None = Field(None, ge=0)
+    # In pricing.currency.
+    cost_per_month: float | None = Field(None, ge=0)
+
+    @property
+    def any(self) -> bool:
+        return any(v is not None for v in (self.tokens_per_day, self.tokens_per_month,
+                                           self.cost_per_month))
+
+
+class Price(Section):
+    input_per_million: float = Field(0.0, ge=0)
+    output_per_million: float = Field(0.0, ge=0)
+
+
+class PricingSettings(Section):
+    currency: str = Field("USD", min_length=1, max_length=16)
+    # "<agent>/<model>" (``*`` wildcards, e.g. "transformers/*"): its price.
+    # The first pattern that matches, in the order given, prices a reply.
+    models: dict[str, Price] = {}
 
 
 class Settings(Section):
@@ -295,6 +320,8 @@ class Settings(Section):
     analytics: AnalyticsSettings = AnalyticsSettings()
     memory: MemorySettings = MemorySettings()
     mcp: McpSettings = McpSettings()
+    quota: QuotaSettings = QuotaSettings()
+    pricing: PricingSettings = PricingSettings()
 
     @property
     def jwt_secret(self) -> str:

@@ -30,7 +30,7 @@ open_sockets = Gauge(
 )
 messages = Counter(
     "chat_messages_total",
-    "Chat messages by outcome: ok, error, cancelled, rate_limited, invalid, queue_full",
+    "Chat messages by outcome: ok, error, cancelled, rate_limited, quota, invalid, queue_full",
     ["outcome"],
 )
 reply_seconds = Histogram(
@@ -42,7 +42,8 @@ first_token_seconds = Histogram(
 )
 rejections = Counter(
     "chat_rejections_total",
-    "Refused sockets and messages: auth, origin, rate_limit, user_connections, process_connections",
+    "Refused sockets and messages: auth, origin, rate_limit, quota, user_connections, "
+    "process_connections",
     ["reason"],
 )
 errors = Counter(

@@ -124,6 +124,7 @@ class LiveReply:
         self.started = False  # the task has begun to run
         self.cancel_pending = False  # cancelled before it began
         self.complete = False  # generated whole, being saved: too late to cancel
+        self.reserved = None  # its quota reservation (store.quotas.Bound), if any
 
     @property
     def last_seq(self) -> int:

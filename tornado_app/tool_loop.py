@@ -213,34 +213,37 @@ class Tokens:
 
 async def converse(agent: Agent, messages: list[dict], prompt_tokens: int, username: str,
                    live, tools: dict[str, Tool], caller: Caller, max_steps: int,
-                   timeout: float) -> Tokens:
+                   timeout: float, tokens: Tokens) -> None:
     """Run ``agent`` on the prompt, and its tool calls, until it answers
-    without calling a tool (see the module). ``live`` is the LiveReply."""
+    without calling a tool (see the module). ``live`` is the LiveReply.
+    Every model call's tokens are added to ``tokens`` as it ends, a call
+    that fails or is cancelled included (quotas count what was spent)."""
     offered = tool_specs(tools) if tools and agent.supports_tools else []
-    tokens = Tokens()
     turn = 0
     while True:
         with_tools = offered if turn < max_steps else []
         request = AgentRequest(list(messages), username, tools=with_tools)
         calls, text = [], []
-        # aclosing: a cancel closes the agent's stream (an upstream HTTP
-        # response, say) at once, not at garbage collection.
-        async with contextlib.aclosing(agent.stream(request)) as pieces:
-            async for piece in pieces:
-                if isinstance(piece, ToolCall):
-                    if with_tools:  # a call nobody offered it is ignored
-                        calls.append(piece)
-                elif piece:
-                    live.take(piece)
-                    text.append(piece)
-                # A yield point: an agent that yields without awaiting must
-                # not keep the event loop (and a cancel) waiting.
-                await asyncio.sleep(0)
-        said = "".join(text)
-        asked = [json.dumps(parse_arguments(c.arguments) or {}) for c in calls]
-        tokens.add(agent, request, prompt_tokens, said + "".join(asked))
+        try:
+            # aclosing: a cancel closes the agent's stream (an upstream HTTP
+            # response, say) at once, not at garbage collection.
+            async with contextlib.aclosing(agent.stream(request)) as pieces:
+                async for piece in pieces:
+                    if isinstance(piece, ToolCall):
+                        if with_tools:  # a call nobody offered it is ignored
+                            calls.append(piece)
+                    elif piece:
+                        live.take(piece)
+                        text.append(piece)
+                    # A yield point: an agent that yields without awaiting must
+                    # not keep the event loop (and a cancel) waiting.
+                    await asyncio.sleep(0)
+        finally:
+            said = "".join(text)
+            asked = [json.dumps(parse_arguments(c.arguments) or {}) for c in calls]
+            tokens.add(agent, request, prompt_tokens, said + "".join(asked))
         if not calls:
-            return tokens
+            return
         steps = await asyncio.gather(*(
             run_call(call, turn, tools, caller, timeout, live.tool_event) for call in calls))
         live.reply.steps.extend(steps)

@@ -1,6 +1,6 @@
 """HTTP and WebSocket handlers. Each module exports ``routes``; here they are joined."""
 
-from . import admin, chat_socket, health, memories, pages, token
+from . import admin, chat_socket, health, memories, pages, quota, token
 from .base import BaseHandler
 
 
@@ -11,4 +11,4 @@ class NotFoundHandler(BaseHandler):
 
 def all_routes() -> list:
     return [*chat_socket.routes, *token.routes, *health.routes, *admin.routes, *pages.routes,
-            *memories.routes]
+            *memories.routes, *quota.routes]

@@ -27,7 +27,7 @@ from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
 from .. import closes, frames, logs, metrics
 from ..auth import bearer_value
-from ..chat import STORE_UNAVAILABLE, ChatService, RateLimited
+from ..chat import STORE_UNAVAILABLE, ChatService, QuotaExceeded, RateLimited
 from ..connections import Connections
 from ..frames import Cancel, ChatMessage, FrameError, Resume
 from ..history import History
@@ -267,6 +267,9 @@ class ChatSocket(WebSocketHandler):
         except RateLimited as exc:
             await self._rate_limited(exc.retry_after)
             return
+        except QuotaExceeded as exc:
+            await self._over_quota(str(exc))
+            return
         except StoreError:
             logger.exception("websocket: database error during an exchange")
             metrics.errors.labels("database").inc()
@@ -313,6 +316,13 @@ class ChatSocket(WebSocketHandler):
         if self.rejections >= self.chat.settings.rate_limit.max_rejections:
             logger.info("websocket: closing %s for sending while rate limited", self.user.username)
             self.close(*closes.RATE_LIMIT_EXCEEDED)
+
+    async def _over_quota(self, text: str) -> None:
+        # Not a rejection in a row (rate_limit.max_rejections): a user over
+        # budget is not abusing the socket, and may still cancel or resume.
+        metrics.messages.labels("quota").inc()
+        metrics.rejections.labels("quota").inc()
+        await self._send(frames.frame(frames.ERROR, text))
 
     async def _send(self, text: str) -> None:
         """Send a frame, waiting (up to server.write_timeout_seconds) until it is

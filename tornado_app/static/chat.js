@@ -29,7 +29,7 @@
     username: $("username"), password: $("password"), loginSubmit: $("login-submit"),
     chatView: $("chat-view"), messages: $("messages"), composer: $("composer"),
     input: $("message"), send: $("send"), stop: $("stop"),
-    newConversation: $("new-conversation"), logout: $("logout"),
+    newConversation: $("new-conversation"), logout: $("logout"), quotaLeft: $("quota-left"),
   };
 
   const state = {
@@ -155,6 +155,7 @@
     }
     if (!state.pending.length) ui.messages.removeAttribute("aria-busy");
     updateButtons();
+    refreshQuota();
     return true;
   }
 
@@ -334,7 +335,8 @@
         if (!reply) {
           notice(message, "error");
         } else {
-          finishReply(reply, message.startsWith("Rate limit") ? "rate" : "error", message);
+          const refused = message.startsWith("Rate limit") || message.includes("quota reached");
+          finishReply(reply, refused ? "rate" : "error", message);
         }
         break;
       }
@@ -419,6 +421,45 @@
     return true;
   }
 
+  // Quotas: what is left, once less than a fifth of a limit remains
+
+  const QUOTA_SHOWN_BELOW = 0.2;
+
+  function quotaLeftText(usage) {
+    const limits = usage.limits || {};
+    const windows = [
+      [usage.tokens_today, limits.tokens_per_day, "tokens left today", usage.resets.day],
+      [usage.tokens_month, limits.tokens_per_month, "tokens left this month", usage.resets.month],
+      [usage.cost_month, limits.cost_per_month, `${usage.currency} left this month`,
+       usage.resets.month],
+    ];
+    let lowest = null;
+    for (const [used, limit, what, resets] of windows) {
+      if (limit === null || limit === undefined) continue;
+      const left = Math.max(limit - used, 0);
+      const share = limit > 0 ? left / limit : 0;
+      if (share < QUOTA_SHOWN_BELOW && (!lowest || share < lowest.share)) {
+        const amount = what.startsWith("tokens") ? String(Math.floor(left)) : left.toFixed(2);
+        const when = new Date(resets).toLocaleString([], {dateStyle: "medium", timeStyle: "short"});
+        lowest = {share, text: `${amount} ${what} (resets ${when}).`};
+      }
+    }
+    return lowest ? lowest.text : "";
+  }
+
+  async function refreshQuota() {
+    try {
+      const response = await fetch("/api/me/usage",
+        {credentials: "same-origin", headers: {Accept: "application/json"}});
+      if (!response.ok) return;
+      const text = quotaLeftText(await response.json());
+      ui.quotaLeft.textContent = text;
+      ui.quotaLeft.hidden = !text;
+    } catch {
+      // Not worth a notice: the next reply tries again.
+    }
+  }
+
   // Views
 
   function showLogin(message = "") {
@@ -447,6 +488,7 @@
     ui.chatView.hidden = false;
     ui.actions.hidden = false;
     connect();
+    refreshQuota();
     ui.input.focus();
   }
 

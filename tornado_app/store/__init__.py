@@ -6,7 +6,7 @@ the service calls Store methods and catches the Store's exceptions.
 
 from .executor import Conflict, StoreError, StoreUnavailable
 from .models import Conversation, Message, RateLimit, User
-from .store import Admission, Store
+from .store import Admission, QuotaRequest, Store
 
-__all__ = ["Admission", "Conflict", "Conversation", "Message", "RateLimit", "Store",
+__all__ = ["Admission", "Conflict", "QuotaRequest", "Conversation", "Message", "RateLimit", "Store",
            "StoreError", "StoreUnavailable", "User"]

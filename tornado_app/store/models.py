@@ -52,6 +52,12 @@ class User(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     # Tokens issued before this time are refused ("log out everywhere").
     tokens_revoked_before: Mapped[datetime | None] = mapped_column(DateTime)
+    # Quota overrides (tornado_app/quotas.py): NULL takes the config's limit;
+    # ``quota_unlimited`` lifts every limit.
+    quota_tokens_per_day: Mapped[int | None] = mapped_column(Integer)
+    quota_tokens_per_month: Mapped[int | None] = mapped_column(Integer)
+    quota_cost_per_month: Mapped[float | None] = mapped_column(Float)
+    quota_unlimited: Mapped[bool | None] = mapped_column(Boolean)
 
 
 class Conversation(Base):
@@ -102,6 +108,9 @@ class Message(Base):
     # For failed replies: the class of failure (AgentError.kind, "timeout", "internal").
     error_kind: Mapped[str | None] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    # Of a reply: its price when saved (pricing in the config), so that a
+    # later change of prices does not rewrite history. NULL: not priced.
+    cost: Mapped[float | None] = mapped_column(Float)
 
 
 class ReplyStream(Base):
@@ -246,6 +255,33 @@ class Memory(Base):
 # (neither is a plain table or index); schema.include_object leaves them out
 # of comparisons with these models.
 FULL_TEXT_NAMES = ("messages_fts", "ix_messages_fts")
+class QuotaUsage(Base):
+    """Tokens and cost of a user's saved replies per UTC day: what the quotas
+    count (a month is the sum of its days). Added to in the transaction that
+    saves each reply."""
+
+    __tablename__ = "quota_usage"
+
+    user_id: Mapped[int] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    tokens: Mapped[int] = mapped_column(Integer)
+    cost: Mapped[float] = mapped_column(Float)
+
+
+class QuotaReservation(Base):
+    """The upper bound of a reply in flight, held against the user's quotas
+    until the reply is saved. Renewed with the reply's lease: a killed
+    process's reservations expire like its connection leases."""
+
+    __tablename__ = "quota_reservations"
+    __table_args__ = (Index("ix_quota_reservations_user_expires", "user_id", "expires_at"),)
+
+    reply_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    tokens: Mapped[int] = mapped_column(Integer)
+    cost: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[float] = mapped_column(Float)  # unix seconds
 
 
 # Analytics (tornado_app/analytics): indexes for the reports, and daily rollups

@@ -17,12 +17,13 @@ from __future__ import annotations
 import asyncio
 import secrets
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
+from typing import Callable
 
 from sqlalchemy import select
 
-from . import (leases, memories, message_search, messages, ratelimit, revocations, schema,
-               streams, tool_steps, users)
+from . import (leases, memories, message_search, messages, quotas, ratelimit, revocations,
+               schema, streams, tool_steps, users)
 from .engine import DEFAULT_TIMEOUT, create_engine, probe_sqlite_write_lock, sqlite_file
 from .executor import Conflict, EngineExecutor, Executor, store_errors
 from .models import ROLE_USER, STATUS_ERROR, utcnow
@@ -49,6 +50,23 @@ class Admission:
     memories: list = field(default_factory=list)
     # The tool steps of the replies among ``turns``: {message id: steps}.
     steps: dict = field(default_factory=dict)
+    # The reply's quota reservation (None: no quota applied).
+    reserved: quotas.Bound | None = None
+    # When the quotas refused the message: the user's standing (store/quotas.py).
+    over_quota: object | None = None
+
+
+@dataclass(frozen=True)
+class QuotaRequest:
+    """What :meth:`Store.admit` reserves against the quotas (store/quotas.py).
+
+    ``bound_of(turns)`` gives the reply's bound from the history turns read
+    (rows with id, role and content, oldest first): the prompt is only known
+    once they are. It runs inside the transaction, so it must be quick."""
+
+    bound_of: Callable[[list], quotas.Bound]
+    limits: quotas.Limits
+    today: date  # the UTC day of the message
 
 
 class Store:
@@ -162,16 +180,17 @@ class Store:
     async def admit(
         self, conversation_id: int, user_id: int, content: str, *, now: float, messages: int,
         per_seconds: float, after_id: int, history_limit: int, instance: str,
-        lease_seconds: float,
+        lease_seconds: float, quota: QuotaRequest | None = None,
     ) -> Admission:
         """The start of an exchange, in one transaction: take the rate limit
-        (``messages`` per ``per_seconds``) and, if it allows, save the user's
-        message, open its reply's stream (leased to ``instance``) and read the
-        history turns between ``after_id`` and the message, and the user's memories.
+        (``messages`` per ``per_seconds``), reserve the reply's ``quota``
+        bound, and if both allow, save the user's message, open its reply's
+        stream (leased to ``instance``) and read the history turns between
+        ``after_id`` and the message, and the user's memories.
         """
         return await self.writer.run(_admit, conversation_id, user_id, content, now, messages,
                                      per_seconds, after_id, history_limit, instance,
-                                     now + lease_seconds)
+                                     now + lease_seconds, quota)
 
     async def finish_reply(self, reply_id: str, conversation_id: int, user_id: int,
                            reply_to_id: int, pieces: list[str], flushed: bool,
@@ -182,7 +201,8 @@ class Store:
         ``steps`` its tool calls (tool_loop.Step).
 
         ``columns`` are Message columns: content, status, agent, model,
-        tokens_in, tokens_out, latency_ms, ttft_ms, error_ref, error_kind.
+        tokens_in, tokens_out, latency_ms, ttft_ms, error_ref, error_kind,
+        cost. Its tokens and cost replace its quota reservation (quotas.py).
         """
         row = messages.reply_row(conversation_id, user_id, reply_to_id, reply_id, **columns)
         return await self.writer.run(_finish_reply, reply_id, row, pieces, flushed, list(steps))
@@ -272,6 +292,24 @@ class Store:
     async def release_lease(self, lease_id: str) -> None:
         await self.writer.run(leases.release, lease_id)
 
+    # Quotas (quotas.py)
+
+    async def quota_standing(self, user_id: int, limits: quotas.Limits, now: float, today):
+        """A user's usage today and this month, reservations in flight, and
+        the limits that apply to them; None if there is no such user."""
+        return await self.reader.run(quotas.standing, user_id, limits, now, today, write=False)
+
+    async def set_quota(self, username: str, tokens_per_day: int | None,
+                        tokens_per_month: int | None, cost_per_month: float | None,
+                        unlimited: bool | None) -> bool:
+        """Set a user's quota overrides (None: the config's). False: no such user."""
+        return await self.writer.run(quotas.set_overrides, username, tokens_per_day,
+                                     tokens_per_month, cost_per_month, unlimited)
+
+    async def quota_overrides(self, username: str):
+        """A user's id and quota overrides, or None."""
+        return await self.reader.run(quotas.overrides, username, write=False)
+
     async def renew_leases(self, instance: str, now: float, ttl: float,
                            reply_ids: list[str] = ()) -> None:
         """Extend this instance's connection slots and the leases of its
@@ -316,19 +354,26 @@ def _open_conversation(db, user_id: int, client_id: str) -> int:
 
 
 def _admit(db, conversation_id, user_id, content, now, limit, per_seconds, after_id,
-           history_limit, instance, lease_until) -> Admission:
+           history_limit, instance, lease_until, quota) -> Admission:
     decision = ratelimit.take(db, user_id, now, limit, per_seconds)
     if not decision.allowed:
         return Admission(decision)
     public_id, reply_id = messages.new_public_id(), messages.new_public_id()
+    bound = None
+    if quota is not None:
+        # The turns first (all of them: the message is not saved yet), for the bound.
+        turns = _history(db, conversation_id, _AFTER_ALL, after_id, history_limit)
+        bound = quota.bound_of(turns)
+        refused = quotas.reserve(db, reply_id, user_id, bound, quota.limits, now,
+                                 quota.today, lease_until)
+        if refused is not None:
+            return Admission(decision, reserved=bound, over_quota=refused)
     row = messages.user_message(conversation_id, user_id, content, public_id)
     message_id = db.execute(messages.INSERT_MESSAGE, row).scalar()
     streams.open_stream(db, reply_id, conversation_id, user_id, message_id, instance,
                         lease_until)
-    turns = db.execute(messages.HISTORY, {
-        "conversation_id": conversation_id, "before_id": message_id, "after_id": after_id,
-        "limit": history_limit}).all()
-    turns.reverse()
+    if quota is None:
+        turns = _history(db, conversation_id, message_id, after_id, history_limit)
     steps = {}
     if any(turn.role != ROLE_USER for turn in turns):
         steps = tool_steps.between(db, conversation_id, turns[0].id - 1, message_id)
@@ -336,19 +381,36 @@ def _admit(db, conversation_id, user_id, content, now, limit, per_seconds, after
     # would cost every exchange another round trip.
     saved = db.execute(memories.LIST, {"user_id": user_id}).all()
     return Admission(decision, message_id, public_id, reply_id, turns, memories=saved,
-                     steps=steps)
+                     steps=steps, reserved=bound)
+
+
+# Larger than any message id (INTEGER): "every turn saved so far".
+_AFTER_ALL = 2 ** 31 - 1
+
+
+def _history(db, conversation_id, before_id, after_id, limit) -> list:
+    """The history turns between two ids, oldest first."""
+    turns = db.execute(messages.HISTORY, {
+        "conversation_id": conversation_id, "before_id": before_id, "after_id": after_id,
+        "limit": limit}).all()
+    turns.reverse()
+    return turns
 
 
 def _finish_reply(db, reply_id: str, row: dict, pieces: list[str], flushed: bool,
                   steps: list) -> int:
     reply_row_id = streams.finish(db, reply_id, row, pieces, flushed)
     tool_steps.save(db, reply_row_id, row["conversation_id"], row["user_id"], row["agent"], steps)
+    tokens = (row["tokens_in"] or 0) + (row["tokens_out"] or 0)
+    quotas.settle(db, reply_id, row["user_id"], row["created_at"].date(), tokens,
+                  row["cost"] or 0.0)
     return reply_row_id
 
 
 def _renew(db, instance: str, now: float, ttl: float, reply_ids: list[str]) -> None:
     leases.renew(db, instance, now, ttl)
     streams.renew(db, reply_ids, now + ttl)
+    quotas.renew(db, reply_ids, now, ttl)
 
 
 def _interrupted_row(expired, text: str) -> dict:
