@@ -22,6 +22,7 @@ from .connections import refusal
 from .history import History, Turn
 from .replies import Ending, LiveReply, Replies
 from .store import Conflict, Store, StoreError
+from .store.store import Branching
 from .store.models import ROLE_USER, STATUS_ERROR
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,11 @@ class RateLimited(Exception):
     def __init__(self, retry_after: float):
         super().__init__(f"rate limited for {retry_after:.1f} s")
         self.retry_after = retry_after
+
+
+class UnknownTarget(Exception):
+    """An edit's message or a regenerate's reply is not in the conversation
+    (or there is nothing to regenerate); nothing was saved or taken."""
 
 
 class ChatService:
@@ -83,11 +89,13 @@ class ChatService:
             pass  # another socket created it a moment ago
         return True
 
-    async def admit(self, user, history: History, content: str):
+    async def admit(self, user, history: History, content: str,
+                    branching: Branching | None = None):
         """Save the user's message and open its reply's stream, in one
         transaction with the rate limit; returns the Admission and the history
         turns before the message. Raises :class:`RateLimited` (nothing saved)
-        when the user is over the rate limit.
+        when the user is over the rate limit, :class:`UnknownTarget` when an
+        edit or regenerate (``branching``) names no message of the conversation.
 
         ``history`` is the socket's copy of its conversation (history.py).
         """
@@ -96,11 +104,31 @@ class ChatService:
             history.conversation_id, user.id, content, now=time.time(),
             messages=limit.messages, per_seconds=limit.per_seconds,
             after_id=history.read_from(), history_limit=history.limit,
-            instance=self.replies.instance, lease_seconds=self.settings.limits.lease_seconds)
+            instance=self.replies.instance, lease_seconds=self.settings.limits.lease_seconds,
+            branching=branching)
+        if admission.decision is None:
+            raise UnknownTarget()
         if not admission.decision.allowed:
             raise RateLimited(admission.decision.retry_after)
-        turns = history.add(admission.turns, admission.message_id, content)
+        turns = history.add(admission.turns, admission.message_id, admission.content,
+                            admission.continues)
         return admission, turns
+
+    # The agent per conversation (agent.selectable)
+
+    def agent_name(self, chosen: str | None) -> str:
+        """The agent a conversation answers with: its choice, if still selectable."""
+        if chosen is not None and chosen in self.settings.agent.choices():
+            return chosen
+        return self.settings.agent.backend
+
+    async def drop_unavailable_agent(self, conversation_id: int, chosen: str | None) -> bool:
+        """A conversation whose chosen agent a reload removed goes back to
+        agent.backend; True if it did (the socket says so)."""
+        if chosen is None or chosen in self.settings.agent.choices():
+            return False
+        await self.store.set_conversation_agent(conversation_id, None)
+        return True
 
     def start_reply(self, user, history: History, admission, turns: list[Turn],
                     content: str) -> LiveReply:
@@ -108,18 +136,19 @@ class ChatService:
         (replies.py): it goes on when the socket that asked closes."""
         live = LiveReply(admission.reply_id, admission.message_public_id, user.id,
                          history.conversation_id, admission.message_id)
+        agent = self.agent_name(admission.agent)
         return self.replies.start(
-            live, lambda live: self._answer(live, user.username, history, turns, content))
+            live, lambda live: self._answer(live, user.username, history, turns, content, agent))
 
     async def _answer(self, live: LiveReply, username: str, history: History,
-                      turns: list[Turn], content: str) -> None:
+                      turns: list[Turn], content: str, agent: str | None = None) -> None:
         """Get the reply from the agent chain, save it, and end it. Cancelling
         the task saves the partial reply as ``cancelled`` first."""
         reply = live.reply
         try:
             if live.cancel_pending:  # cancelled before the task first ran
                 raise asyncio.CancelledError
-            with self.pool.lease() as chain:
+            with self.pool.lease(agent) as chain:
                 await self._generate(chain, username, history, turns, content, live)
         except asyncio.CancelledError:
             reply.cancel()

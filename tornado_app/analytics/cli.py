@@ -34,6 +34,7 @@ REPORT_HELP = {
     "agents": "per agent and model",
     "conversations": "the longest and the most recently active conversations",
     "errors": "failed replies by kind, and the latest ones",
+    "feedback": "per agent and model: replies, rated, up, down, share of up; latest comments",
 }
 
 
@@ -43,7 +44,7 @@ def add_parser(commands) -> None:
     reports = parser.add_subparsers(dest="report", metavar="REPORT", required=True)
     for name, text in REPORT_HELP.items():
         report = reports.add_parser(name, help=text)
-        _add_filters(report, limit=name in ("users", "conversations", "errors"))
+        _add_filters(report, limit=name in ("users", "conversations", "errors", "feedback"))
         report.add_argument("--format", choices=FORMATS, default="table")
     export = reports.add_parser("export", help="the messages themselves, streamed")
     _add_filters(export, limit=False)

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from sqlalchemy import and_, case, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ..store.models import Conversation, Message, User
+from ..store.models import Conversation, Feedback, Message, User
 from .filters import Filters
 from .render import csv_line, csv_lines, json_line, plain
 from .reports import user_id_of
@@ -21,7 +21,7 @@ from .rollup import constant, in_windows
 EXPORT_COLUMNS = (
     "id", "created_at", "username", "conversation_id", "client_id", "role", "status", "agent",
     "model", "tokens_in", "tokens_out", "latency_ms", "ttft_ms", "error_kind", "error_ref",
-    "reply_to_id", "content",
+    "reply_to_id", "parent_id", "feedback_rating", "feedback_comment", "content",
 )
 FORMATS = ("csv", "json")
 BATCH_ROWS = 1000
@@ -31,12 +31,15 @@ def export_query(filters: Filters, user_id: int | None):
     m = Message.__table__.alias("m")
     users = User.__table__
     conversations = Conversation.__table__
+    feedback = Feedback.__table__
     source = (m.join(users, users.c.id == m.c.user_id)
-              .join(conversations, conversations.c.id == m.c.conversation_id))
+              .join(conversations, conversations.c.id == m.c.conversation_id)
+              .outerjoin(feedback, feedback.c.message_id == m.c.id))
     query = select(
         m.c.id, m.c.created_at, users.c.username, m.c.conversation_id, conversations.c.client_id,
         m.c.role, m.c.status, m.c.agent, m.c.model, m.c.tokens_in, m.c.tokens_out,
-        m.c.latency_ms, m.c.ttft_ms, m.c.error_kind, m.c.error_ref, m.c.reply_to_id, m.c.content,
+        m.c.latency_ms, m.c.ttft_ms, m.c.error_kind, m.c.error_ref, m.c.reply_to_id,
+        m.c.parent_id, feedback.c.rating, feedback.c.comment, m.c.content,
     ).where(in_windows(m.c.created_at, [(filters.since, filters.until)]))
     if user_id is not None:
         query = query.where(m.c.user_id == user_id)

@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ..store.models import Conversation, Message, User
 from . import percentiles
+from .feedback import feedback_sections
 from .filters import Filters, ReportError, UnknownUser
 from .percentiles import METRICS
 from .rollup import constant, daily_percentiles, facts, in_windows, roll_up
@@ -333,6 +334,11 @@ async def errors(ctx: Context) -> list[Section]:
     ]
 
 
+async def feedback_report(ctx: Context) -> list[Section]:
+    """Ratings per agent and model, and the latest comments (feedback.py)."""
+    return [Section(*parts) for parts in await feedback_sections(ctx)]
+
+
 REPORTS = {
     "summary": summary,
     "users": users_report,
@@ -340,6 +346,7 @@ REPORTS = {
     "agents": agents,
     "conversations": conversations_report,
     "errors": errors,
+    "feedback": feedback_report,
 }
 
 

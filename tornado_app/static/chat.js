@@ -264,7 +264,9 @@
         break;
       }
       case "system":
-        if (message === CANCELLED_TEXT) {
+        if (Array.isArray(frame.selectable)) {
+          showAgents(frame.agent, frame.selectable);  // v2: the conversation's agent
+        } else if (message === CANCELLED_TEXT) {
           finishReply(replyFor(frame), "cancelled", "", frame.timestamp);
         } else if (message === IN_PROGRESS_TEXT) {
           adoptReply(frame);
@@ -295,6 +297,16 @@
         break;
       }
     }
+  }
+
+  // The agent picker (conversation controls, docs/protocol.md): shown only
+  // when more than one agent is selectable.
+  function showAgents(current, selectable) {
+    const picker = document.getElementById("agent");
+    if (!picker) return;
+    picker.replaceChildren(...selectable.map((name) => new Option(name, name, false,
+                                                                  name === current)));
+    picker.hidden = selectable.length < 2;
   }
 
   function onClose(event) {

@@ -21,7 +21,7 @@ from datetime import datetime
 
 from sqlalchemy import select
 
-from . import leases, messages, ratelimit, revocations, schema, streams, users
+from . import branches, feedback, leases, messages, ratelimit, revocations, schema, streams, users
 from .engine import DEFAULT_TIMEOUT, create_engine, probe_sqlite_write_lock, sqlite_file
 from .executor import Conflict, EngineExecutor, Executor, store_errors
 from .models import STATUS_ERROR, utcnow
@@ -39,11 +39,26 @@ class Admission:
     public id (its stream is open), and the history turns before the message
     (rows with ``id``, ``role`` and ``content``, oldest first)."""
 
-    decision: ratelimit.Decision
+    decision: ratelimit.Decision | None  # None: the edit's or regenerate's target is unknown
     message_id: int | None = None
     message_public_id: str | None = None
     reply_id: str | None = None
     turns: list = field(default_factory=list)
+    # Whether ``turns`` continue the socket's copy (after_id); else they replace it.
+    continues: bool = False
+    content: str | None = None  # the message answered (a regenerate's is the saved one)
+    agent: str | None = None  # the conversation's chosen agent (None: agent.backend)
+
+
+@dataclass(frozen=True)
+class Branching:
+    """How an admitted message joins the tree (store/branches.py): ``edit``
+    (a new sibling of the user message ``target``) or ``regenerate`` (a new
+    reply to the user message of reply ``target``, or of the active branch's
+    last user message when ``target`` is None)."""
+
+    kind: str  # "edit" or "regenerate"
+    target: str | None = None  # a public id
 
 
 class Store:
@@ -157,16 +172,43 @@ class Store:
     async def admit(
         self, conversation_id: int, user_id: int, content: str, *, now: float, messages: int,
         per_seconds: float, after_id: int, history_limit: int, instance: str,
-        lease_seconds: float,
+        lease_seconds: float, branching: Branching | None = None,
     ) -> Admission:
         """The start of an exchange, in one transaction: take the rate limit
         (``messages`` per ``per_seconds``) and, if it allows, save the user's
-        message, open its reply's stream (leased to ``instance``) and read the
-        history turns between ``after_id`` and the message.
+        message as the active leaf's child (or as ``branching`` says), open its
+        reply's stream (leased to ``instance``) and read the history turns of
+        its branch, back to ``after_id`` (the socket's copy) if it is on it.
         """
         return await self.writer.run(_admit, conversation_id, user_id, content, now, messages,
                                      per_seconds, after_id, history_limit, instance,
-                                     now + lease_seconds)
+                                     now + lease_seconds, branching)
+
+    # Branches, the agent per conversation, feedback (branches.py, feedback.py)
+
+    async def switch_branch(self, conversation_id: int, message_id: str) -> list[str] | None:
+        """Make the branch through a message active; its path's public ids,
+        oldest first (None: no such message in the conversation)."""
+        return await self.writer.run(branches.switch, conversation_id, message_id)
+
+    async def conversation_tree(self, user_id: int, client_id: str) -> tuple[int | None, list]:
+        """A user's conversation: its active leaf's row id and every message
+        (id, public_id, parent_id, role, content, status, created_at, rating,
+        comment), oldest first."""
+        return await self.reader.run(branches.tree, user_id, client_id, write=False)
+
+    async def set_conversation_agent(self, conversation_id: int, name: str | None) -> None:
+        await self.writer.run(branches.set_agent, conversation_id, name)
+
+    async def conversation_agent(self, conversation_id: int) -> str | None:
+        state = await self.reader.run(branches.state, conversation_id, write=False)
+        return None if state is None else state.agent
+
+    async def set_feedback(self, user_id: int, reply_id: str, rating: int,
+                           comment: str | None) -> bool:
+        """Save, replace (rating 1 / -1) or remove (0) the user's feedback on
+        a reply of theirs; False when it is no reply of theirs."""
+        return await self.writer.run(feedback.set_feedback, user_id, reply_id, rating, comment)
 
     async def finish_reply(self, reply_id: str, conversation_id: int, user_id: int,
                            reply_to_id: int, pieces: list[str], flushed: bool,
@@ -288,20 +330,45 @@ def _open_conversation(db, user_id: int, client_id: str) -> int:
 
 
 def _admit(db, conversation_id, user_id, content, now, limit, per_seconds, after_id,
-           history_limit, instance, lease_until) -> Admission:
+           history_limit, instance, lease_until, branching) -> Admission:
+    state = branches.state(db, conversation_id)
+    parent, existing = state.active_leaf_id, None
+    if branching is not None:
+        target = _branch_target(db, conversation_id, state.active_leaf_id, branching)
+        if target is None:
+            return Admission(None)  # checked before the rate limit: nothing is taken
+        parent = target.parent_id
+        if branching.kind == "regenerate":
+            existing, content = target, target.content
     decision = ratelimit.take(db, user_id, now, limit, per_seconds)
     if not decision.allowed:
         return Admission(decision)
-    public_id, reply_id = messages.new_public_id(), messages.new_public_id()
-    row = messages.user_message(conversation_id, user_id, content, public_id)
-    message_id = db.execute(messages.INSERT_MESSAGE, row).scalar()
+    reply_id = messages.new_public_id()
+    if existing is None:
+        public_id = messages.new_public_id()
+        row = messages.user_message(conversation_id, user_id, content, public_id, parent)
+        message_id = db.execute(messages.INSERT_MESSAGE, row).scalar()
+    else:
+        message_id, public_id = existing.id, existing.public_id
+    branches.set_leaf(db, conversation_id, message_id)
     streams.open_stream(db, reply_id, conversation_id, user_id, message_id, instance,
                         lease_until)
-    turns = db.execute(messages.HISTORY, {
-        "conversation_id": conversation_id, "before_id": message_id, "after_id": after_id,
-        "limit": history_limit}).all()
-    turns.reverse()
-    return Admission(decision, message_id, public_id, reply_id, turns)
+    rows, continues = branches.path_up(db, parent, after_id, history_limit)
+    return Admission(decision, message_id, public_id, reply_id, branches.prompt_turns(rows),
+                     continues, content, state.agent)
+
+
+def _branch_target(db, conversation_id, leaf_id, branching: Branching):
+    """The user message an edit replaces or a regenerate answers again, or None."""
+    if branching.kind == "edit":
+        row = branches.find(db, conversation_id, branching.target)
+        return row if row is not None and not branches.is_reply(row) else None
+    if branching.target is None:
+        return branches.last_user_message(db, leaf_id)
+    reply = branches.find(db, conversation_id, branching.target)
+    if not branches.is_reply(reply) or reply.reply_to_id is None:
+        return None
+    return db.execute(branches.MESSAGE_BY_ID, {"id": reply.reply_to_id}).first()
 
 
 def _renew(db, instance: str, now: float, ttl: float, reply_ids: list[str]) -> None:
