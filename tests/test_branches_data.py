@@ -157,3 +157,16 @@ async def test_export_and_chat_turns_carry_feedback_and_regenerated(engine):
     turns = await rows(engine, "SELECT reply_id, regenerated, feedback_rating "
                                "FROM chat_turns WHERE message_id = 1 ORDER BY reply_id")
     assert turns == [(2, 0, 1), (18, 1, None)]
+
+
+@pytest.mark.gen_test
+async def test_conversations_report_gives_the_regenerate_rate_per_agent(engine):
+    found = await run_report(engine, "conversations", make_filters(now=NOW), now=NOW)
+    body = json.loads(render(found, "json"))
+    assert body["regenerated"] == [
+        {"agent": "openai", "replies": 7, "regenerated": 1,
+         "regenerate_rate": pytest.approx(1 / 7)},
+        {"agent": "echo", "replies": 2, "regenerated": 0, "regenerate_rate": 0.0}]
+    bob = await run_report(engine, "conversations", make_filters(now=NOW, user="bob"), now=NOW)
+    assert [row["regenerated"] for row in json.loads(render(bob, "json"))["regenerated"]] == [
+        0, 0]

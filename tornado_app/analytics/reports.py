@@ -47,6 +47,7 @@ CONVERSATION_COLUMNS = ("conversation_id", "client_id", "username", "messages",
                         "user_messages", "replies", "errors", *TOKEN_COLUMNS, "first_at",
                         "last_at")
 ERROR_KIND_COLUMNS = ("kind", "errors", "share", "last_at")
+REGENERATE_COLUMNS = ("agent", "replies", "regenerated", "regenerate_rate")
 REPORT_WORK_MEM = "64MB"
 RECENT_ERROR_COLUMNS = ("at", "username", "client_id", "agent", "model", "kind", "error_ref",
                         "latency_ms")
@@ -273,7 +274,31 @@ async def conversations_report(ctx: Context) -> list[Section]:
         chosen = sorted((cid for cid, row in ranks.items() if getattr(row, rank) <= limit),
                         key=lambda cid: getattr(ranks[cid], rank))
         sections.append(Section(name, CONVERSATION_COLUMNS, [details[cid] for cid in chosen]))
+    sections.append(Section("regenerated", REGENERATE_COLUMNS, await _regenerated(ctx)))
     return sections
+
+
+async def _regenerated(ctx: Context) -> list[dict]:
+    """Per agent: its replies of the range and how many were regenerated ones
+    (a reply beyond the first that the agent gave to the same message). One
+    pass over the range's replies, no per-row lookup."""
+    conditions = [messages.c.role == constant("assistant"),
+                  in_windows(messages.c.created_at, [(ctx.filters.since, ctx.filters.until)])]
+    if ctx.user_id is not None:
+        conditions.append(messages.c.user_id == ctx.user_id)
+    if ctx.filters.agent is not None:
+        conditions.append(messages.c.agent == ctx.filters.agent)
+    replies = func.count().label("replies")
+    rows = await ctx.rows(
+        select(messages.c.agent, replies,
+               func.count(messages.c.reply_to_id).label("answering"),
+               func.count(distinct(messages.c.reply_to_id)).label("answered"))
+        .where(*conditions).group_by(messages.c.agent).order_by(replies.desc(), messages.c.agent))
+    # Replies whose message was purged (reply_to_id NULL) count as first replies.
+    return [{"agent": row["agent"], "replies": row["replies"],
+             "regenerated": row["answering"] - row["answered"],
+             "regenerate_rate": _ratio(row["answering"] - row["answered"], row["replies"])}
+            for row in rows]
 
 
 async def _conversation_details(ctx: Context, f, ids: list[int]) -> dict[int, dict]:
