@@ -16,7 +16,7 @@ from ..store.models import Conversation, Feedback, Message, User
 from .filters import Filters
 from .render import csv_line, csv_lines, json_line, plain
 from .reports import user_id_of
-from .rollup import constant, in_windows
+from .rollup import constant, first_reply, in_windows
 
 EXPORT_COLUMNS = (
     "id", "created_at", "username", "conversation_id", "client_id", "role", "status", "agent",
@@ -47,8 +47,7 @@ def export_query(filters: Filters, user_id: int | None):
         # As in the reports: a user message goes with the agent that answered it.
         reply = Message.__table__.alias("r")
         source = source.outerjoin(reply, and_(m.c.role == constant("user"),
-                                              reply.c.reply_to_id == m.c.id,
-                                              reply.c.role == constant("assistant")))
+                                              reply.c.id == first_reply(m)))
         agent = case((m.c.role == constant("user"), reply.c.agent), else_=m.c.agent)
         query = query.where(agent == filters.agent)
     return query.select_from(source).order_by(m.c.created_at, m.c.id)

@@ -84,6 +84,16 @@ def in_windows(column, windows: list[Window]):
     return or_(*clauses) if clauses else false()
 
 
+def first_reply(m):
+    """The id of the first reply to user message ``m`` (a correlated subquery):
+    a message counts once, under the agent of its first reply, however many
+    times it was regenerated."""
+    other = messages.alias("first")
+    return (select(func.min(other.c.id))
+            .where(other.c.reply_to_id == m.c.id, other.c.role == constant("assistant"))
+            .scalar_subquery())
+
+
 def raw_facts(windows: list[Window], user_id: int | None = None):
     """Fact rows computed from the messages inside ``windows``."""
     m = messages.alias("m")
@@ -120,8 +130,7 @@ def raw_facts(windows: list[Window], user_id: int | None = None):
             func.min(m.c.created_at).label("first_at"),
             func.max(m.c.created_at).label("last_at"),
         )
-        .select_from(m.outerjoin(reply, and_(is_user, reply.c.reply_to_id == m.c.id,
-                                             reply.c.role == constant("assistant"))))
+        .select_from(m.outerjoin(reply, and_(is_user, reply.c.id == first_reply(m))))
         .where(in_windows(m.c.created_at, windows))
         .group_by(literal_column("1"), literal_column("2"), literal_column("3"),
                   literal_column("4"), literal_column("5"))
