@@ -438,9 +438,9 @@
     } else {
       const rating = row.feedback ? row.feedback.rating : 0;
       bar.append(
-        controlButton("Good reply", "👍", () => rate(item, 1), {"aria-pressed": String(rating === 1),
+        controlButton("Good reply", "▲ Good", () => rate(item, 1), {"aria-pressed": String(rating === 1),
                                                              "data-rating": "1"}),
-        controlButton("Bad reply", "👎", () => rate(item, -1), {"aria-pressed": String(rating === -1),
+        controlButton("Bad reply", "▼ Bad", () => rate(item, -1), {"aria-pressed": String(rating === -1),
                                                              "data-rating": "-1"}),
         controlButton("Regenerate this reply", "↻ Regenerate", () => regenerate(item),
                       {"data-regenerate": ""}));
