@@ -50,7 +50,7 @@ BATCH = 20_000
 MESSAGE_COLUMNS = (
     "id", "conversation_id", "user_id", "role", "content", "status", "reply_to_id", "agent",
     "model", "tokens_in", "tokens_out", "latency_ms", "ttft_ms", "error_ref", "error_kind",
-    "created_at", "parent_id",
+    "created_at", "parent_id", "regenerated",
 )
 FEEDBACK_COLUMNS = ("message_id", "user_id", "rating", "comment", "created_at")
 CONVERSATION_COLUMNS = ("id", "user_id", "client_id", "created_at")
@@ -192,7 +192,7 @@ class Generator:
                            (exchange, reply))
             at += timedelta(milliseconds=reply["latency_ms"])
             if self.rng.random() < REGENERATE_RATE:  # the user asks for another reply
-                again = self._reply(profile, reply["tokens_in"])
+                again = {**self._reply(profile, reply["tokens_in"]), "regenerated": True}
                 at += timedelta(seconds=3, milliseconds=again["latency_ms"])
                 self._push(at, "reply", (exchange, again))
                 reply = again
@@ -254,7 +254,7 @@ class Generator:
             exchange["id"] = message_id
             text = self.rng.choice(self.questions[detail])
             return (*base, "user", text, "ok", None, None, None, None, None, None, None, None,
-                    None, at, parent)
+                    None, at, parent, False)
         r = detail
         words = min(160, max(1, r["tokens_out"] * 3 // 4))
         text = self.rng.choice(self.replies[words]) if r["tokens_out"] else ""
@@ -267,7 +267,7 @@ class Generator:
         return (*base, "assistant", text, r["status"], exchange["id"], r["agent"], r["model"],
                 r["tokens_in"], r["tokens_out"], round(r["latency_ms"], 3),
                 None if r["ttft_ms"] is None else round(r["ttft_ms"], 3), r["error_ref"],
-                r["error_kind"], at, exchange["id"])
+                r["error_kind"], at, exchange["id"], r.get("regenerated", False))
 
 
 # Writers. Both load with the messages indexes dropped and build them after:

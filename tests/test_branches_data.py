@@ -102,7 +102,7 @@ def engine(io_loop, db_store):
             await conn.execute(Message.__table__.insert().values(
                 conversation_id=ids["c1"], user_id=ids["alice"], role="assistant",
                 content="again", status="ok", reply_to_id=1, parent_id=1, agent="openai",
-                model="gpt-x", created_at=at(7, 10, 1)))
+                model="gpt-x", created_at=at(7, 10, 1), regenerated=True))
 
     io_loop.run_sync(load)
     return db_store.engine

@@ -156,7 +156,7 @@ async def test_feedback_over_http(connect, base_url, token_for):
 
 @pytest.mark.gen_test(timeout=30)
 async def test_regenerate_adds_a_sibling_reply_that_becomes_active(
-    connect, fake_agent, base_url, token_for
+    connect, fake_agent, base_url, token_for, store
 ):
     client = await v2_client(connect)
     await exchange(client, "first")
@@ -182,6 +182,11 @@ async def test_regenerate_adds_a_sibling_reply_that_becomes_active(
     path = await history(base_url, token_for("alice"))
     assert path[-1]["id"] == third_reply
     assert path[-1]["siblings"] == [first_reply, second_reply, third_reply]
+    # Every reply is kept and counted; the regenerated ones are marked.
+    alice = await store.get_user("alice")
+    rows = await saved_messages(store, await store.open_conversation(alice.id, "c1"))
+    assert [row.regenerated for row in rows if row.role == "assistant"] == [
+        False, False, True, True]
 
 
 @pytest.mark.gen_test(timeout=30)

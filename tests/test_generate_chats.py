@@ -59,6 +59,8 @@ async def test_generated_branches_and_feedback_match_the_feedback_report(db_stor
                             "WHERE m.conversation_id = c.id)") == 0
         regenerated = await scalar("SELECT count(*) - count(DISTINCT reply_to_id) FROM messages "
                                    "WHERE role = 'assistant'")
+        # Each regenerated reply is marked as such.
+        assert await scalar("SELECT count(*) FROM messages WHERE regenerated") == regenerated
         expected = {(row.agent, row.model): tuple(row[2:]) for row in (await conn.execute(text(
             "SELECT m.agent, m.model, count(*), "
             "sum(CASE WHEN f.rating = 1 THEN 1 ELSE 0 END), "
@@ -71,3 +73,5 @@ async def test_generated_branches_and_feedback_match_the_feedback_report(db_stor
              for row in body["feedback"] if row["rated"]}
     assert found == expected
     assert all(0 <= row["up_share"] <= 1 for row in body["feedback"] if row["rated"])
+    rates = (await run_report(db_store.engine, "conversations", make_filters())).as_json()
+    assert sum(row["regenerated"] for row in rates["regenerated"]) == regenerated

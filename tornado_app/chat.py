@@ -136,6 +136,7 @@ class ChatService:
         (replies.py): it goes on when the socket that asked closes."""
         live = LiveReply(admission.reply_id, admission.message_public_id, user.id,
                          history.conversation_id, admission.message_id)
+        live.reply.regenerated = admission.regenerated
         agent = self.agent_name(admission.agent)
         return self.replies.start(
             live, lambda live: self._answer(live, user.username, history, turns, content, agent))

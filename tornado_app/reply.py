@@ -33,6 +33,7 @@ class Reply:
     ttft_ms: float | None = None
     error_ref: str | None = None
     error_kind: str | None = None
+    regenerated: bool = False  # made by regenerate: another reply to the same message
     started: float = field(default_factory=time.perf_counter, repr=False)
 
     @property
@@ -103,6 +104,7 @@ class Reply:
             "ttft_ms": self.ttft_ms,
             "error_ref": self.error_ref,
             "error_kind": self.error_kind,
+            "regenerated": self.regenerated,
         }
 
     def error_text(self) -> str:

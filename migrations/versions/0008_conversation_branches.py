@@ -18,8 +18,9 @@ down_revision = '0004'
 branch_labels = None
 depends_on = None
 
-# 0003's columns, then: whether the reply is a regenerated one (an earlier
-# reply answers the same message), and the user's feedback on it. A user
+# 0003's columns, then: whether the reply is a regenerated one (made by
+# regenerate: an earlier reply answers the same message), and the user's
+# feedback on it. A user
 # message has one row per reply (regenerated replies each have theirs).
 CHAT_TURNS = """
 CREATE VIEW chat_turns AS
@@ -43,10 +44,7 @@ SELECT
     r.ttft_ms AS ttft_ms,
     r.error_kind AS error_kind,
     r.error_ref AS error_ref,
-    CASE WHEN EXISTS (
-        SELECT 1 FROM messages e
-        WHERE e.reply_to_id = q.id AND e.role = 'assistant' AND e.id < r.id
-    ) THEN 1 ELSE 0 END AS regenerated,
+    CASE WHEN r.regenerated THEN 1 ELSE 0 END AS regenerated,
     f.rating AS feedback_rating,
     f.comment AS feedback_comment
 FROM messages q
@@ -104,6 +102,9 @@ UPDATE conversations SET active_leaf_id = (
 def upgrade() -> None:
     # Plain ADD COLUMN, not a batch: SQLite cannot rebuild a table a view reads.
     op.add_column('messages', sa.Column('parent_id', sa.Integer(), nullable=True))
+    op.add_column('messages', sa.Column('regenerated', sa.Boolean(), nullable=True))
+    op.add_column('analytics_daily', sa.Column('regenerated', sa.Integer(),
+                                               server_default='0', nullable=False))
     op.add_column('conversations', sa.Column('active_leaf_id', sa.Integer(), nullable=True))
     op.add_column('conversations', sa.Column('agent', sa.String(length=64), nullable=True))
     op.execute(SET_PARENTS)
@@ -133,4 +134,6 @@ def downgrade() -> None:
     op.execute("ALTER TABLE conversations DROP COLUMN agent")
     op.execute("ALTER TABLE conversations DROP COLUMN active_leaf_id")
     op.execute("ALTER TABLE messages DROP COLUMN parent_id")
+    op.execute("ALTER TABLE messages DROP COLUMN regenerated")
+    op.execute("ALTER TABLE analytics_daily DROP COLUMN regenerated")
     op.execute(OLD_CHAT_TURNS)

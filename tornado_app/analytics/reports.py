@@ -279,25 +279,17 @@ async def conversations_report(ctx: Context) -> list[Section]:
 
 
 async def _regenerated(ctx: Context) -> list[dict]:
-    """Per agent: its replies of the range and how many were regenerated ones
-    (a reply beyond the first that the agent gave to the same message). One
-    pass over the range's replies, no per-row lookup."""
-    conditions = [messages.c.role == constant("assistant"),
-                  in_windows(messages.c.created_at, [(ctx.filters.since, ctx.filters.until)])]
-    if ctx.user_id is not None:
-        conditions.append(messages.c.user_id == ctx.user_id)
-    if ctx.filters.agent is not None:
-        conditions.append(messages.c.agent == ctx.filters.agent)
-    replies = func.count().label("replies")
+    """Per agent: its replies of the range and how many were regenerated
+    ones (made by regenerate), from the facts like every count."""
+    f, _plan = await ctx.facts()
+    replies = func.sum(f.c.replies).label("replies")
     rows = await ctx.rows(
-        select(messages.c.agent, replies,
-               func.count(messages.c.reply_to_id).label("answering"),
-               func.count(distinct(messages.c.reply_to_id)).label("answered"))
-        .where(*conditions).group_by(messages.c.agent).order_by(replies.desc(), messages.c.agent))
-    # Replies whose message was purged (reply_to_id NULL) count as first replies.
-    return [{"agent": row["agent"], "replies": row["replies"],
-             "regenerated": row["answering"] - row["answered"],
-             "regenerate_rate": _ratio(row["answering"] - row["answered"], row["replies"])}
+        select(f.c.agent, replies, func.sum(f.c.regenerated).label("regenerated"))
+        .where(f.c.agent != constant("")).group_by(f.c.agent)
+        .order_by(replies.desc(), f.c.agent))
+    return [{"agent": row["agent"], "replies": row["replies"] or 0,
+             "regenerated": row["regenerated"] or 0,
+             "regenerate_rate": _ratio(row["regenerated"] or 0, row["replies"])}
             for row in rows]
 
 

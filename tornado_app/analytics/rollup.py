@@ -55,7 +55,7 @@ rollup_days = RollupDay.__table__
 FACT_COLUMNS = (
     "day", "conversation_id", "user_id", "agent", "model", "user_messages", "replies", "errors",
     "cancelled", "tokens_in", "tokens_out", "latency_ms_sum", "latency_count", "ttft_ms_sum",
-    "ttft_count", "first_at", "last_at",
+    "ttft_count", "regenerated", "first_at", "last_at",
 )
 
 Window = tuple[datetime | None, datetime | None]  # [start, end) of raw rows
@@ -127,6 +127,7 @@ def raw_facts(windows: list[Window], user_id: int | None = None):
             func.coalesce(func.sum(case((ok_reply, m.c.ttft_ms))),
                           literal_column("0.0")).label("ttft_ms_sum"),
             func.count(case((ok_reply, m.c.ttft_ms))).label("ttft_count"),
+            count_if(and_(is_reply, m.c.regenerated.is_(True))).label("regenerated"),
             func.min(m.c.created_at).label("first_at"),
             func.max(m.c.created_at).label("last_at"),
         )

@@ -39,6 +39,7 @@ def message_row(**values) -> dict:
     """A messages row for INSERT_MESSAGE: every column, NULL unless given, status ok."""
     row = dict.fromkeys(_COLUMNS)
     row["status"] = STATUS_OK
+    row["regenerated"] = False
     row.update(values, created_at=utcnow())
     return row
 

@@ -110,6 +110,9 @@ class Message(Base):
     # it answers): the transcript is a tree. No foreign key: the retention
     # purge deletes old messages, and a message whose parent is gone is a root.
     parent_id: Mapped[int | None] = mapped_column(Integer)
+    # A reply made by regenerate (another reply to a message that had one);
+    # NULL on rows older than migration 0008, which counts as false.
+    regenerated: Mapped[bool | None] = mapped_column(Boolean)
 
 
 class ReplyStream(Base):
@@ -283,6 +286,8 @@ class DailyRollup(Base):
     latency_count: Mapped[int] = mapped_column(Integer)
     ttft_ms_sum: Mapped[float] = mapped_column(Float)
     ttft_count: Mapped[int] = mapped_column(Integer)
+    # Regenerated replies (migration 0008; rollups made before it count none).
+    regenerated: Mapped[int] = mapped_column(Integer, server_default="0")
     first_at: Mapped[datetime] = mapped_column(DateTime)
     last_at: Mapped[datetime] = mapped_column(DateTime)
 

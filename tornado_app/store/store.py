@@ -48,6 +48,7 @@ class Admission:
     continues: bool = False
     content: str | None = None  # the message answered (a regenerate's is the saved one)
     agent: str | None = None  # the conversation's chosen agent (None: agent.backend)
+    regenerated: bool = False  # a regenerate: the message had a reply already
 
 
 @dataclass(frozen=True)
@@ -355,7 +356,7 @@ def _admit(db, conversation_id, user_id, content, now, limit, per_seconds, after
                         lease_until)
     rows, continues = branches.path_up(db, parent, after_id, history_limit)
     return Admission(decision, message_id, public_id, reply_id, branches.prompt_turns(rows),
-                     continues, content, state.agent)
+                     continues, content, state.agent, existing is not None)
 
 
 def _branch_target(db, conversation_id, leaf_id, branching: Branching):
