@@ -12,7 +12,11 @@ What is made, over ``--days`` days ending now (UTC):
   changes over the period, each with its own log-normal latency and time to
   first token, token counts that grow with the conversation's history;
 - failures by kind (rate limits, timeouts, upstream and connection errors,
-  local model failures), cancelled replies, and a few unanswered messages.
+  local model failures), cancelled replies, and a few unanswered messages;
+- branches: a few replies regenerated (a second reply to the same message,
+  which the conversation then goes on from), and feedback (thumbs up or down,
+  sometimes with a comment) on some replies, more often up for the stronger
+  models. Every message has its parent, every conversation its active leaf.
 
 The schema comes from the service's own migrations; the database must hold no
 messages yet. SQLite is written through the standard library's driver with
@@ -46,8 +50,9 @@ BATCH = 20_000
 MESSAGE_COLUMNS = (
     "id", "conversation_id", "user_id", "role", "content", "status", "reply_to_id", "agent",
     "model", "tokens_in", "tokens_out", "latency_ms", "ttft_ms", "error_ref", "error_kind",
-    "created_at",
+    "created_at", "parent_id", "regenerated",
 )
+FEEDBACK_COLUMNS = ("message_id", "user_id", "rating", "comment", "created_at")
 CONVERSATION_COLUMNS = ("id", "user_id", "client_id", "created_at")
 USER_COLUMNS = ("id", "username", "password_hash", "is_admin", "disabled", "created_at")
 WORDS = (
@@ -88,6 +93,12 @@ PROFILES = (
 CANCEL_RATE = 0.008
 UNANSWERED_RATE = 0.002  # the process died before the reply was saved
 TIMEOUT_MS = 120_000.0
+REGENERATE_RATE = 0.02
+FEEDBACK_RATE = 0.06  # of delivered replies
+COMMENT_RATE = 0.3  # of feedback
+UP_SHARE = {"SmolLM2-135M-Instruct": 0.55, "gpt-4o-mini": 0.75, "gpt-4o": 0.85, "echo": 0.3}
+COMMENTS = {1: ("Helpful, thanks.", "Exactly what I needed.", "Clear and short."),
+            -1: ("Wrong answer.", "Too long.", "It did not answer the question.")}
 
 
 def shares(progress: float) -> list[float]:
@@ -111,6 +122,8 @@ class Generator:
         self.emitted = 0
         self.next_message_id = 1
         self.next_conversation_id = 1
+        self.last_in_conversation: dict[int, int] = {}  # the next message's parent
+        self.feedback: list[tuple] = []  # rows for message_feedback, written after their replies
         # Texts are drawn from pools (by length): making a million sentences
         # word by word would be most of the run time.
         self.questions = {n: [t[:-1] + "?" for t in self._text(n)] for n in range(3, 41)}
@@ -177,9 +190,14 @@ class Generator:
             if self.rng.random() >= UNANSWERED_RATE:
                 self._push(at + timedelta(milliseconds=reply["latency_ms"]), "reply",
                            (exchange, reply))
+            at += timedelta(milliseconds=reply["latency_ms"])
+            if self.rng.random() < REGENERATE_RATE:  # the user asks for another reply
+                again = {**self._reply(profile, reply["tokens_in"]), "regenerated": True}
+                at += timedelta(seconds=3, milliseconds=again["latency_ms"])
+                self._push(at, "reply", (exchange, again))
+                reply = again
             history = min(profile.context_tokens, history + int(words * 1.3) +
                           reply["tokens_out"] + 8)
-            at += timedelta(milliseconds=reply["latency_ms"])
             # Mostly a quick follow-up; sometimes a break of hours (across midnight).
             if self.rng.random() < 0.03:
                 at += timedelta(hours=self.rng.uniform(2, 20))
@@ -226,19 +244,30 @@ class Generator:
     def _row(self, at, kind, exchange, detail) -> tuple:
         message_id = self.next_message_id
         self.next_message_id += 1
-        base = (message_id, exchange["conversation_id"], exchange["user_id"])
+        conversation_id = exchange["conversation_id"]
+        base = (message_id, conversation_id, exchange["user_id"])
+        # A user message follows the conversation's last message; a reply
+        # (a regenerated one too) answers its message.
+        parent = self.last_in_conversation.get(conversation_id)
+        self.last_in_conversation[conversation_id] = message_id
         if kind == "user":
             exchange["id"] = message_id
             text = self.rng.choice(self.questions[detail])
             return (*base, "user", text, "ok", None, None, None, None, None, None, None, None,
-                    None, at)
+                    None, at, parent, False)
         r = detail
         words = min(160, max(1, r["tokens_out"] * 3 // 4))
         text = self.rng.choice(self.replies[words]) if r["tokens_out"] else ""
+        if r["status"] == "ok" and self.rng.random() < FEEDBACK_RATE:
+            rating = 1 if self.rng.random() < UP_SHARE[r["model"]] else -1
+            comment = (self.rng.choice(COMMENTS[rating])
+                       if self.rng.random() < COMMENT_RATE else None)
+            self.feedback.append((message_id, exchange["user_id"], rating, comment,
+                                  at + timedelta(seconds=20)))
         return (*base, "assistant", text, r["status"], exchange["id"], r["agent"], r["model"],
                 r["tokens_in"], r["tokens_out"], round(r["latency_ms"], 3),
                 None if r["ttft_ms"] is None else round(r["ttft_ms"], 3), r["error_ref"],
-                r["error_kind"], at)
+                r["error_kind"], at, exchange["id"], r.get("regenerated", False))
 
 
 # Writers. Both load with the messages indexes dropped and build them after:
@@ -254,6 +283,11 @@ def index_statements(dialect) -> tuple[list[str], list[str]]:
 def sqlite_time(value: datetime) -> str:
     # SQLAlchemy's own SQLite format (always with microseconds), so strings compare as times.
     return value.strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+# Each conversation's active leaf: its newest message (the branch it went on with).
+SET_LEAVES = ("UPDATE conversations SET active_leaf_id = (SELECT max(m.id) FROM messages m "
+              "WHERE m.conversation_id = conversations.id)")
 
 
 class SqliteWriter:
@@ -276,6 +310,7 @@ class SqliteWriter:
     async def finish(self) -> None:
         for statement in self.create:
             self.conn.execute(statement)
+        self.conn.execute(SET_LEAVES)
         self.conn.commit()
         self.conn.close()
 
@@ -298,6 +333,7 @@ class PostgresWriter:
     async def finish(self) -> None:
         for statement in self.create:
             await self.conn.execute(statement)
+        await self.conn.execute(SET_LEAVES)
         for table in ("users", "conversations", "messages"):
             await self.conn.execute(
                 f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
@@ -335,17 +371,27 @@ async def generate(args: argparse.Namespace) -> None:
     writer = writer_for(args.url)
     await writer.write("users", USER_COLUMNS, generator.users())
     batch: list[tuple] = []
+    written = 0  # the last message id written
+
+    async def write_messages():
+        nonlocal written
+        await writer.write("messages", MESSAGE_COLUMNS, batch)
+        written = batch[-1][0] if batch else written
+        batch.clear()
+        # Feedback after the replies it rates (foreign keys); the rest waits.
+        ready = [row for row in generator.feedback if row[0] <= written]
+        await writer.write("message_feedback", FEEDBACK_COLUMNS, ready)
+        generator.feedback = [row for row in generator.feedback if row[0] > written]
+
     for conversations, messages in generator.run():
         if conversations:
             # Conversations before their messages (foreign keys).
-            await writer.write("messages", MESSAGE_COLUMNS, batch)
-            batch = []
+            await write_messages()
             await writer.write("conversations", CONVERSATION_COLUMNS, conversations)
         batch.extend(messages)
         if len(batch) >= BATCH:
-            await writer.write("messages", MESSAGE_COLUMNS, batch)
-            batch = []
-    await writer.write("messages", MESSAGE_COLUMNS, batch)
+            await write_messages()
+    await write_messages()
     await writer.finish()
     print(f"{generator.emitted} messages, {generator.next_conversation_id - 1} conversations, "
           f"{args.users} users over {args.days} days to {end:%Y-%m-%d %H:%M} UTC "

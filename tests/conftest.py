@@ -20,7 +20,8 @@ Fixtures:
 - ``await make_user(name, password=..., disabled=..., admin=...)`` and ``token_for(name)``.
 - ``await connect(client_id, user=..., subprotocols=...)``: opens a WebSocket
   (query token or cookie), creating the user on first use, and returns a
-  helpers.Client; ``subprotocols=["ai-chat.v2"]`` asks for protocol v2.
+  helpers.Client past the welcome (and, v2, the agent frame after it);
+  ``subprotocols=["ai-chat.v2"]`` asks for protocol v2.
 - ``servers(config, **options)``: starts a tests.servers.ServerProcess (a real
   ``python -m tornado_app``); all are killed when the test ends.
 - ``repo_root``: the repository's folder.
@@ -266,6 +267,9 @@ def connect(ws_url, token_for, make_user):
         if welcome:
             frame = await client.receive()
             assert frame["type"] == "system", frame
+            if subprotocols and "ai-chat.v2" in subprotocols:
+                frame = await client.receive()  # v2: the conversation's agent, for a picker
+                assert "selectable" in frame, frame
         return client
 
     return open_client

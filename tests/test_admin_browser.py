@@ -139,13 +139,13 @@ def test_an_admin_sees_charts_of_the_real_data(page, live_server):
     expect(page.locator("#kpi-error-rate")).to_have_text(re.compile(r"^\d+\.\d{1,2}%$"))
     expect(page.locator("#kpi-latency")).to_have_text(re.compile(r"^\d+(\.\d+)? s$|^\d+ ms$"))
 
-    # Six charts, each drawn by Chart.js, each with a text alternative; the
+    # Seven charts, each drawn by Chart.js, each with a text alternative; the
     # generated chats called no tool, so the Tools chart says so.
     canvases = page.locator(".chart-card:not(#chart-tools) canvas")
-    expect(canvases).to_have_count(6)
+    expect(canvases).to_have_count(7)
     assert page.evaluate("[...document.querySelectorAll('.chart-card:not(#chart-tools) canvas')]"
                          ".every((canvas) => Chart.getChart(canvas) !== undefined)")
-    for index in range(6):
+    for index in range(7):
         label = canvases.nth(index).get_attribute("aria-label")
         assert label and label != "Loading", index
     expect(page.locator(".chart-card .empty:visible")).to_have_count(1)
@@ -169,6 +169,16 @@ def test_an_admin_sees_charts_of_the_real_data(page, live_server):
     # The agent menu lists every agent of the range.
     options = page.locator("#agent option").evaluate_all("(items) => items.map((o) => o.value)")
     assert options == ["", *sorted({row["agent"] for row in agents})]
+    # Feedback by agent and model (the generator rates some replies), the
+    # regenerate rates, and the latest comments as text.
+    feedback = page.request.get(f"/api/admin/analytics/feedback?{query}&limit=5").json()
+    expect(page.locator("#chart-feedback tbody tr td:nth-child(4)")).to_have_text(
+        [f"{row['up']:,}" for row in feedback["feedback"]])
+    assert sum(row["rated"] for row in feedback["feedback"]) > 0
+    expect(page.locator("#feedback-comments li")).to_have_count(len(feedback["comments"]))
+    expect(page.locator("#feedback-comments li").first).to_contain_text(
+        feedback["comments"][0]["comment"])
+    expect(page.locator("#regenerate-rates")).to_contain_text("Regenerated: ")
 
 
 def test_filters_requery_and_are_kept_in_the_url(page, live_server):
@@ -238,7 +248,7 @@ def test_an_empty_range_and_an_api_error_are_readable(page):
 def test_accessibility_and_screenshot(page, tmp_path):
     sign_in_at_admin(page, "root")
     expect(page.locator("#login-view")).to_have_count(0)
-    expect(page.locator(".chart-card canvas:visible")).to_have_count(6)
+    expect(page.locator(".chart-card canvas:visible")).to_have_count(7)
     expect(page.locator("#report")).not_to_have_attribute("aria-busy", "true")
     assert run_axe(page) == []
     assert screenshot(page, "dashboard.png", tmp_path).stat().st_size > 10_000

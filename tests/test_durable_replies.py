@@ -44,6 +44,7 @@ async def open_v2(server: ServerProcess, tok: str, client_id: str = "c1"):
     client = await connect_ws(server.ws_url(client_id, tok), subprotocols=V2)
     welcome = await client.receive(timeout=15)
     assert welcome["message"].startswith("Welcome"), welcome
+    assert "selectable" in await client.receive(timeout=15)  # the conversation's agent
     return client
 
 

@@ -164,8 +164,8 @@ async def test_resume_a_reply_in_flight_from_another_socket(connect, fake_agent)
     _ack, chunk0, chunk1 = [await first.receive() for _ in range(3)]
     first.close()  # the page was reloaded
     second = await connect("c1", subprotocols=V2, welcome=False)
-    welcome, progress = await second.receive(), await second.receive()
-    assert welcome["message"].startswith("Welcome")
+    welcome, agent, progress = [await second.receive() for _ in range(3)]
+    assert welcome["message"].startswith("Welcome") and agent["agent"] == "fake"
     assert (progress["type"], progress["message"]) == ("system", "A reply is in progress.")
     assert progress["reply_id"] == chunk0["reply_id"]
     assert progress["message_id"] == chunk0["message_id"] and progress["seq"] >= 1

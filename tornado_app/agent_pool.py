@@ -30,25 +30,28 @@ class AgentPool:
     def __init__(self, settings: Settings):
         self._specs = agents.available_agents()
         self._chain: list[Agent] = []
+        # Every agent by name: the chain's and agent.selectable's.
+        self._named: dict[str, Agent] = {}
         self._identities: dict[int, str] = {}
         self._in_use: Counter[int] = Counter()
         self._retired: dict[int, Agent] = {}
         self._tasks: set[asyncio.Task] = set()
-        self._chain = self._build(settings)
+        self._chain, self._named = self._build(settings)
 
-    def _build(self, settings: Settings) -> list[Agent]:
+    def _build(self, settings: Settings) -> tuple[list[Agent], dict[str, Agent]]:
         agents.validate_agent_settings(settings, self._specs)
-        current = {self._identities[id(a)]: a for a in self._chain}
-        chain = []
-        for name in dict.fromkeys([settings.agent.backend, *settings.agent.fallbacks]):
+        current = {self._identities[id(a)]: a for a in self._named.values()}
+        chain_names = list(dict.fromkeys([settings.agent.backend, *settings.agent.fallbacks]))
+        named = {}
+        for name in dict.fromkeys([*chain_names, *settings.agent.selectable]):
             identity = _identity(settings, name)
             agent = current.get(identity)
             if agent is None:
                 agent = agents.create_agent(settings, self._specs[name])
                 self._identities[id(agent)] = identity
                 self._start(agent)
-            chain.append(agent)
-        return chain
+            named[name] = agent
+        return [named[name] for name in chain_names], named
 
     def _start(self, agent: Agent) -> None:
         async def start():
@@ -69,10 +72,24 @@ class AgentPool:
     def ready(self) -> bool:
         return self._chain[0].ready
 
-    @contextlib.contextmanager
-    def lease(self):
-        """The current chain, kept alive (not closed by a swap) while in use."""
+    def has(self, name: str) -> bool:
+        return name in self._named
+
+    def every_agent(self) -> tuple[Agent, ...]:
+        """The chain, then every other agent a conversation may choose: what a
+        reply's quota bound must cover."""
         chain = tuple(self._chain)
+        return chain + tuple(agent for agent in self._named.values() if agent not in chain)
+
+    @contextlib.contextmanager
+    def lease(self, name: str | None = None):
+        """The current chain, kept alive (not closed by a swap) while in use;
+        with ``name`` (a conversation's chosen agent), that agent first, then
+        the fallbacks."""
+        chain = tuple(self._chain)
+        if name is not None and name in self._named:
+            chosen = self._named[name]
+            chain = (chosen, *(agent for agent in chain[1:] if agent is not chosen))
         for agent in chain:
             self._in_use[id(agent)] += 1
         try:
@@ -84,10 +101,11 @@ class AgentPool:
 
     def swap(self, settings: Settings) -> None:
         """Switch to the agents of a new ``agent`` section (raises ConfigError)."""
-        old = self._chain
-        self._chain = self._build(settings)
+        old = list(self._named.values())
+        self._chain, self._named = self._build(settings)
+        kept = set(map(id, self._named.values()))
         for agent in old:
-            if agent not in self._chain:
+            if id(agent) not in kept:
                 self._retired[id(agent)] = agent
         logger.info("agents now: %s", ", ".join(a.name for a in self._chain))
         self._close_retired()
@@ -104,6 +122,6 @@ class AgentPool:
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
-        for agent in [*self._chain, *self._retired.values()]:
+        for agent in [*self._named.values(), *self._retired.values()]:
             with contextlib.suppress(Exception):
                 await agent.close()

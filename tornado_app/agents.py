@@ -167,12 +167,12 @@ def available_agents(manager: pluggy.PluginManager | None = None) -> dict[str, A
 
 
 def validate_agent_settings(settings: Settings, specs: dict[str, AgentSpec]) -> None:
-    """Check ``agent.backend``, ``agent.fallbacks`` and every ``agent.<plugin>``
+    """Check ``agent.backend``, ``agent.fallbacks``, ``agent.selectable`` and every ``agent.<plugin>``
     section against the registered agents, with one clear line on failure."""
     agent = settings.agent
     for key, name in [("agent.backend", agent.backend)] + [
         (f"agent.fallbacks[{i}]", n) for i, n in enumerate(agent.fallbacks)
-    ]:
+    ] + [(f"agent.selectable[{i}]", n) for i, n in enumerate(agent.selectable)]:
         if name not in specs:
             raise ConfigError(
                 f"{key}: unknown agent {name!r}; available: {', '.join(sorted(specs))}"

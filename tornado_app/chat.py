@@ -25,6 +25,7 @@ from .replies import Ending, LiveReply, Replies
 from .tool_loop import Caller, Tokens, converse
 from .toolbox import Toolbox
 from .store import Conflict, QuotaRequest, Store, StoreError
+from .store.store import Branching
 from .store.models import ROLE_USER, STATUS_ERROR
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,11 @@ class RateLimited(Exception):
 class QuotaExceeded(Exception):
     """The reply would pass one of the user's quotas; nothing was saved. The
     text is the error frame's."""
+
+
+class UnknownTarget(Exception):
+    """An edit's message or a regenerate's reply is not in the conversation
+    (or there is nothing to regenerate); nothing was saved or taken."""
 
 
 class ChatService:
@@ -98,41 +104,48 @@ class ChatService:
             pass  # another socket created it a moment ago
         return True
 
-    async def admit(self, user, history: History, content: str):
+    async def admit(self, user, history: History, content: str,
+                    branching: Branching | None = None):
         """Save the user's message and open its reply's stream, in one
         transaction with the rate limit and the quota reservation; returns the
         Admission and the history turns before the message. Raises
         :class:`RateLimited` or :class:`QuotaExceeded` (nothing saved) when the
-        user is over the rate limit or would pass a quota.
+        user is over the rate limit or would pass a quota, :class:`UnknownTarget`
+        when an edit or regenerate (``branching``) names no message of the
+        conversation.
 
         ``history`` is the socket's copy of its conversation (history.py).
         """
         limit = self.settings.rate_limit
         now = time.time()
         after_id = history.read_from()
-        quota = self._quota_request(user, history, content, now)
+        quota = self._quota_request(user, history, content, now, branching)
         admission = await self.store.admit(
             history.conversation_id, user.id, content, now=now,
             messages=limit.messages, per_seconds=limit.per_seconds,
             after_id=after_id, history_limit=history.limit,
             instance=self.replies.instance, lease_seconds=self.settings.limits.lease_seconds,
-            quota=quota)
+            quota=quota, branching=branching)
+        if admission.decision is None:
+            raise UnknownTarget()
         if not admission.decision.allowed:
             raise RateLimited(admission.decision.retry_after)
         if admission.over_quota is not None:
             raise QuotaExceeded(quotas.refusal(admission.over_quota, admission.reserved,
                                                quotas.Windows.at(now), self.pricing.currency))
-        turns = history.add(admission.turns, admission.message_id, content, admission.steps)
+        turns = history.add(admission.turns, admission.message_id, admission.content,
+                            admission.steps, admission.continues)
         return admission, turns
 
-    def _quota_request(self, user, history: History, content: str,
-                       now: float) -> QuotaRequest | None:
+    def _quota_request(self, user, history: History, content: str, now: float,
+                       branching: Branching | None) -> QuotaRequest | None:
         """What to reserve for the reply, or None when no quota applies to the
         user (none in the config, no override of their own, or unlimited)."""
         if getattr(user, "quota_unlimited", None) or not (
                 self.settings.quota.any or quotas.has_override(user)):
             return None
-        chain = self.pool.chain
+        # Any agent the conversation may have chosen could answer.
+        chain = self.pool.every_agent()
         agent = chain[0]
         # The memories are read with the message: reserve for as many as fit.
         system = system_prompt(self.settings.agent.system_prompt, user.username, "")
@@ -142,6 +155,11 @@ class ChatService:
         known = list(history.turns)
 
         def bound_of(rows: list) -> quotas.Bound:
+            if branching is not None:
+                # An edit or a regenerate answers another branch than the copy's:
+                # reserve for the fullest prompt the agent takes.
+                prompt = agent.context_tokens - agent.reply_tokens + extra
+                return quotas.reply_bound(chain, prompt, self.pricing, tool_steps)
             # A loading model's counts are estimates: never cached in the history.
             if agent.ready:
                 history.count(agent, known)
@@ -154,6 +172,22 @@ class ChatService:
             return quotas.reply_bound(chain, prompt, self.pricing, tool_steps)
 
         return QuotaRequest(bound_of, self.limits, quotas.Windows.at(now).today)
+
+    # The agent per conversation (agent.selectable)
+
+    def agent_name(self, chosen: str | None) -> str:
+        """The agent a conversation answers with: its choice, if still selectable."""
+        if chosen is not None and chosen in self.settings.agent.choices():
+            return chosen
+        return self.settings.agent.backend
+
+    async def drop_unavailable_agent(self, conversation_id: int, chosen: str | None) -> bool:
+        """A conversation whose chosen agent a reload removed goes back to
+        agent.backend; True if it did (the socket says so)."""
+        if chosen is None or chosen in self.settings.agent.choices():
+            return False
+        await self.store.set_conversation_agent(conversation_id, None)
+        return True
 
     def start_reply(self, user, history: History, admission, turns: list[Turn],
                     content: str) -> LiveReply:
@@ -169,18 +203,22 @@ class ChatService:
             caller.messages = self.memories.messages_of(user.id)
             remembered = self.memories.readable(user.id, admission.memories)
         live.reserved = admission.reserved
+        live.reply.regenerated = admission.regenerated
+        agent = self.agent_name(admission.agent)
         return self.replies.start(
-            live, lambda live: self._answer(live, caller, history, turns, content, remembered))
+            live, lambda live: self._answer(live, caller, history, turns, content, remembered,
+                                            agent))
 
     async def _answer(self, live: LiveReply, caller: Caller, history: History,
-                      turns: list[Turn], content: str, remembered: list = ()) -> None:
+                      turns: list[Turn], content: str, remembered: list = (),
+                      agent: str | None = None) -> None:
         """Get the reply from the agent chain, save it, and end it. Cancelling
         the task saves the partial reply as ``cancelled`` first."""
         reply = live.reply
         try:
             if live.cancel_pending:  # cancelled before the task first ran
                 raise asyncio.CancelledError
-            with self.pool.lease() as chain, self._tools() as tools:
+            with self.pool.lease(agent) as chain, self._tools() as tools:
                 await self._generate(chain, tools, caller, history, turns, content, live,
                                      remembered)
         except asyncio.CancelledError:

@@ -153,12 +153,19 @@ class AgentSettings(BaseModel):
     # Small models answer better when the name is a separate fact.
     system_prompt: str = "You are a helpful assistant. The user's name is {username}."
     fallbacks: list[str] = []
+    # The agents a user may choose per conversation ({"action": "use_agent"});
+    # empty: only ``backend``. A chosen agent still falls back to ``fallbacks``.
+    selectable: list[str] = []
     # Deadline for one whole reply, first token to last.
     timeout_seconds: float = Field(120.0, gt=0)
     # The tools (tornado_app.toolbox) an agent that supports them may call.
     tools: list[str] = []
     # Model turns that may call tools; then the host asks for an answer without them.
     max_tool_steps: int = Field(4, ge=0, le=32)
+
+    def choices(self) -> list[str]:
+        """The agents a conversation may answer with (``selectable`` or the backend)."""
+        return list(dict.fromkeys(self.selectable)) or [self.backend]
 
     def plugin_options(self, name: str) -> dict[str, Any]:
         value = (self.model_extra or {}).get(name) or {}

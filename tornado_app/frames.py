@@ -30,6 +30,14 @@ TOOL_RESULT = "tool_result"
 WELCOME = "Welcome to AI Chat, {username}! How can I assist you today?"
 CANCELLED = "The reply was cancelled."
 IN_PROGRESS = "A reply is in progress."
+# Conversation controls (v2).
+FEEDBACK_THANKS = "Thanks for your feedback."
+NOW_ANSWERING = "Now answering with {agent}."
+AGENT_GONE = "{agent} is no longer available; now answering with {backend}."
+UNKNOWN_MESSAGE = "There is no such message of yours."
+SWITCHED = "Switched branches."
+UNKNOWN_AGENT = "There is no agent {agent!r} to choose; choose one of: {choices}."
+NOTHING_TO_REGENERATE = "There is no message to regenerate a reply to."
 
 # A conversation's name in /ws/ai/ai-chat/{client_id} and the history API.
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._~:-]{1,128}")
@@ -70,8 +78,29 @@ class FrameError(ValueError):
 
 @dataclass(frozen=True)
 class ChatMessage:
-    content: str
+    content: str  # "" for a regenerate: the saved message is answered again
     stream: bool = False
+    # v2: "edit" (a new version of message ``target``) or "regenerate" (a new
+    # reply to reply ``target``'s message, or to the active branch's last one).
+    branch: str | None = None
+    target: str | None = None
+
+
+@dataclass(frozen=True)
+class Feedback:
+    reply_id: str
+    rating: int  # 1, -1, or 0 to remove
+    comment: str | None = None
+
+
+@dataclass(frozen=True)
+class Switch:
+    message_id: str
+
+
+@dataclass(frozen=True)
+class UseAgent:
+    agent: str
 
 
 @dataclass(frozen=True)
@@ -87,6 +116,9 @@ class Resume:
 
 # Longest reply id accepted in a client frame (ours have 32 characters).
 MAX_ID_CHARS = 64
+# Longest feedback comment.
+MAX_COMMENT_CHARS = 1000
+V2_ACTIONS = ("cancel", "resume", "feedback", "regenerate", "edit", "switch", "use_agent")
 
 
 def parse_client_frame(
@@ -102,10 +134,14 @@ def parse_client_frame(
     if not isinstance(data, dict):
         raise FrameError("Invalid message format: expected a JSON object.")
     if "action" in data:
-        return _parse_v2_action(data) if v2 else _parse_v1_action(data)
+        return _parse_v2_action(data, max_chars) if v2 else _parse_v1_action(data)
     if "content" not in data:
         raise FrameError("Invalid message format: the \"content\" field is required.")
-    content = data["content"]
+    return ChatMessage(content=_content(data, max_chars), stream=_stream(data))
+
+
+def _content(data: dict, max_chars: int) -> str:
+    content = data.get("content")
     if not isinstance(content, str) or not content.strip():
         raise FrameError("Invalid message format: \"content\" must be a non-empty string.")
     if len(content) > max_chars:
@@ -113,10 +149,14 @@ def parse_client_frame(
     if "\x00" in content or not _is_encodable(content):
         # JSON allows "\u0000" and lone surrogates ("\ud800"); no database stores them.
         raise FrameError("Invalid message format: \"content\" must be valid Unicode text.")
+    return content
+
+
+def _stream(data: dict) -> bool:
     stream = data.get("stream", False)
     if not isinstance(stream, bool):
         raise FrameError("Invalid message format: \"stream\" must be true or false.")
-    return ChatMessage(content=content, stream=stream)
+    return stream
 
 
 def _parse_v1_action(data: dict) -> Cancel:
@@ -125,7 +165,7 @@ def _parse_v1_action(data: dict) -> Cancel:
     raise FrameError("Invalid message format: the only action is \"cancel\".")
 
 
-def _parse_v2_action(data: dict) -> Cancel | Resume:
+def _parse_v2_action(data: dict, max_chars: int):
     action = data["action"]
     if action == "cancel":
         return Cancel(_reply_id(data, required=False))
@@ -134,17 +174,48 @@ def _parse_v2_action(data: dict) -> Cancel | Resume:
         if not isinstance(after_seq, int) or isinstance(after_seq, bool) or after_seq < -1:
             raise FrameError("Invalid message format: \"after_seq\" must be an integer >= -1.")
         return Resume(_reply_id(data, required=True), after_seq)
-    raise FrameError(
-        "Invalid message format: \"action\" must be one of \"cancel\", \"resume\".")
+    if action == "feedback":
+        return parse_feedback(data, _reply_id(data, required=True))
+    if action == "regenerate":
+        return ChatMessage("", _stream(data), "regenerate", _reply_id(data, required=False))
+    if action == "edit":
+        return ChatMessage(_content(data, max_chars), _stream(data), "edit",
+                           _id(data, "message_id", "a message's id"))
+    if action == "switch":
+        return Switch(_id(data, "message_id", "a message's id"))
+    if action == "use_agent":
+        return UseAgent(_id(data, "agent", "an agent's name"))
+    raise FrameError("Invalid message format: \"action\" must be one of "
+                     + ", ".join(f'"{name}"' for name in V2_ACTIONS) + ".")
+
+
+def parse_feedback(data: dict, reply_id: str) -> Feedback:
+    """A feedback's rating and comment (the v2 action's, or PUT's JSON body)."""
+    rating = data.get("rating")
+    if not isinstance(rating, int) or isinstance(rating, bool) or rating not in (1, -1, 0):
+        raise FrameError("Invalid feedback: \"rating\" must be 1, -1 or 0 (to remove it).")
+    comment = data.get("comment")
+    if comment is not None:
+        if not isinstance(comment, str) or len(comment) > MAX_COMMENT_CHARS:
+            raise FrameError(f"Invalid feedback: \"comment\" must be a string of at most "
+                             f"{MAX_COMMENT_CHARS} characters.")
+        if "\x00" in comment or not _is_encodable(comment):
+            raise FrameError("Invalid feedback: \"comment\" must be valid Unicode text.")
+        comment = comment.strip() or None
+    return Feedback(reply_id, rating, comment)
 
 
 def _reply_id(data: dict, required: bool) -> str | None:
-    reply_id = data.get("reply_id")
-    if reply_id is None and not required:
+    if data.get("reply_id") is None and not required:
         return None
-    if not isinstance(reply_id, str) or not 0 < len(reply_id) <= MAX_ID_CHARS:
-        raise FrameError("Invalid message format: \"reply_id\" must be a reply's id.")
-    return reply_id
+    return _id(data, "reply_id", "a reply's id")
+
+
+def _id(data: dict, name: str, what: str) -> str:
+    value = data.get(name)
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_ID_CHARS:
+        raise FrameError(f"Invalid message format: \"{name}\" must be {what}.")
+    return value
 
 
 def _is_encodable(text: str) -> bool:

@@ -7,6 +7,12 @@ them: per message it reads only the turns saved since its previous one
 (normally just its own last reply, one row through the index), and counts
 tokens only for turns it has not counted with the current agent.
 
+The copy follows the conversation's active branch (store/branches.py): the
+turns are read up the new message's branch, parent by parent, back to the
+copy's last message. When that message is not on the branch (a switch, an
+edit, a regenerate, on this socket or another) the branch is read whole and
+replaces the copy, so a prompt never holds a message of another branch.
+
 The database stays the truth. Turns another socket writes to the same
 conversation are read like any other new turn. Once a copy is older than
 ``REFRESH_SECONDS`` it is read again in full, so that turns purged by
@@ -80,10 +86,15 @@ class History:
         return self._last_id
 
     def add(self, rows: list, message_id: int, content: str,
-            steps: dict | None = None) -> list[Turn]:
+            steps: dict | None = None, continues: bool = True) -> list[Turn]:
         """Take the turns read (id, role, content; oldest first), the tool
         steps of those that are replies ({message id: steps}), and the new
-        user message; returns the turns before the message."""
+        user message; returns the turns before the message. ``continues``:
+        the turns follow this copy's; otherwise they are the message's whole
+        branch (another branch became active: a switch, an edit, a regenerate)
+        and replace the copy."""
+        if not continues:
+            self.turns.clear()
         steps = steps or {}
         self.turns.extend(Turn(row.id, {"role": row.role, "content": row.content},
                                steps=steps_messages(steps[row.id]) if row.id in steps else None)

@@ -35,6 +35,7 @@ class Reply:
     error_kind: str | None = None
     # The tool calls made on the way (tool_loop.Step), saved with the reply.
     steps: list = field(default_factory=list)
+    regenerated: bool = False  # made by regenerate: another reply to the same message
     started: float = field(default_factory=time.perf_counter, repr=False)
 
     @property
@@ -101,6 +102,7 @@ class Reply:
             "ttft_ms": self.ttft_ms,
             "error_ref": self.error_ref,
             "error_kind": self.error_kind,
+            "regenerated": self.regenerated,
         }
 
     def error_text(self) -> str:

@@ -35,6 +35,7 @@ REPORT_HELP = {
     "conversations": "the longest and the most recently active conversations",
     "errors": "failed replies by kind, and the latest ones",
     "tools": "tool calls per tool and per agent: calls, errors, timeouts, latency",
+    "feedback": "per agent and model: replies, rated, up, down, share of up; latest comments",
 }
 
 
@@ -44,7 +45,7 @@ def add_parser(commands) -> None:
     reports = parser.add_subparsers(dest="report", metavar="REPORT", required=True)
     for name, text in REPORT_HELP.items():
         report = reports.add_parser(name, help=text)
-        _add_filters(report, limit=name in ("users", "conversations", "errors"))
+        _add_filters(report, limit=name in ("users", "conversations", "errors", "feedback"))
         report.add_argument("--format", choices=FORMATS, default="table")
     export = reports.add_parser("export", help="the messages themselves, streamed")
     _add_filters(export, limit=False)

@@ -12,16 +12,16 @@ from collections.abc import AsyncIterator
 from sqlalchemy import and_, case, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ..store.models import Conversation, Message, User
+from ..store.models import Conversation, Feedback, Message, User
 from .filters import Filters
 from .render import csv_line, csv_lines, json_line, plain
 from .reports import user_id_of
-from .rollup import constant, in_windows
+from .rollup import constant, first_reply, in_windows
 
 EXPORT_COLUMNS = (
     "id", "created_at", "username", "conversation_id", "client_id", "role", "status", "agent",
     "model", "tokens_in", "tokens_out", "latency_ms", "ttft_ms", "error_kind", "error_ref",
-    "reply_to_id", "content",
+    "reply_to_id", "parent_id", "feedback_rating", "feedback_comment", "content",
 )
 FORMATS = ("csv", "json")
 BATCH_ROWS = 1000
@@ -31,12 +31,15 @@ def export_query(filters: Filters, user_id: int | None):
     m = Message.__table__.alias("m")
     users = User.__table__
     conversations = Conversation.__table__
+    feedback = Feedback.__table__
     source = (m.join(users, users.c.id == m.c.user_id)
-              .join(conversations, conversations.c.id == m.c.conversation_id))
+              .join(conversations, conversations.c.id == m.c.conversation_id)
+              .outerjoin(feedback, feedback.c.message_id == m.c.id))
     query = select(
         m.c.id, m.c.created_at, users.c.username, m.c.conversation_id, conversations.c.client_id,
         m.c.role, m.c.status, m.c.agent, m.c.model, m.c.tokens_in, m.c.tokens_out,
-        m.c.latency_ms, m.c.ttft_ms, m.c.error_kind, m.c.error_ref, m.c.reply_to_id, m.c.content,
+        m.c.latency_ms, m.c.ttft_ms, m.c.error_kind, m.c.error_ref, m.c.reply_to_id,
+        m.c.parent_id, feedback.c.rating, feedback.c.comment, m.c.content,
     ).where(in_windows(m.c.created_at, [(filters.since, filters.until)]))
     if user_id is not None:
         query = query.where(m.c.user_id == user_id)
@@ -44,8 +47,7 @@ def export_query(filters: Filters, user_id: int | None):
         # As in the reports: a user message goes with the agent that answered it.
         reply = Message.__table__.alias("r")
         source = source.outerjoin(reply, and_(m.c.role == constant("user"),
-                                              reply.c.reply_to_id == m.c.id,
-                                              reply.c.role == constant("assistant")))
+                                              reply.c.id == first_reply(m)))
         agent = case((m.c.role == constant("user"), reply.c.agent), else_=m.c.agent)
         query = query.where(agent == filters.agent)
     return query.select_from(source).order_by(m.c.created_at, m.c.id)

@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ..store.models import Conversation, Message, ToolStep, User
 from . import percentiles
+from .feedback import feedback_sections
 from .filters import Filters, ReportError, UnknownUser
 from .percentiles import METRICS
 from .rollup import constant, daily_percentiles, facts, in_windows, roll_up
@@ -47,6 +48,7 @@ CONVERSATION_COLUMNS = ("conversation_id", "client_id", "username", "messages",
                         "user_messages", "replies", "errors", *TOKEN_COLUMNS, "first_at",
                         "last_at")
 ERROR_KIND_COLUMNS = ("kind", "errors", "share", "last_at")
+REGENERATE_COLUMNS = ("agent", "replies", "regenerated", "regenerate_rate")
 REPORT_WORK_MEM = "64MB"
 RECENT_ERROR_COLUMNS = ("at", "username", "client_id", "agent", "model", "kind", "error_ref",
                         "latency_ms")
@@ -273,7 +275,23 @@ async def conversations_report(ctx: Context) -> list[Section]:
         chosen = sorted((cid for cid, row in ranks.items() if getattr(row, rank) <= limit),
                         key=lambda cid: getattr(ranks[cid], rank))
         sections.append(Section(name, CONVERSATION_COLUMNS, [details[cid] for cid in chosen]))
+    sections.append(Section("regenerated", REGENERATE_COLUMNS, await _regenerated(ctx)))
     return sections
+
+
+async def _regenerated(ctx: Context) -> list[dict]:
+    """Per agent: its replies of the range and how many were regenerated
+    ones (made by regenerate), from the facts like every count."""
+    f, _plan = await ctx.facts()
+    replies = func.sum(f.c.replies).label("replies")
+    rows = await ctx.rows(
+        select(f.c.agent, replies, func.sum(f.c.regenerated).label("regenerated"))
+        .where(f.c.agent != constant("")).group_by(f.c.agent)
+        .order_by(replies.desc(), f.c.agent))
+    return [{"agent": row["agent"], "replies": row["replies"] or 0,
+             "regenerated": row["regenerated"] or 0,
+             "regenerate_rate": _ratio(row["regenerated"] or 0, row["replies"])}
+            for row in rows]
 
 
 async def _conversation_details(ctx: Context, f, ids: list[int]) -> dict[int, dict]:
@@ -370,6 +388,9 @@ def _tool_rows(steps: list, by: str) -> list[dict]:
                      "latency_p50_ms": percentiles.percentile(latencies, 0.5),
                      "latency_p95_ms": percentiles.percentile(latencies, 0.95)})
     return sorted(rows, key=lambda row: (-row["calls"], row[by]))
+async def feedback_report(ctx: Context) -> list[Section]:
+    """Ratings per agent and model, and the latest comments (feedback.py)."""
+    return [Section(*parts) for parts in await feedback_sections(ctx)]
 
 
 REPORTS = {
@@ -380,6 +401,7 @@ REPORTS = {
     "conversations": conversations_report,
     "errors": errors,
     "tools": tools,
+    "feedback": feedback_report,
 }
 
 

@@ -55,7 +55,7 @@ rollup_days = RollupDay.__table__
 FACT_COLUMNS = (
     "day", "conversation_id", "user_id", "agent", "model", "user_messages", "replies", "errors",
     "cancelled", "tokens_in", "tokens_out", "latency_ms_sum", "latency_count", "ttft_ms_sum",
-    "ttft_count", "first_at", "last_at",
+    "ttft_count", "regenerated", "first_at", "last_at",
 )
 
 Window = tuple[datetime | None, datetime | None]  # [start, end) of raw rows
@@ -82,6 +82,16 @@ def in_windows(column, windows: list[Window]):
             parts.append(column < end)
         clauses.append(and_(*parts) if parts else column.is_not(None))
     return or_(*clauses) if clauses else false()
+
+
+def first_reply(m):
+    """The id of the first reply to user message ``m`` (a correlated subquery):
+    a message counts once, under the agent of its first reply, however many
+    times it was regenerated."""
+    other = messages.alias("first")
+    return (select(func.min(other.c.id))
+            .where(other.c.reply_to_id == m.c.id, other.c.role == constant("assistant"))
+            .scalar_subquery())
 
 
 def raw_facts(windows: list[Window], user_id: int | None = None):
@@ -117,11 +127,11 @@ def raw_facts(windows: list[Window], user_id: int | None = None):
             func.coalesce(func.sum(case((ok_reply, m.c.ttft_ms))),
                           literal_column("0.0")).label("ttft_ms_sum"),
             func.count(case((ok_reply, m.c.ttft_ms))).label("ttft_count"),
+            count_if(and_(is_reply, m.c.regenerated.is_(True))).label("regenerated"),
             func.min(m.c.created_at).label("first_at"),
             func.max(m.c.created_at).label("last_at"),
         )
-        .select_from(m.outerjoin(reply, and_(is_user, reply.c.reply_to_id == m.c.id,
-                                             reply.c.role == constant("assistant"))))
+        .select_from(m.outerjoin(reply, and_(is_user, reply.c.id == first_reply(m))))
         .where(in_windows(m.c.created_at, windows))
         .group_by(literal_column("1"), literal_column("2"), literal_column("3"),
                   literal_column("4"), literal_column("5"))

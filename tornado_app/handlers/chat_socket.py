@@ -27,12 +27,13 @@ from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
 from .. import closes, frames, logs, metrics
 from ..auth import bearer_value
-from ..chat import STORE_UNAVAILABLE, ChatService, QuotaExceeded, RateLimited
+from ..chat import STORE_UNAVAILABLE, ChatService, QuotaExceeded, RateLimited, UnknownTarget
 from ..connections import Connections
-from ..frames import Cancel, ChatMessage, FrameError, Resume
+from ..frames import Cancel, ChatMessage, Feedback, FrameError, Resume, Switch, UseAgent
 from ..history import History
 from ..replies import UNEXPECTED, Chunk, Ending, Listener, LiveReply
 from ..store import StoreError
+from ..store.store import Branching
 from ..tool_loop import ToolEvent
 from ..store.models import STATUS_CANCELLED, STATUS_OK
 from .base import COOKIE_NAME, request_summary
@@ -55,7 +56,7 @@ class ChatSocket(WebSocketHandler):
         self.history: History | None = None
         self.v2 = False  # the client asked for the ai-chat.v2 subprotocol
         self.rejections = 0  # messages refused by the rate limit in a row
-        self.pending: list[ChatMessage] = []  # waiting for the worker
+        self.pending: list[ChatMessage | Switch | UseAgent] = []  # waiting for the worker
         self.worker: asyncio.Task | None = None  # answers ``pending``, in order
         self.busy = False  # an exchange is under way (being admitted or answered)
         self.replying: LiveReply | None = None  # the reply the worker waits for
@@ -112,6 +113,8 @@ class ChatSocket(WebSocketHandler):
             # one of its own (no frame is read until open() returns).
             in_progress = (await self.chat.store.live_replies(conversation_id)
                            if self.selected_subprotocol == frames.V2 else [])
+            chosen = (await self.chat.store.conversation_agent(conversation_id)
+                      if self.selected_subprotocol == frames.V2 else None)
             self.lease = await self.connections.take_slot(user.id)
         except StoreError:
             logger.exception("websocket: database unavailable while opening a socket")
@@ -130,6 +133,9 @@ class ChatSocket(WebSocketHandler):
         self.history = History(conversation_id, client_id=client_id)
         self.connections.join(self)
         self._send_now(frames.frame(frames.SYSTEM, frames.WELCOME.format(username=user.username)))
+        if self.v2:  # what a client needs to draw an agent picker
+            self._send_now(frames.frame(frames.SYSTEM, "", agent=self.chat.agent_name(chosen),
+                                        selectable=self.chat.settings.agent.choices()))
         # v2: name the conversation's replies in flight (on any instance), so
         # that a client that lost its state can resume them.
         for row in in_progress:
@@ -156,6 +162,8 @@ class ChatSocket(WebSocketHandler):
                 self._extra(self._cancel_by_id(parsed.reply_id))
         elif isinstance(parsed, Resume):
             self._extra(self._resume(parsed.reply_id, parsed.after_seq))
+        elif isinstance(parsed, Feedback):
+            self._extra(self._feedback(parsed))
         elif len(self.pending) + self.busy >= self.chat.settings.chat.max_pending:
             metrics.messages.labels("queue_full").inc()
             self._send_now(frames.frame(frames.ERROR, QUEUE_FULL))
@@ -220,6 +228,36 @@ class ChatSocket(WebSocketHandler):
             return
         await self._forward(listener, stream=True)
 
+    # Conversation controls (v2): feedback, switch, use_agent. Regenerate and
+    # edit are messages (ChatMessage.branch), answered by _exchange.
+
+    async def _feedback(self, feedback: Feedback) -> None:
+        if await self.chat.store.set_feedback(self.user.id, feedback.reply_id, feedback.rating,
+                                              feedback.comment):
+            await self._send(frames.frame(frames.SYSTEM, frames.FEEDBACK_THANKS,
+                                          reply_id=feedback.reply_id))
+        else:
+            await self._send(frames.frame(frames.ERROR, UNKNOWN_REPLY))
+
+    async def _control(self, action: Switch | UseAgent) -> None:
+        conversation_id = self.history.conversation_id
+        if isinstance(action, Switch):
+            path = await self.chat.store.switch_branch(conversation_id, action.message_id)
+            if path is None:
+                await self._send(frames.frame(frames.ERROR, frames.UNKNOWN_MESSAGE))
+            else:
+                await self._send(frames.frame(frames.SYSTEM, frames.SWITCHED, path=path))
+            return
+        choices = self.chat.settings.agent.choices()
+        if action.agent not in choices:
+            await self._send(frames.frame(frames.ERROR, frames.UNKNOWN_AGENT.format(
+                agent=action.agent, choices=", ".join(choices))))
+            return
+        await self.chat.store.set_conversation_agent(conversation_id, action.agent)
+        await self._send(frames.frame(frames.SYSTEM,
+                                      frames.NOW_ANSWERING.format(agent=action.agent),
+                                      agent=action.agent))
+
     def _extra(self, coroutine) -> None:
         """Run a v2 action (or announcement) beside the worker; the socket's
         close cancels it."""
@@ -240,7 +278,10 @@ class ChatSocket(WebSocketHandler):
             message = self.pending.pop(0)
             self.busy = True
             try:
-                await self._exchange(message)
+                if isinstance(message, ChatMessage):
+                    await self._exchange(message)
+                else:  # switch, use_agent: in order with the messages around them
+                    await self._guarded(self._control(message))
             except asyncio.CancelledError:
                 # The socket is closing. Its reply goes on to its end, unless
                 # the operator prefers to save the compute.
@@ -262,13 +303,18 @@ class ChatSocket(WebSocketHandler):
         logs.context.set({"exchange": secrets.token_hex(4),
                           "conversation": self.history.conversation_id,
                           "user": self.user.username})
+        branching = Branching(message.branch, message.target) if message.branch else None
         try:
-            admission, turns = await self.chat.admit(self.user, self.history, message.content)
+            admission, turns = await self.chat.admit(self.user, self.history, message.content,
+                                                     branching)
         except RateLimited as exc:
             await self._rate_limited(exc.retry_after)
             return
         except QuotaExceeded as exc:
             await self._over_quota(str(exc))
+            return
+        except UnknownTarget:
+            await self._send(frames.frame(frames.ERROR, unknown_target(message)))
             return
         except StoreError:
             logger.exception("websocket: database error during an exchange")
@@ -276,7 +322,13 @@ class ChatSocket(WebSocketHandler):
             await self._send(frames.frame(frames.ERROR, STORE_UNAVAILABLE))
             return
         self.rejections = 0
-        live = self.chat.start_reply(self.user, self.history, admission, turns, message.content)
+        if await self.chat.drop_unavailable_agent(self.history.conversation_id, admission.agent):
+            if self.v2:
+                await self._send(frames.frame(frames.SYSTEM, frames.AGENT_GONE.format(
+                    agent=admission.agent, backend=self.chat.settings.agent.backend),
+                    agent=self.chat.settings.agent.backend))
+        live = self.chat.start_reply(self.user, self.history, admission, turns,
+                                     admission.content)
         self.replying = live
         if self.cancel_next:
             live.cancel()
@@ -354,6 +406,13 @@ class ChatSocket(WebSocketHandler):
             self.write_message(text)
         except WebSocketClosedError:
             pass
+
+
+def unknown_target(message: ChatMessage) -> str:
+    """The error of an edit or regenerate whose message or reply is unknown."""
+    if message.branch == "edit":
+        return frames.UNKNOWN_MESSAGE
+    return UNKNOWN_REPLY if message.target is not None else frames.NOTHING_TO_REGENERATE
 
 
 def final_frame(ending: Ending, ids: dict) -> str:

@@ -5,18 +5,24 @@
   elsewhere (a strict Content-Security-Policy says so to the browser).
 - ``GET /api/conversations/{client_id}/messages``: the signed-in user's
   messages of that conversation, oldest first, for the page to show the
-  history when it is reopened. The token comes from ``Authorization: Bearer``
-  or the ``access_token`` cookie, never the query; no valid token: 401.
+  history when it is reopened: the active branch's path, or with ``?all=1``
+  the whole tree; each message with its parent, its siblings and its
+  feedback. The token comes from ``Authorization: Bearer`` or the
+  ``access_token`` cookie, never the query; no valid token: 401.
+- ``PUT /api/replies/{reply_id}/feedback``: the signed-in user's feedback on
+  a reply of theirs (JSON ``{"rating": 1 | -1 | 0, "comment": ...}``).
 """
 
 from __future__ import annotations
 
+import json
+from collections import defaultdict
 from datetime import datetime
 from pathlib import Path
 
 from tornado.web import StaticFileHandler
 
-from ..frames import valid_client_id
+from ..frames import MAX_ID_CHARS, FrameError, parse_feedback, valid_client_id
 from .base import BaseHandler
 
 STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
@@ -44,24 +50,81 @@ class PageFileHandler(StaticFileHandler, BaseHandler):
         set_page_headers(self)
 
 
-class ConversationMessagesHandler(BaseHandler):
-    async def get(self, client_id: str) -> None:
+class UserApiHandler(BaseHandler):
+    async def user_or_401(self):
         user = await self.signed_in_user()
         if user is None:
             self.set_header("WWW-Authenticate", "Bearer")
             self.write_json(401, {"error": "invalid_token",
                                   "error_description": "A valid token is required."})
+        return user
+
+
+class ConversationMessagesHandler(UserApiHandler):
+    async def get(self, client_id: str) -> None:
+        user = await self.user_or_401()
+        if user is None:
             return
         if not valid_client_id(client_id):
             self.write_json(400, {"error": "invalid_request",
                                   "error_description": "Invalid client_id."})
             return
-        rows = await self.store.transcript(user.id, client_id, HISTORY_LIMIT)
-        self.write_json(200, {"client_id": client_id, "messages": [
-            {"id": row.id, "role": row.role, "content": row.content, "status": row.status,
-             "created_at": iso_utc(row.created_at)}
-            for row in rows
-        ]})
+        leaf, rows = await self.store.conversation_tree(user.id, client_id)
+        whole = self.get_query_argument("all", "0") not in ("0", "", "false")
+        self.write_json(200, {"client_id": client_id,
+                              "messages": tree_messages(rows, leaf, whole)})
+
+
+class ReplyFeedbackHandler(UserApiHandler):
+    async def put(self, reply_id: str) -> None:
+        user = await self.user_or_401()
+        if user is None:
+            return
+        try:
+            body = json.loads(self.request.body or b"null")
+            if not isinstance(body, dict):
+                raise FrameError("Invalid feedback: expected a JSON object.")
+            feedback = parse_feedback(body, reply_id)
+        except (ValueError, RecursionError) as exc:
+            text = str(exc) if isinstance(exc, FrameError) else "Invalid feedback: not JSON."
+            self.write_json(422, {"error": "invalid_request", "error_description": text})
+            return
+        if len(reply_id) > MAX_ID_CHARS or not await self.store.set_feedback(
+                user.id, reply_id, feedback.rating, feedback.comment):
+            self.write_json(404, {"error": "not_found",
+                                  "error_description": "There is no such reply of yours."})
+            return
+        self.write_json(200, {"reply_id": reply_id, "rating": feedback.rating or None,
+                              "comment": feedback.comment if feedback.rating else None})
+
+
+def tree_messages(rows: list, leaf: int | None, whole: bool) -> list[dict]:
+    """The history API's messages: the active path from the root to ``leaf``
+    (or, ``whole``, every message), oldest first. A message whose parent was
+    purged counts as a root; ``siblings`` are the ids of its parent's
+    children (itself included), oldest first."""
+    by_id = {row.id: row for row in rows}
+    children = defaultdict(list)
+    for row in rows:
+        children[row.parent_id if row.parent_id in by_id else None].append(row.public_id)
+    if whole:
+        chosen = rows
+    else:
+        chosen, current = [], by_id.get(leaf)
+        while current is not None and len(chosen) < HISTORY_LIMIT:
+            chosen.append(current)
+            current = by_id.get(current.parent_id)
+        chosen.reverse()
+    return [
+        {"id": row.public_id,
+         "parent_id": by_id[row.parent_id].public_id if row.parent_id in by_id else None,
+         "role": row.role, "content": row.content, "status": row.status,
+         "created_at": iso_utc(row.created_at),
+         "siblings": children[row.parent_id if row.parent_id in by_id else None],
+         "feedback": None if row.rating is None else {"rating": row.rating,
+                                                      "comment": row.comment}}
+        for row in chosen
+    ]
 
 
 def iso_utc(value: datetime) -> str:
@@ -73,4 +136,5 @@ routes = [
     (r"/()", PageFileHandler, {"path": str(STATIC_DIR), "default_filename": "index.html"}),
     (r"/static/(.+)", PageFileHandler, {"path": str(STATIC_DIR)}),
     (r"/api/conversations/([^/]+)/messages", ConversationMessagesHandler),
+    (r"/api/replies/([^/]+)/feedback", ReplyFeedbackHandler),
 ]

@@ -459,6 +459,50 @@
       options,
     }, `Tool calls by tool; the most used is ${tools[0].tool} with ${count(tools[0].calls)} ` +
        `calls, ${count(tools[0].errors)} failed.`, table);
+  // Feedback: up and down per agent and model, the regenerate rate per agent,
+  // the latest comments (as text: a comment is the user's words).
+
+  function drawFeedback(report, regenerated) {
+    const rows = report.feedback.filter((row) => row.rated > 0);
+    const table = {
+      caption: "Feedback by agent and model",
+      columns: ["Agent and model", "Replies", "Rated", "Up", "Down", "Share up"],
+      rows: report.feedback.map((row) => ({key: `${row.agent} ${row.model}`, cells: [
+        `${row.agent} · ${row.model}`, count(row.replies), count(row.rated), count(row.up),
+        count(row.down), percent(row.up_share)]})),
+    };
+    $("regenerate-rates").textContent = regenerated.length
+      ? "Regenerated: " + regenerated.map((row) =>
+        `${row.agent} ${percent(row.regenerate_rate)}`).join(" · ") : "";
+    const list = $("feedback-comments");
+    list.replaceChildren(...report.comments.map((row) => {
+      const item = document.createElement("li");
+      const who = document.createElement("span");
+      who.className = "who";
+      who.textContent = `${row.rating > 0 ? "▲ Up" : "▼ Down"} · ${row.username} · ${row.agent}`;
+      const text = document.createElement("span");
+      text.textContent = row.comment;
+      item.append(who, text);
+      return item;
+    }));
+    if (!report.comments.length) {
+      const item = document.createElement("li");
+      item.textContent = "No comments in this range";
+      list.append(item);
+    }
+    if (!rows.length) return draw("chart-feedback", null, "", table);
+    const options = baseOptions({stacked: true, horizontal: true});
+    options.scales.y.ticks.autoSkip = false;
+    const best = rows.reduce((a, b) => ((b.up_share ?? 0) > (a.up_share ?? 0) ? b : a));
+    draw("chart-feedback", {
+      type: "bar",
+      data: {labels: rows.map((row) => `${row.agent} · ${row.model}`), datasets: [
+        bars("Up", rows.map((row) => row.up), css("--series-1"), {maxBarThickness: 18}),
+        bars("Down", rows.map((row) => row.down), css("--series-6"), {maxBarThickness: 18}),
+      ]},
+      options,
+    }, `Feedback for ${rows.length} agent and model pairs; the most liked is ` +
+       `${best.agent} ${best.model} with ${percent(best.up_share)} up.`, table);
   }
 
   // Key figures
@@ -535,13 +579,16 @@
       const query = apiQuery(filters);
       const unfiltered = apiQuery({...filters, agent: ""});
       try {
-        const [summary, daily, agents, everyAgent, users, errors] = await Promise.all([
+        const [summary, daily, agents, everyAgent, users, errors, feedback, conversations] =
+          await Promise.all([
           report("summary", query, signal),
           report("daily", query, signal),
           report("agents", query, signal),
           filters.agent ? report("agents", unfiltered, signal) : null,
           report("users", apiQuery(filters, {limit: 10}), signal),
           report("errors", apiQuery(filters, {limit: 1}), signal),
+          report("feedback", apiQuery(filters, {limit: 5}), signal),
+          report("conversations", apiQuery(filters, {limit: 1}), signal),
         ]);
         ui.notice.hidden = true;
         fillAgents(ui.agent, (everyAgent || agents).agents, filters.agent);
@@ -555,6 +602,7 @@
         drawUsers(users.users);
         drawErrorKinds(errors.by_kind, s.replies > 0);
         drawTools((await report("tools", query, signal)).tools);
+        drawFeedback(feedback, conversations.regenerated);
       } catch (error) {
         if (error.name === "AbortError") return;
         if (error.status === 401 || error.status === 403) {

@@ -1,5 +1,7 @@
 // The chat page: sign in, stream replies over the WebSocket, stop, history,
-// new conversation, reconnect with backoff, log out. No framework, no build.
+// new conversation, reconnect with backoff, log out; over protocol v2 also
+// thumbs up/down, regenerate, edit, versions (< 2 / 3 >) and the agent picker.
+// No framework, no build.
 //
 // It speaks protocol v2 (subprotocol ai-chat.v2, docs/protocol.md) when the
 // server does: replies carry ids, so a reply in flight survives a reload or a
@@ -19,6 +21,7 @@
   const IN_PROGRESS_TEXT = "A reply is in progress.";
   const NOTHING_TO_CANCEL = "There is no reply in progress to cancel.";
   const UNKNOWN_REPLY = "There is no such reply of yours.";
+  const FEEDBACK_TEXT = "Thanks for your feedback.";
   const BACKOFF_FIRST_MS = 500;
   const BACKOFF_MAX_MS = 30000;
 
@@ -30,6 +33,7 @@
     chatView: $("chat-view"), messages: $("messages"), composer: $("composer"),
     input: $("message"), send: $("send"), stop: $("stop"),
     newConversation: $("new-conversation"), logout: $("logout"), quotaLeft: $("quota-left"),
+    agent: $("agent"), agentField: $("agent-field"),
   };
 
   const state = {
@@ -114,13 +118,14 @@
 
   // A reply awaiting its end: its bubble, its id (v2, once the server has
   // acknowledged the message) and the last chunk shown.
-  function startReply(id = null) {
+  function startReply(id = null, branched = false) {
     const item = addBubble("assistant", "", {note: "Thinking…"});
     item.classList.add("streaming");
     ui.messages.setAttribute("aria-busy", "true");
-    const reply = {item, id, seq: -1};
+    const reply = {item, id, seq: -1, branched};
     state.pending.push(reply);
     updateButtons();
+    markLastReply();
     return reply;
   }
 
@@ -145,6 +150,7 @@
     if (outcome === "ok") {
       body.textContent = text;
       setMeta(item, "", time);
+      if (reply.id) addControls(item, {id: reply.id, role: "assistant", siblings: []});
     } else if (outcome === "cancelled") {
       item.classList.add("msg-cancelled");
       if (!body.textContent) body.textContent = "(no text yet)";
@@ -156,6 +162,8 @@
     if (!state.pending.length) ui.messages.removeAttribute("aria-busy");
     updateButtons();
     refreshQuota();
+    if (reply.branched && !state.pending.length) refreshHistory();  // show its versions
+    else markLastReply();
     return true;
   }
 
@@ -299,11 +307,28 @@
     switch (frame.type) {
       case "ack": {
         const reply = unacknowledgedReply();
-        if (reply) reply.id = frame.reply_id;
+        if (reply) {
+          reply.id = frame.reply_id;
+          reply.item.dataset.id = frame.reply_id;
+          const asked = reply.item.previousElementSibling;
+          if (asked && asked.classList.contains("msg-user") && !asked.dataset.id) {
+            asked.dataset.id = frame.message_id;
+            addControls(asked, {id: frame.message_id, role: "user", siblings: []});
+          }
+        }
         break;
       }
       case "system":
-        if (message === CANCELLED_TEXT) {
+        if (Array.isArray(frame.selectable)) {
+          showAgents(frame.agent, frame.selectable);  // v2: the conversation's agent
+        } else if (Array.isArray(frame.path)) {
+          refreshHistory();  // switched branches: show the active one
+        } else if (message === FEEDBACK_TEXT || frame.agent) {
+          // Feedback taken (the pressed thumb shows it) or the agent chosen (the
+          // picker shows it); an agent that went away is a notice (below).
+          if (message !== FEEDBACK_TEXT && message.includes("no longer")) notice(message);
+          if (frame.agent && ui.agent.value !== frame.agent) ui.agent.value = frame.agent;
+        } else if (message === CANCELLED_TEXT) {
           finishReply(replyFor(frame), "cancelled", "", frame.timestamp);
         } else if (message === IN_PROGRESS_TEXT) {
           adoptReply(frame);
@@ -341,6 +366,14 @@
         break;
       }
     }
+  }
+
+  // The agent picker (conversation controls, docs/protocol.md): shown only
+  // when more than one agent is selectable.
+  function showAgents(current, selectable) {
+    ui.agent.replaceChildren(...selectable.map((name) => new Option(name, name, false,
+                                                                    name === current)));
+    ui.agentField.hidden = selectable.length < 2;
   }
 
   function onClose(event) {
@@ -410,11 +443,14 @@
     for (const row of body.messages) {
       const item = addBubble(row.role === "user" ? "user" : "assistant", row.content,
                              {time: row.created_at});
+      item.dataset.id = row.id;
       if (row.status === "cancelled") {
         item.classList.add("msg-cancelled");
         setMeta(item, "Stopped", row.created_at);
       }
+      if (row.status !== "error") addControls(item, row);
     }
+    markLastReply();
     if (!body.messages.length) {
       notice("New conversation. Ask anything.");
     }
@@ -458,6 +494,162 @@
     } catch {
       // Not worth a notice: the next reply tries again.
     }
+  }
+
+  // Conversation controls (v2): thumbs up/down with a comment, regenerate the
+  // last reply, edit a message, move between versions, choose the agent.
+
+  function controlButton(label, text, onClick, extra = {}) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "control";
+    button.textContent = text;
+    button.setAttribute("aria-label", label);
+    button.title = label;
+    for (const [key, value] of Object.entries(extra)) button.setAttribute(key, value);
+    button.addEventListener("click", onClick);
+    return button;
+  }
+
+  function addControls(item, row) {
+    if (!state.v2 && state.socket) return;  // v1: the spec has no controls
+    item.querySelector(".msg-actions")?.remove();
+    const bar = document.createElement("div");
+    bar.className = "msg-actions";
+    const siblings = row.siblings || [];
+    if (siblings.length > 1) bar.append(siblingNav(row.id, siblings));
+    if (row.role === "user") {
+      bar.append(controlButton("Edit this message", "Edit", () => startEdit(item)));
+    } else {
+      const rating = row.feedback ? row.feedback.rating : 0;
+      bar.append(
+        controlButton("Good reply", "▲ Good", () => rate(item, 1), {"aria-pressed": String(rating === 1),
+                                                             "data-rating": "1"}),
+        controlButton("Bad reply", "▼ Bad", () => rate(item, -1), {"aria-pressed": String(rating === -1),
+                                                             "data-rating": "-1"}),
+        controlButton("Regenerate this reply", "↻ Regenerate", () => regenerate(item),
+                      {"data-regenerate": ""}));
+    }
+    item.append(bar);
+  }
+
+  function siblingNav(id, siblings) {
+    const nav = document.createElement("span");
+    nav.className = "siblings";
+    const at = siblings.indexOf(id);
+    const go = (index) => () => send({action: "switch", message_id: siblings[index]});
+    const previous = controlButton("Previous version", "‹", go(at - 1));
+    previous.disabled = at <= 0;
+    const next = controlButton("Next version", "›", go(at + 1));
+    next.disabled = at >= siblings.length - 1;
+    const where = document.createElement("span");
+    where.className = "sibling-count";
+    where.textContent = `${at + 1} / ${siblings.length}`;
+    nav.append(previous, where, next);
+    return nav;
+  }
+
+  // Regenerate is offered on the last reply only.
+  function markLastReply() {
+    const replies = ui.messages.querySelectorAll(".msg-assistant");
+    replies.forEach((reply, index) => {
+      const button = reply.querySelector("[data-regenerate]");
+      if (button) button.hidden = index !== replies.length - 1 || state.pending.length > 0;
+    });
+  }
+
+  function send(frame) {
+    if (!socketOpen() || !state.v2) return false;
+    state.socket.send(JSON.stringify(frame));
+    return true;
+  }
+
+  function rate(item, rating) {
+    const pressed = item.querySelector(`[data-rating="${rating}"]`);
+    const value = pressed.getAttribute("aria-pressed") === "true" ? 0 : rating;  // again: undo
+    if (!send({action: "feedback", reply_id: item.dataset.id, rating: value})) return;
+    for (const button of item.querySelectorAll("[data-rating]")) {
+      button.setAttribute("aria-pressed", String(Number(button.dataset.rating) === value));
+    }
+    item.querySelector(".feedback-form")?.remove();
+    if (value !== 0) item.append(commentForm(item, value));
+  }
+
+  function commentForm(item, rating) {
+    const form = document.createElement("form");
+    form.className = "feedback-form";
+    const input = document.createElement("input");
+    input.maxLength = 1000;
+    input.placeholder = "Add a comment (optional)";
+    input.setAttribute("aria-label", "Comment on this reply");
+    const save = document.createElement("button");
+    save.type = "submit";
+    save.className = "button ghost";
+    save.textContent = "Send comment";
+    form.append(input, save);
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      if (send({action: "feedback", reply_id: item.dataset.id, rating,
+                comment: input.value.trim() || null})) form.remove();
+    });
+    return form;
+  }
+
+  // Everything after ``item`` belongs to the branch being replaced.
+  function dropAfter(item) {
+    while (item.nextElementSibling) item.nextElementSibling.remove();
+  }
+
+  function regenerate(item) {
+    if (state.pending.length || !send({action: "regenerate", reply_id: item.dataset.id,
+                                        stream: true})) return;
+    dropAfter(item);
+    item.remove();
+    startReply(null, true);
+  }
+
+  function startEdit(item) {
+    if (item.querySelector(".edit-form")) return;
+    const body = item.querySelector(".msg-body");
+    const form = document.createElement("form");
+    form.className = "edit-form";
+    const box = document.createElement("textarea");
+    box.value = body.textContent;
+    box.maxLength = 4000;
+    box.setAttribute("aria-label", "Edit your message");
+    const save = document.createElement("button");
+    save.type = "submit";
+    save.className = "button primary";
+    save.textContent = "Save and send";
+    const cancel = document.createElement("button");
+    cancel.type = "button";
+    cancel.className = "button ghost";
+    cancel.textContent = "Cancel";
+    cancel.addEventListener("click", () => form.remove());
+    form.append(box, save, cancel);
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      const content = box.value.trim();
+      if (!content || state.pending.length) return;
+      if (!send({action: "edit", message_id: item.dataset.id, content, stream: true})) return;
+      dropAfter(item);
+      item.remove();
+      addBubble("user", content, {time: new Date().toISOString()});
+      startReply(null, true);
+    });
+    item.append(form);
+    box.focus();
+  }
+
+  async function refreshHistory() {
+    if (state.pending.length) return;
+    try {
+      await loadHistory();
+    } catch { /* the history stays as shown */ }
+  }
+
+  function chooseAgent() {
+    send({action: "use_agent", agent: ui.agent.value});
   }
 
   // Views
@@ -564,6 +756,7 @@
   ui.stop.addEventListener("click", stopReply);
   ui.newConversation.addEventListener("click", startNewConversation);
   ui.logout.addEventListener("click", logout);
+  ui.agent.addEventListener("change", chooseAgent);
   window.addEventListener("online", () => { if (state.signedIn && !state.socket) connect(); });
 
   showChat().catch(() => showLogin("The server could not be reached. Please reload."));

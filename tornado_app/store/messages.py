@@ -39,37 +39,23 @@ def message_row(**values) -> dict:
     """A messages row for INSERT_MESSAGE: every column, NULL unless given, status ok."""
     row = dict.fromkeys(_COLUMNS)
     row["status"] = STATUS_OK
+    row["regenerated"] = False
     row.update(values, created_at=utcnow())
     return row
 
 
-def user_message(conversation_id: int, user_id: int, content: str, public_id: str) -> dict:
+def user_message(conversation_id: int, user_id: int, content: str, public_id: str,
+                 parent_id: int | None = None) -> dict:
     return message_row(conversation_id=conversation_id, user_id=user_id, role=ROLE_USER,
-                       content=content, public_id=public_id)
+                       content=content, public_id=public_id, parent_id=parent_id)
 
 
 def reply_row(conversation_id: int, user_id: int, reply_to_id: int, public_id: str,
               **columns) -> dict:
+    # A reply's parent is the message it answers (its branch; store/branches.py).
     return message_row(conversation_id=conversation_id, user_id=user_id,
-                       reply_to_id=reply_to_id, role=ROLE_ASSISTANT, public_id=public_id,
-                       **columns)
-
-
-# The history a prompt is built from: a conversation's newest ``limit`` turns
-# between two message ids (exclusive), newest first. User messages are all
-# kept; of the replies only the delivered ones, so that an error text never
-# becomes part of the model's context.
-HISTORY = (
-    select(messages.c.id, messages.c.role, messages.c.content)
-    .where(
-        messages.c.conversation_id == bindparam("conversation_id", type_=Integer),
-        messages.c.id < bindparam("before_id", type_=Integer),
-        messages.c.id > bindparam("after_id", type_=Integer),
-        (messages.c.role == ROLE_USER) | (messages.c.status == STATUS_OK),
-    )
-    .order_by(messages.c.id.desc())
-    .limit(bindparam("limit", type_=Integer))
-)
+                       reply_to_id=reply_to_id, parent_id=reply_to_id, role=ROLE_ASSISTANT,
+                       public_id=public_id, **columns)
 
 
 @functools.cache

@@ -70,6 +70,11 @@ class Conversation(Base):
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
     client_id: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    # The newest message of the active branch (messages.id; no foreign key, like
+    # parent_id): the next message's parent, and where the prompt's path ends.
+    active_leaf_id: Mapped[int | None] = mapped_column(Integer)
+    # The agent the user chose for this conversation (agent.selectable); NULL: agent.backend.
+    agent: Mapped[str | None] = mapped_column(String(64))
 
 
 class Message(Base):
@@ -111,6 +116,13 @@ class Message(Base):
     # Of a reply: its price when saved (pricing in the config), so that a
     # later change of prices does not rewrite history. NULL: not priced.
     cost: Mapped[float | None] = mapped_column(Float)
+    # The message before this one on its branch (a reply's is the user message
+    # it answers): the transcript is a tree. No foreign key: the retention
+    # purge deletes old messages, and a message whose parent is gone is a root.
+    parent_id: Mapped[int | None] = mapped_column(Integer)
+    # A reply made by regenerate (another reply to a message that had one);
+    # NULL on rows older than migration 0008, which counts as false.
+    regenerated: Mapped[bool | None] = mapped_column(Boolean)
 
 
 class ReplyStream(Base):
@@ -318,6 +330,25 @@ _ok_reply_index("ix_messages_ok_user", "user_id", "created_at", "agent", "model"
                 "ttft_ms")
 
 
+# A message's children (regenerated replies, edited messages): siblings, switch.
+Index("ix_messages_parent_id", Message.parent_id)
+
+
+class Feedback(Base):
+    """A user's rating of a reply (1 up, -1 down) and an optional comment; one
+    per reply (only its own user may rate it), replaced when sent again."""
+
+    __tablename__ = "message_feedback"
+    __table_args__ = (Index("ix_message_feedback_created", "created_at"),)
+
+    message_id: Mapped[int] = mapped_column(
+        ForeignKey("messages.id", ondelete="CASCADE"), primary_key=True, autoincrement=False)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    rating: Mapped[int] = mapped_column(Integer)
+    comment: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
 class DailyRollup(Base):
     """Additive counters per UTC day, conversation, agent and model.
 
@@ -345,6 +376,8 @@ class DailyRollup(Base):
     latency_count: Mapped[int] = mapped_column(Integer)
     ttft_ms_sum: Mapped[float] = mapped_column(Float)
     ttft_count: Mapped[int] = mapped_column(Integer)
+    # Regenerated replies (migration 0008; rollups made before it count none).
+    regenerated: Mapped[int] = mapped_column(Integer, server_default="0")
     first_at: Mapped[datetime] = mapped_column(DateTime)
     last_at: Mapped[datetime] = mapped_column(DateTime)
 

@@ -22,8 +22,8 @@ from typing import Callable
 
 from sqlalchemy import select
 
-from . import (leases, memories, message_search, messages, quotas, ratelimit, revocations,
-               schema, streams, tool_steps, users)
+from . import (branches, feedback, leases, memories, message_search, messages, quotas,
+               ratelimit, revocations, schema, streams, tool_steps, users)
 from .engine import DEFAULT_TIMEOUT, create_engine, probe_sqlite_write_lock, sqlite_file
 from .executor import Conflict, EngineExecutor, Executor, store_errors
 from .models import ROLE_USER, STATUS_ERROR, utcnow
@@ -42,7 +42,7 @@ class Admission:
     (rows with ``id``, ``role`` and ``content``, oldest first), and the user's
     memories for the prompt (``key``, ``value`` encrypted, ``updated_at``)."""
 
-    decision: ratelimit.Decision
+    decision: ratelimit.Decision | None  # None: the edit's or regenerate's target is unknown
     message_id: int | None = None
     message_public_id: str | None = None
     reply_id: str | None = None
@@ -54,6 +54,11 @@ class Admission:
     reserved: quotas.Bound | None = None
     # When the quotas refused the message: the user's standing (store/quotas.py).
     over_quota: object | None = None
+    # Whether ``turns`` continue the socket's copy (after_id); else they replace it.
+    continues: bool = False
+    content: str | None = None  # the message answered (a regenerate's is the saved one)
+    agent: str | None = None  # the conversation's chosen agent (None: agent.backend)
+    regenerated: bool = False  # a regenerate: the message had a reply already
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,17 @@ class QuotaRequest:
     bound_of: Callable[[list], quotas.Bound]
     limits: quotas.Limits
     today: date  # the UTC day of the message
+
+
+@dataclass(frozen=True)
+class Branching:
+    """How an admitted message joins the tree (store/branches.py): ``edit``
+    (a new sibling of the user message ``target``) or ``regenerate`` (a new
+    reply to the user message of reply ``target``, or of the active branch's
+    last user message when ``target`` is None)."""
+
+    kind: str  # "edit" or "regenerate"
+    target: str | None = None  # a public id
 
 
 class Store:
@@ -181,16 +197,44 @@ class Store:
         self, conversation_id: int, user_id: int, content: str, *, now: float, messages: int,
         per_seconds: float, after_id: int, history_limit: int, instance: str,
         lease_seconds: float, quota: QuotaRequest | None = None,
+        branching: Branching | None = None,
     ) -> Admission:
         """The start of an exchange, in one transaction: take the rate limit
         (``messages`` per ``per_seconds``), reserve the reply's ``quota``
-        bound, and if both allow, save the user's message, open its reply's
-        stream (leased to ``instance``) and read the history turns between
-        ``after_id`` and the message, and the user's memories.
+        bound, and if both allow, save the user's message as the active leaf's
+        child (or as ``branching`` says), open its reply's stream (leased to
+        ``instance``), and read the history turns of its branch, back to
+        ``after_id`` (the socket's copy) if it is on it, and the user's memories.
         """
         return await self.writer.run(_admit, conversation_id, user_id, content, now, messages,
                                      per_seconds, after_id, history_limit, instance,
-                                     now + lease_seconds, quota)
+                                     now + lease_seconds, quota, branching)
+
+    # Branches, the agent per conversation, feedback (branches.py, feedback.py)
+
+    async def switch_branch(self, conversation_id: int, message_id: str) -> list[str] | None:
+        """Make the branch through a message active; its path's public ids,
+        oldest first (None: no such message in the conversation)."""
+        return await self.writer.run(branches.switch, conversation_id, message_id)
+
+    async def conversation_tree(self, user_id: int, client_id: str) -> tuple[int | None, list]:
+        """A user's conversation: its active leaf's row id and every message
+        (id, public_id, parent_id, role, content, status, created_at, rating,
+        comment), oldest first."""
+        return await self.reader.run(branches.tree, user_id, client_id, write=False)
+
+    async def set_conversation_agent(self, conversation_id: int, name: str | None) -> None:
+        await self.writer.run(branches.set_agent, conversation_id, name)
+
+    async def conversation_agent(self, conversation_id: int) -> str | None:
+        state = await self.reader.run(branches.state, conversation_id, write=False)
+        return None if state is None else state.agent
+
+    async def set_feedback(self, user_id: int, reply_id: str, rating: int,
+                           comment: str | None) -> bool:
+        """Save, replace (rating 1 / -1) or remove (0) the user's feedback on
+        a reply of theirs; False when it is no reply of theirs."""
+        return await self.writer.run(feedback.set_feedback, user_id, reply_id, rating, comment)
 
     async def finish_reply(self, reply_id: str, conversation_id: int, user_id: int,
                            reply_to_id: int, pieces: list[str], flushed: bool,
@@ -354,26 +398,38 @@ def _open_conversation(db, user_id: int, client_id: str) -> int:
 
 
 def _admit(db, conversation_id, user_id, content, now, limit, per_seconds, after_id,
-           history_limit, instance, lease_until, quota) -> Admission:
+           history_limit, instance, lease_until, quota, branching) -> Admission:
+    state = branches.state(db, conversation_id)
+    parent, existing = state.active_leaf_id, None
+    if branching is not None:
+        target = _branch_target(db, conversation_id, state.active_leaf_id, branching)
+        if target is None:
+            return Admission(None)  # checked before the rate limit: nothing is taken
+        parent = target.parent_id
+        if branching.kind == "regenerate":
+            existing, content = target, target.content
     decision = ratelimit.take(db, user_id, now, limit, per_seconds)
     if not decision.allowed:
         return Admission(decision)
-    public_id, reply_id = messages.new_public_id(), messages.new_public_id()
+    reply_id = messages.new_public_id()
+    rows, continues = branches.path_up(db, parent, after_id, history_limit)
+    turns = branches.prompt_turns(rows)
     bound = None
     if quota is not None:
-        # The turns first (all of them: the message is not saved yet), for the bound.
-        turns = _history(db, conversation_id, _AFTER_ALL, after_id, history_limit)
         bound = quota.bound_of(turns)
         refused = quotas.reserve(db, reply_id, user_id, bound, quota.limits, now,
                                  quota.today, lease_until)
         if refused is not None:
             return Admission(decision, reserved=bound, over_quota=refused)
-    row = messages.user_message(conversation_id, user_id, content, public_id)
-    message_id = db.execute(messages.INSERT_MESSAGE, row).scalar()
+    if existing is None:
+        public_id = messages.new_public_id()
+        row = messages.user_message(conversation_id, user_id, content, public_id, parent)
+        message_id = db.execute(messages.INSERT_MESSAGE, row).scalar()
+    else:
+        message_id, public_id = existing.id, existing.public_id
+    branches.set_leaf(db, conversation_id, message_id)
     streams.open_stream(db, reply_id, conversation_id, user_id, message_id, instance,
                         lease_until)
-    if quota is None:
-        turns = _history(db, conversation_id, message_id, after_id, history_limit)
     steps = {}
     if any(turn.role != ROLE_USER for turn in turns):
         steps = tool_steps.between(db, conversation_id, turns[0].id - 1, message_id)
@@ -381,20 +437,21 @@ def _admit(db, conversation_id, user_id, content, now, limit, per_seconds, after
     # would cost every exchange another round trip.
     saved = db.execute(memories.LIST, {"user_id": user_id}).all()
     return Admission(decision, message_id, public_id, reply_id, turns, memories=saved,
-                     steps=steps, reserved=bound)
+                     steps=steps, reserved=bound, continues=continues, content=content,
+                     agent=state.agent, regenerated=existing is not None)
 
 
-# Larger than any message id (INTEGER): "every turn saved so far".
-_AFTER_ALL = 2 ** 31 - 1
-
-
-def _history(db, conversation_id, before_id, after_id, limit) -> list:
-    """The history turns between two ids, oldest first."""
-    turns = db.execute(messages.HISTORY, {
-        "conversation_id": conversation_id, "before_id": before_id, "after_id": after_id,
-        "limit": limit}).all()
-    turns.reverse()
-    return turns
+def _branch_target(db, conversation_id, leaf_id, branching: Branching):
+    """The user message an edit replaces or a regenerate answers again, or None."""
+    if branching.kind == "edit":
+        row = branches.find(db, conversation_id, branching.target)
+        return row if row is not None and not branches.is_reply(row) else None
+    if branching.target is None:
+        return branches.last_user_message(db, leaf_id)
+    reply = branches.find(db, conversation_id, branching.target)
+    if not branches.is_reply(reply) or reply.reply_to_id is None:
+        return None
+    return db.execute(branches.MESSAGE_BY_ID, {"id": reply.reply_to_id}).first()
 
 
 def _finish_reply(db, reply_id: str, row: dict, pieces: list[str], flushed: bool,

@@ -24,6 +24,7 @@ from sqlalchemy import (
     update,
 )
 
+from . import branches
 from .messages import INSERT_MESSAGE, messages
 from .models import ReplyChunk, ReplyStream, utcnow
 
@@ -172,6 +173,7 @@ def cancel_requests(db, instance: str) -> list[str]:
 def finish(db, reply_id: str, row: dict, pieces: list[str], flushed: bool) -> int:
     """Save the reply's row and close its stream, in one transaction."""
     reply_row_id = db.execute(INSERT_MESSAGE, row).scalar()
+    branches.advance_leaf(db, row["conversation_id"], row["reply_to_id"], reply_row_id)
     db.execute(_FINISH, {"which": reply_id, "now": utcnow(), "seq": len(pieces) - 1,
                          "lengths": lengths_text(pieces)})
     if flushed:
@@ -210,7 +212,9 @@ def sweep(db, now: float, message_row, forget_before: datetime) -> list[str]:
         if db.execute(_CLAIM, values).rowcount != 1:
             continue  # another instance got there first
         pieces = [row.text for row in db.execute(_SAVED_CHUNKS, values).all()]
-        db.execute(INSERT_MESSAGE, message_row(expired, "".join(pieces)))
+        row = message_row(expired, "".join(pieces))
+        reply_row_id = db.execute(INSERT_MESSAGE, row).scalar()
+        branches.advance_leaf(db, row["conversation_id"], row["reply_to_id"], reply_row_id)
         db.execute(_SET_LENGTHS, {"which": expired.reply_id, "seq": len(pieces) - 1,
                                   "lengths": lengths_text(pieces)})
         db.execute(_DROP_CHUNKS, values)
