@@ -245,8 +245,15 @@ async def insert_message(engine, user_id: int, content: str) -> None:
 async def test_migration_0006_up_and_down_with_data(db_store):
     engine = db_store.engine
     await upgrade(engine, "0004")
-    alice = (await db_store.create_user("alice", None)).id
-    await db_store.open_conversation(alice, "before")
+    # Plain SQL: the Store's statements know the columns of later revisions.
+    async with engine.begin() as conn:
+        await conn.execute(text(
+            "INSERT INTO users (id, username, is_admin, disabled, created_at) "
+            "VALUES (1, 'alice', false, false, '2025-01-01 00:00:00')"))
+        await conn.execute(text(
+            "INSERT INTO conversations (id, user_id, client_id, created_at) "
+            "VALUES (1, 1, 'before', '2025-01-01 00:00:00')"))
+    alice = 1
     await insert_message(engine, alice, "saved before the search existed")
     await upgrade(engine, "0006")
     memories = Memories(db_store, MemoryCipher("s" * 40), 10)

@@ -35,7 +35,7 @@ def quota_store(limiter_store):
 async def admit(store, user_id, bound, limits, now=NOW, lease=60.0):
     """One message through Store.admit with a fixed quota bound."""
     conversation = await store.open_conversation(user_id, "quota")
-    request = QuotaRequest(lambda rows: Bound(*bound), limits,
+    request = QuotaRequest(lambda rows, memories: Bound(*bound), limits,
                            datetime.fromtimestamp(now, timezone.utc).date())
     return await store.admit(conversation, user_id, "a message", now=now, messages=1_000_000,
                              per_seconds=1.0, after_id=0, history_limit=10,

@@ -32,8 +32,6 @@ logger = logging.getLogger(__name__)
 
 # Tokens counted per message for the chat template's role markers.
 TOKENS_PER_MESSAGE = 4
-# The blank lines around the memory section, beyond its own count.
-MEMORY_SEPARATOR_TOKENS = 4
 
 # The error frame's text when a message or reply could not be saved.
 STORE_UNAVAILABLE = "The service could not save your message; please try again shortly."
@@ -147,19 +145,22 @@ class ChatService:
         # Any agent the conversation may have chosen could answer.
         chain = self.pool.every_agent()
         agent = chain[0]
-        # The memories are read with the message: reserve for as many as fit.
-        system = system_prompt(self.settings.agent.system_prompt, user.username, "")
-        extra = self._memory_budget(agent) + MEMORY_SEPARATOR_TOKENS if self.memories else 0
         # With tools, each further model call of the loop is reserved for too.
         tool_steps = self.settings.agent.max_tool_steps if self.settings.agent.tools else 0
         known = list(history.turns)
 
-        def bound_of(rows: list) -> quotas.Bound:
+        def bound_of(rows: list, saved_memories: list) -> quotas.Bound:
             if branching is not None:
                 # An edit or a regenerate answers another branch than the copy's:
                 # reserve for the fullest prompt the agent takes.
-                prompt = agent.context_tokens - agent.reply_tokens + extra
+                prompt = agent.context_tokens - agent.reply_tokens
                 return quotas.reply_bound(chain, prompt, self.pricing, tool_steps)
+            # The system prompt exactly as _prompt will write it, memories included.
+            section = ""
+            if self.memories is not None and saved_memories:
+                section = memory_section(self.memories.readable(user.id, saved_memories),
+                                         self._memory_budget(agent), agent.count_tokens)
+            system = system_prompt(self.settings.agent.system_prompt, user.username, section)
             # A loading model's counts are estimates: never cached in the history.
             if agent.ready:
                 history.count(agent, known)
@@ -168,7 +169,7 @@ class ChatService:
                 counts = [agent.count_tokens(turn.content) for turn in known]
             counts += [agent.count_tokens(row.content) for row in rows]
             tokens = sum(counts[-history.limit:]) + TOKENS_PER_MESSAGE * len(counts)
-            prompt = quotas.prompt_bound(agent, system, content, tokens, extra)
+            prompt = quotas.prompt_bound(agent, system, content, tokens)
             return quotas.reply_bound(chain, prompt, self.pricing, tool_steps)
 
         return QuotaRequest(bound_of, self.limits, quotas.Windows.at(now).today)

@@ -61,11 +61,9 @@ class Pricing:
                 + (tokens_out or 0) * price.output_per_million) / 1_000_000
 
 
-def prompt_bound(agent, system: str, content: str, history_tokens: int, extra: int = 0) -> int:
-    """The most tokens the prompt to ``agent`` can have (see chat._prompt);
-    ``extra``: what the system prompt may gain (the user's memories)."""
-    base = (agent.count_tokens(system) + extra + agent.count_tokens(content)
-            + 2 * TOKENS_PER_MESSAGE)
+def prompt_bound(agent, system: str, content: str, history_tokens: int) -> int:
+    """The most tokens the prompt to ``agent`` can have (see chat._prompt)."""
+    base = agent.count_tokens(system) + agent.count_tokens(content) + 2 * TOKENS_PER_MESSAGE
     return min(base + history_tokens, max(base, agent.context_tokens - agent.reply_tokens))
 
 

@@ -65,11 +65,12 @@ class Admission:
 class QuotaRequest:
     """What :meth:`Store.admit` reserves against the quotas (store/quotas.py).
 
-    ``bound_of(turns)`` gives the reply's bound from the history turns read
-    (rows with id, role and content, oldest first): the prompt is only known
-    once they are. It runs inside the transaction, so it must be quick."""
+    ``bound_of(turns, memories)`` gives the reply's bound from the history
+    turns read (rows with id, role and content, oldest first) and the user's
+    memories (encrypted rows): the prompt is only known once they are. It runs
+    inside the transaction, so it must be quick."""
 
-    bound_of: Callable[[list], quotas.Bound]
+    bound_of: Callable[[list, list], quotas.Bound]
     limits: quotas.Limits
     today: date  # the UTC day of the message
 
@@ -414,9 +415,12 @@ def _admit(db, conversation_id, user_id, content, now, limit, per_seconds, after
     reply_id = messages.new_public_id()
     rows, continues = branches.path_up(db, parent, after_id, history_limit)
     turns = branches.prompt_turns(rows)
+    # In the same transaction: the prompt needs them (and so does the quota's
+    # bound), and a read of its own would cost every exchange another round trip.
+    saved = db.execute(memories.LIST, {"user_id": user_id}).all()
     bound = None
     if quota is not None:
-        bound = quota.bound_of(turns)
+        bound = quota.bound_of(turns, saved)
         refused = quotas.reserve(db, reply_id, user_id, bound, quota.limits, now,
                                  quota.today, lease_until)
         if refused is not None:
@@ -433,9 +437,6 @@ def _admit(db, conversation_id, user_id, content, now, limit, per_seconds, after
     steps = {}
     if any(turn.role != ROLE_USER for turn in turns):
         steps = tool_steps.between(db, conversation_id, turns[0].id - 1, message_id)
-    # In the same transaction: the prompt needs them, and a read of its own
-    # would cost every exchange another round trip.
-    saved = db.execute(memories.LIST, {"user_id": user_id}).all()
     return Admission(decision, message_id, public_id, reply_id, turns, memories=saved,
                      steps=steps, reserved=bound, continues=continues, content=content,
                      agent=state.agent, regenerated=existing is not None)
