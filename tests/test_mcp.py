@@ -33,18 +33,19 @@ WAIT = 20.0
 
 
 class McpHttpServer:
-    """``mcp_test_server.py http PORT`` as a child process."""
+    """``mcp_test_server.py http PORT`` (or ``sse PORT``) as a child process."""
 
-    def __init__(self, port: int, log: Path):
+    def __init__(self, port: int, log: Path, mode: str = "http"):
         self.port = port
-        self.url = f"http://127.0.0.1:{port}/mcp"
+        self.mode = mode
+        self.url = f"http://127.0.0.1:{port}/{'sse' if mode == 'sse' else 'mcp'}"
         self.log = log
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "McpHttpServer":
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, SCRIPT, "http", str(self.port)], stdin=subprocess.DEVNULL,
+                [sys.executable, SCRIPT, self.mode, str(self.port)], stdin=subprocess.DEVNULL,
                 stdout=log, stderr=subprocess.STDOUT, env=clean_env(), preexec_fn=_preexec())
         deadline = time.monotonic() + WAIT
         while time.monotonic() < deadline:
@@ -148,6 +149,23 @@ async def test_a_changed_tool_list_is_picked_up(mcp, http_server):
     assert await call(servers, "web__grow", {"name": added}) == f"added {added}"
     await until(servers, lambda: f"web__{added}" in servers.tools())
     assert await call(servers, f"web__{added}", {}) == f"{added} here"
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_an_older_server_over_sse(mcp, tmp_path):
+    old = McpHttpServer(free_port(), tmp_path / "sse.log", mode="sse").start()
+    try:
+        servers = mcp(McpServerSettings(name="old", url=old.url, transport="sse",
+                                        user_header="X-Chat-User"))
+        await until(servers, connected(servers, "old"))
+        assert await call(servers, "old__lookup", {"city": "Kyiv"}) == \
+            '{"city": "Kyiv", "population": 4000}'
+        assert await call(servers, "old__header", {"name": "X-Chat-User"}, "carol") == "carol"
+        # Tool list changes are followed over SSE too.
+        assert await call(servers, "old__grow", {"name": "later"}) == "added later"
+        await until(servers, lambda: "old__later" in servers.tools())
+    finally:
+        old.stop()
 
 
 # Arguments and results

@@ -207,6 +207,8 @@ class McpServerSettings(Section):
 
     name: str = Field(pattern=MCP_SERVER_NAME, max_length=32)
     url: str | None = None
+    # streamable-http, or sse for older servers (the protocol's 2024 HTTP transport).
+    transport: Literal["streamable-http", "sse"] = "streamable-http"
     # Sent with every HTTP request; "${VAR}" in a value is read from the environment.
     headers: dict[str, str] = {}
     # Sends the calling user's name in this header (HTTP servers only).
