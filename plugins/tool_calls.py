@@ -6,6 +6,7 @@ templates want them (arguments as objects, text content never null)."""
 from __future__ import annotations
 
 import json
+import secrets
 
 from tornado_app.tools import ToolCall
 
@@ -51,7 +52,9 @@ class ToolCallParser:
     """Splits streamed text into text pieces and ToolCalls. Text that may be
     the start of ``<tool_call>`` is held back until the next piece tells."""
 
-    def __init__(self):
+    def __init__(self, prefix: str | None = None):
+        # Ids unique across the model turns of a reply (the template may show them).
+        self._prefix = prefix if prefix is not None else f"call_{secrets.token_hex(3)}_"
         self._buffer = ""
         self._inside = False
         self._after_call = False  # newlines right after a call are the template's, not text
@@ -98,7 +101,7 @@ class ToolCallParser:
 
     def _call(self, body: str) -> ToolCall:
         self._count += 1
-        call_id = f"call_{self._count}"
+        call_id = f"{self._prefix}{self._count}"
         try:
             data = json.loads(body)
         except ValueError:

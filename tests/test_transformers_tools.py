@@ -55,7 +55,7 @@ def tools_model_dir(tmp_path_factory):
 
 
 def feed_all(pieces):
-    parser = ToolCallParser()
+    parser = ToolCallParser(prefix="call_")
     out = [item for piece in pieces for item in parser.feed(piece)]
     return out + parser.close()
 
@@ -77,6 +77,12 @@ def test_the_parser_keeps_text_that_only_looks_like_a_tag():
     # A malformed call reaches the host as a call of no tool (an error result).
     assert feed_all(["<tool_call>not json</tool_call>"]) == [ToolCall("call_1", "", "not json")]
     assert feed_all(['<tool_call>{"name": "clock"']) == [ToolCall("call_1", "", '{"name": "clock"')]
+
+
+def test_call_ids_differ_between_model_turns():
+    first, second = ToolCallParser(), ToolCallParser()
+    call = '<tool_call>{"name": "clock", "arguments": {}}</tool_call>'
+    assert first.feed(call)[0].call_id != second.feed(call)[0].call_id
 
 
 def test_template_detection():
