@@ -211,7 +211,8 @@ async def test_invalid_arguments_and_unknown_tools_are_error_results(
     assert told["a"].startswith("error: invalid arguments: key: String should have at least")
     assert "key: Field required" in told["b"] and "nope: Extra inputs" in told["b"]
     assert told["c"] == told["d"] == tool_loop.NOT_AN_OBJECT
-    assert told["e"] == "error: there is no tool named missing; use one of: lookup, meet, slow, broken"
+    assert told["e"] == ("error: there is no tool named missing; "
+                         "use one of: lookup, meet, slow, broken")
     # The raw text the model wrote goes back to it as it was.
     assistant = model_messages(fake_agent.history[1])[0]
     assert assistant["tool_calls"][2]["function"]["arguments"] == "{not json"

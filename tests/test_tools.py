@@ -15,7 +15,7 @@ from tornado_app.tool_loop import Caller, tool_context
 from tornado_app.toolbox import Toolbox, available_tools, validate_tool_settings
 from tornado_app.tools import Tool, ToolCall
 
-from .helpers import FakePlugin, saved_tool_steps
+from .helpers import saved_tool_steps
 from .servers import cli, one_line_error, write_config
 
 

@@ -76,7 +76,8 @@ def test_the_parser_keeps_text_that_only_looks_like_a_tag():
     assert "".join(feed_all(["a <tool", "s> b <"])) == "a <tools> b <"
     # A malformed call reaches the host as a call of no tool (an error result).
     assert feed_all(["<tool_call>not json</tool_call>"]) == [ToolCall("call_1", "", "not json")]
-    assert feed_all(['<tool_call>{"name": "clock"']) == [ToolCall("call_1", "", '{"name": "clock"')]
+    unclosed = '{"name": "clock"'
+    assert feed_all(["<tool_call>" + unclosed]) == [ToolCall("call_1", "", unclosed)]
 
 
 def test_call_ids_differ_between_model_turns():

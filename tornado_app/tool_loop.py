@@ -234,7 +234,8 @@ async def converse(agent: Agent, messages: list[dict], prompt_tokens: int, usern
                 # not keep the event loop (and a cancel) waiting.
                 await asyncio.sleep(0)
         said = "".join(text)
-        asked = [json.dumps(parse_arguments(c.arguments) or {}) for c in calls]
+        asked = [json.dumps(parse_arguments(c.arguments) or {}, ensure_ascii=False)
+                 for c in calls]
         tokens.add(agent, request, prompt_tokens, said + "".join(asked))
         if not calls:
             return tokens
