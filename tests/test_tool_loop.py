@@ -74,6 +74,8 @@ class Slow(Tool):
 
     async def call(self, arguments, context):
         self.started.set()
+        self.deadline = context.deadline
+        self.started_at = asyncio.get_running_loop().time()
         try:
             await asyncio.Event().wait()
         except asyncio.CancelledError:
@@ -290,7 +292,7 @@ async def test_cancel_in_the_middle_of_a_tool_call(connect, fake_agent, settings
 
 
 @pytest.mark.gen_test(timeout=30)
-async def test_the_reply_deadline_covers_the_tool_calls(connect, fake_agent, settings):
+async def test_the_reply_deadline_covers_the_tool_calls(connect, fake_agent, settings, tools):
     settings.tools.timeout_seconds = 30
     settings.agent.timeout_seconds = 0.5
     fake_agent.enqueue(call("slow", {"key": "b"}))
@@ -298,6 +300,8 @@ async def test_the_reply_deadline_covers_the_tool_calls(connect, fake_agent, set
     frames = await exchange(client)
     assert frames[-1]["type"] == "error"
     assert "did not answer in time" in frames[-1]["message"]
+    # The tool was told the reply's deadline, not its own 30 s.
+    assert tools["slow"].deadline - tools["slow"].started_at <= 0.5
 
 
 @pytest.fixture
