@@ -87,6 +87,11 @@ class Broken(Tool):
     description = "Fail."
     Arguments = KeyArguments
 
+    def validate(self, arguments):
+        if arguments.get("key") == "bug":
+            raise TypeError("SECRET-INTERNAL-DETAIL")
+        return super().validate(arguments)
+
     async def call(self, arguments, context):
         if arguments.key == "safe":
             raise ToolError("no such record")
@@ -241,7 +246,7 @@ async def test_the_calls_of_one_turn_run_concurrently(connect, fake_agent, store
 async def test_a_tool_that_times_out_or_raises_gives_the_model_a_fixed_error(
         connect, fake_agent, store, caplog):
     fake_agent.enqueue(call("slow", {"key": "x"}, "a"), call("broken", {"key": "x"}, "b"),
-                       call("broken", {"key": "safe"}, "c"))
+                       call("broken", {"key": "safe"}, "c"), call("broken", {"key": "bug"}, "d"))
     fake_agent.enqueue("I could not find out.")
     client = await connect("tools-fail", subprotocols=V2)
     frames = await exchange(client)
@@ -250,12 +255,13 @@ async def test_a_tool_that_times_out_or_raises_gives_the_model_a_fixed_error(
     told = {m["tool_call_id"]: m["content"] for m in model_messages(fake_agent.history[1])
             if m["role"] == "tool"}
     assert told == {"a": tool_loop.TIMED_OUT, "b": tool_loop.FAILED,
-                    "c": "error: no such record"}
+                    "c": "error: no such record", "d": tool_loop.FAILED}
     steps = await saved_tool_steps(store)
-    assert [s.status for s in steps] == ["timeout", "error", "error"]
+    assert [s.status for s in steps] == ["timeout", "error", "error", "error"]
     assert steps[0].latency_ms >= 500  # tools.timeout_seconds
     assert "SECRET-INTERNAL-DETAIL" not in caplog.text + json.dumps(frames)
     assert "tool broken raised RuntimeError" in caplog.text
+    assert "tool broken: validate raised TypeError" in caplog.text
 
 
 @pytest.mark.gen_test(timeout=30)

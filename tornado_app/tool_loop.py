@@ -133,6 +133,9 @@ async def run_call(call: ToolCall, turn: int, tools: dict[str, Tool], caller: Ca
             valid = tool.validate(arguments)
         except ValueError as exc:
             result = INVALID.format(details=_details(exc))
+        except Exception as exc:  # a plugin's validate() with a bug
+            logger.error("tool %s: validate raised %s", tool.name, type(exc).__name__)
+            result = FAILED
         else:
             context = tool_context(caller, timeout, reply_deadline)
             status, result = await _call(tool, valid, context, timeout)
