@@ -1,0 +1,69 @@
+"""The operator's path, end to end: a real server process (``openai`` agent
+against a loopback fake), a tool package installed while it runs, named in
+``agent.tools``, SIGHUP, and the next reply uses it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import yaml
+
+from .helpers import connect_ws, run_async
+from .openai_upstream import FakeOpenAI
+from .servers import add_users, token, write_config
+from .test_tools import LATE_PACKAGE
+
+
+def install(site, name="late_tool_pkg"):
+    """What pip leaves behind: the module, its dist-info and the entry point."""
+    info = site / f"{name}-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[tornado_app]\nlate = {name}\n")
+    (site / f"{name}.py").write_text(LATE_PACKAGE)
+
+
+def wait_for_log(server, text: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in server.log():
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.05)  # a log file has nothing to await
+
+
+async def ask(server, user_token: str, content: str) -> dict:
+    client = await connect_ws(server.ws_url("sighup", user_token))
+    await client.receive()  # the welcome
+    await client.send({"content": content})
+    reply = await client.receive()
+    client.close()
+    return reply
+
+
+def test_a_tool_installed_while_serving_is_used_after_sighup(tmp_path, servers):
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    with FakeOpenAI() as upstream:
+        openai = {"base_url": upstream.base_url, "api_key": "sk-test", "max_retries": 0}
+        config = write_config(tmp_path / "server",
+                              agent={"backend": "openai", "tools": ["clock"], "openai": openai})
+        add_users(config, "alice")
+        user_token = token(config, "alice")
+        server = servers(config, env={"PYTHONPATH": str(site)})
+
+        install(site)
+        data = yaml.safe_load(config.read_text())
+        data["agent"]["tools"] = ["clock", "late"]
+        config.write_text(yaml.safe_dump(data))
+        os.kill(server.pid, signal.SIGHUP)
+        wait_for_log(server, "tools now: clock, late")
+
+        upstream.tool_calls([("call_1", "late", "{}")])
+        upstream.reply(["The late tool answered."])
+        reply = run_async(ask(server, user_token, "Use the new tool"))
+        assert reply["type"] == "ai_response" and reply["message"] == "The late tool answered."
+        first, second = (request.json for request in upstream.requests)
+        assert [tool["function"]["name"] for tool in first["tools"]] == ["clock", "late"]
+        assert second["messages"][-1] == {"role": "tool", "tool_call_id": "call_1",
+                                          "content": "late tool here"}
