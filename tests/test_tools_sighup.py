@@ -10,19 +10,9 @@ import time
 
 import yaml
 
-from .helpers import connect_ws, run_async
+from .helpers import connect_ws, install_late_tool, run_async
 from .openai_upstream import FakeOpenAI
 from .servers import add_users, token, write_config
-from .test_tools import LATE_PACKAGE
-
-
-def install(site, name="late_tool_pkg"):
-    """What pip leaves behind: the module, its dist-info and the entry point."""
-    info = site / f"{name}-1.0.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text(f"[tornado_app]\nlate = {name}\n")
-    (site / f"{name}.py").write_text(LATE_PACKAGE)
 
 
 def wait_for_log(server, text: str, timeout: float = 20) -> None:
@@ -52,7 +42,7 @@ def test_a_tool_installed_while_serving_is_used_after_sighup(tmp_path, servers):
         user_token = token(config, "alice")
         server = servers(config, env={"PYTHONPATH": str(site)})
 
-        install(site)
+        install_late_tool(site)
         data = yaml.safe_load(config.read_text())
         data["agent"]["tools"] = ["clock", "late"]
         config.write_text(yaml.safe_dump(data))
