@@ -1,6 +1,7 @@
-"""The operator's path, end to end: a real server process (``openai`` agent
-against a loopback fake), a tool package installed while it runs, named in
-``agent.tools``, SIGHUP, and the next reply uses it."""
+"""Real server processes (``openai`` agent against a loopback fake) with
+tools: the operator's path (a tool package installed while the server runs,
+named in ``agent.tools``, SIGHUP, the next reply uses it), and the spec's
+client script printing tool steps."""
 
 from __future__ import annotations
 
@@ -57,3 +58,29 @@ def test_a_tool_installed_while_serving_is_used_after_sighup(tmp_path, servers):
         assert [tool["function"]["name"] for tool in first["tools"]] == ["clock", "late"]
         assert second["messages"][-1] == {"role": "tool", "tool_call_id": "call_1",
                                           "content": "late tool here"}
+
+
+def test_the_client_script_prints_tool_steps(tmp_path, servers):
+    from .test_client_script import login_args, run_script
+
+    with FakeOpenAI() as upstream:
+        openai = {"base_url": upstream.base_url, "api_key": "sk-test", "max_retries": 0}
+        config = write_config(tmp_path, agent={"backend": "openai", "tools": ["clock"],
+                                               "openai": openai})
+        add_users(config, "alice")
+        server = servers(config)
+        upstream.tool_calls([("call_1", "clock", "{}"), ("call_2", "nope", '{"x": "é"}')],
+                            pieces=["Let me check. "])
+        upstream.reply(["It is ", "Saturday."])
+        result = run_script(*login_args(server.base_url), "--v2", "--stream",
+                            "--message", "What day is it?")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    start = lines.index("[ai] Let me check. ")
+    tools = lines[start + 1:start + 5]
+    # The calls run concurrently: the frames of the two may interleave.
+    assert sorted(tools) == sorted(["[tool] clock {}", '[tool] nope {"x": "é"}',
+                                    "[tool] clock: ok", "[tool] nope: failed"])
+    assert tools.index("[tool] clock {}") < tools.index("[tool] clock: ok")
+    assert tools.index('[tool] nope {"x": "é"}') < tools.index("[tool] nope: failed")
+    assert lines[start + 5] == "[ai] It is Saturday."
