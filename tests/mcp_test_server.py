@@ -2,7 +2,7 @@
 
 ``python tests/mcp_test_server.py stdio`` serves on stdin/stdout;
 ``python tests/mcp_test_server.py http PORT`` serves Streamable HTTP on
-127.0.0.1:PORT at ``/mcp``. Tools:
+127.0.0.1:PORT at ``/mcp``; ``sse PORT`` the older SSE transport at ``/sse``. Tools:
 
 - ``lookup(city)``: structured content ``{"city": ..., "population": ...}``
   (the others answer text only);
@@ -25,6 +25,7 @@ from pydantic import BaseModel
 
 from mcp.server.mcpserver import Context, Image, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 server = MCPServer("test-server")
 
@@ -73,7 +74,10 @@ async def grow(name: str, ctx: Context) -> str:
 
     server.add_tool(added, name=name, description=f"Added by grow: {name}.",
                     structured_output=False)
-    await ctx.notify_tools_changed()
+    if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
+        await ctx.notify_tools_changed()  # to subscriptions/listen streams
+    else:
+        await ctx.session.send_tool_list_changed()  # an older session's notification
     return f"added {name}"
 
 
@@ -87,6 +91,8 @@ def main() -> None:
     print("test server: starting", file=sys.stderr, flush=True)
     if sys.argv[1] == "stdio":
         server.run("stdio")
+    elif sys.argv[1] == "sse":
+        server.run("sse", host="127.0.0.1", port=int(sys.argv[2]))
     else:
         server.run("streamable-http", host="127.0.0.1", port=int(sys.argv[2]))
 

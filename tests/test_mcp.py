@@ -33,18 +33,19 @@ WAIT = 20.0
 
 
 class McpHttpServer:
-    """``mcp_test_server.py http PORT`` as a child process."""
+    """``mcp_test_server.py http PORT`` (or ``sse PORT``) as a child process."""
 
-    def __init__(self, port: int, log: Path):
+    def __init__(self, port: int, log: Path, mode: str = "http"):
         self.port = port
-        self.url = f"http://127.0.0.1:{port}/mcp"
+        self.mode = mode
+        self.url = f"http://127.0.0.1:{port}/{'sse' if mode == 'sse' else 'mcp'}"
         self.log = log
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "McpHttpServer":
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, SCRIPT, "http", str(self.port)], stdin=subprocess.DEVNULL,
+                [sys.executable, SCRIPT, self.mode, str(self.port)], stdin=subprocess.DEVNULL,
                 stdout=log, stderr=subprocess.STDOUT, env=clean_env(), preexec_fn=_preexec())
         deadline = time.monotonic() + WAIT
         while time.monotonic() < deadline:
@@ -150,6 +151,24 @@ async def test_a_changed_tool_list_is_picked_up(mcp, http_server):
     assert await call(servers, f"web__{added}", {}) == f"{added} here"
 
 
+@pytest.mark.slow
+@pytest.mark.gen_test(timeout=60)
+async def test_an_older_server_over_sse(mcp, tmp_path):
+    old = McpHttpServer(free_port(), tmp_path / "sse.log", mode="sse").start()
+    try:
+        servers = mcp(McpServerSettings(name="old", url=old.url, transport="sse",
+                                        user_header="X-Chat-User"))
+        await until(servers, connected(servers, "old"))
+        assert await call(servers, "old__lookup", {"city": "Kyiv"}) == \
+            '{"city": "Kyiv", "population": 4000}'
+        assert await call(servers, "old__header", {"name": "X-Chat-User"}, "carol") == "carol"
+        # Tool list changes are followed over SSE too.
+        assert await call(servers, "old__grow", {"name": "later"}) == "added later"
+        await until(servers, lambda: "old__later" in servers.tools())
+    finally:
+        old.stop()
+
+
 # Arguments and results
 
 
@@ -229,6 +248,7 @@ async def test_the_user_header_carries_the_callers_name_and_nothing_else(mcp, ht
 # Servers that fail
 
 
+@pytest.mark.slow
 @pytest.mark.gen_test(timeout=60)
 async def test_a_server_down_at_start_up_joins_when_it_comes_up(mcp, tmp_path, caplog):
     caplog.set_level(logging.INFO, "tornado_app.mcp_servers")
@@ -264,6 +284,7 @@ async def test_a_server_that_never_answers_blocks_no_other(mcp, http_server):
         assert all(name.startswith("web__") for name in servers.tools())
 
 
+@pytest.mark.slow
 @pytest.mark.gen_test(timeout=60)
 async def test_a_stdio_server_is_supervised_and_restarted(mcp, caplog):
     caplog.set_level(logging.INFO, "tornado_app.mcp_servers")
@@ -286,12 +307,12 @@ async def test_reload_adds_and_removes_servers(mcp, http_server):
     servers = mcp(http(http_server))
     await until(servers, connected(servers, "web"))
     web = servers.connections["web"]
-    await servers.reload(McpSettings(servers=[http(http_server), stdio()]))
+    await servers.reload(McpSettings(servers=[http(http_server), http(http_server, "more")]))
     assert servers.connections["web"] is web  # unchanged: kept connected
-    await until(servers, connected(servers, "local"))
-    await servers.reload(McpSettings(servers=[stdio()]))
-    assert set(servers.states()) == {"local"}
-    assert not any(name.startswith("web__") for name in servers.tools())
+    await until(servers, connected(servers, "more"))
+    await servers.reload(McpSettings(servers=[http(http_server, "more", allow=["lookup"])]))
+    assert set(servers.states()) == {"more"}  # web removed, more changed: reconnected
+    await until(servers, lambda: set(servers.tools()) == {"more__lookup"})
 
 
 # Configuration
@@ -338,18 +359,18 @@ def test_a_bad_server_config_stops_start_up_with_one_line(tmp_path):
 # The service: /readyz, /metrics, SIGHUP
 
 
-def wait_for_readyz(server, expected: dict, timeout: float = WAIT) -> dict:
-    """Poll /readyz until its ``mcp`` detail is ``expected``; the last body."""
-    deadline = time.monotonic() + timeout
-    while True:
+def wait_for_readyz(server, expected: dict) -> None:
+    """Poll /readyz until its ``mcp`` detail is ``expected``; it stays 200 meanwhile."""
+
+    def check() -> bool:
         status, body = server.get("/readyz")
         assert status == 200, body  # MCP servers never make the service unready
-        if body.get("mcp") == expected or time.monotonic() > deadline:
-            assert body.get("mcp") == expected, body
-            return body
-        time.sleep(0.05)  # another process's background connection: nothing to await
+        return body.get("mcp") == expected
+
+    poll(check)
 
 
+@pytest.mark.slow
 def test_sighup_adds_and_removes_servers_and_readyz_names_their_state(
         tmp_path, servers, http_server):
     down = {"name": "gone", "url": f"http://127.0.0.1:{free_port()}/mcp"}
@@ -357,16 +378,21 @@ def test_sighup_adds_and_removes_servers_and_readyz_names_their_state(
                                                      down]})
     server = servers(config)
     wait_for_readyz(server, {"web": "connected", "gone": "down"})
-    write_config(tmp_path, mcp={"servers": [{"name": "local", "command": sys.executable,
-                                             "args": [SCRIPT, "stdio"]}]})
+    write_config(tmp_path, mcp={"servers": [{"name": "again", "url": http_server.url}]})
     server.signal(signal.SIGHUP)
-    wait_for_readyz(server, {"local": "connected"})
-    metrics = server_text(server, "/metrics")
-    assert 'chat_mcp_server_up{server="local"} 1.0' in metrics
-    assert 'server="web"' not in metrics and 'server="gone"' not in metrics
-    log = server.log()
-    assert "MCP server gone unreachable (" in log
-    assert "MCP server local: test server: starting" in log  # the child's stderr
+    wait_for_readyz(server, {"again": "connected"})
+    # The removed servers' connections close after the swap: their series go then.
+    poll(lambda: 'server="web"' not in (text := server_text(server, "/metrics"))
+         and 'server="gone"' not in text)
+    assert 'chat_mcp_server_up{server="again"} 1.0' in server_text(server, "/metrics")
+    assert "MCP server gone unreachable (" in server.log()
+
+
+def poll(check, timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "not in time"
+        time.sleep(0.05)  # another process's background work: nothing to await
 
 
 def server_text(server, path: str) -> str:

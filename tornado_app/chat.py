@@ -275,7 +275,7 @@ class ChatService:
             reply.attempt(agent)
             tokens = Tokens()
             try:
-                async with asyncio.timeout(agent_settings.timeout_seconds):
+                async with asyncio.timeout(agent_settings.timeout_seconds) as scope:
                     # Ready first: a loaded model counts tokens with its own tokenizer.
                     await agent.wait_ready()
                     messages, prompt_tokens = self._prompt(
@@ -284,7 +284,7 @@ class ChatService:
                     await converse(
                         agent, messages, prompt_tokens, caller.username, live, tools, caller,
                         agent_settings.max_tool_steps, self.settings.tools.timeout_seconds,
-                        tokens)
+                        tokens, scope.when())
                 reply.count_tokens(tokens)
                 return
             except asyncio.CancelledError:

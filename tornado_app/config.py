@@ -168,10 +168,15 @@ class AgentSettings(BaseModel):
         return list(dict.fromkeys(self.selectable)) or [self.backend]
 
     def plugin_options(self, name: str) -> dict[str, Any]:
-        value = (self.model_extra or {}).get(name) or {}
-        if not isinstance(value, dict):
-            raise ConfigError(f"agent.{name}: must be a mapping of options")
-        return value
+        return _plugin_section(self, "agent", name)
+
+
+def _plugin_section(settings: BaseModel, section: str, name: str) -> dict[str, Any]:
+    """The extra key ``name`` of a section: a plugin's options."""
+    value = (settings.model_extra or {}).get(name) or {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{section}.{name}: must be a mapping of options")
+    return value
 
 
 class ToolsSettings(BaseModel):
@@ -184,10 +189,7 @@ class ToolsSettings(BaseModel):
     timeout_seconds: float = Field(10.0, gt=0, le=600)
 
     def plugin_options(self, name: str) -> dict[str, Any]:
-        value = (self.model_extra or {}).get(name) or {}
-        if not isinstance(value, dict):
-            raise ConfigError(f"tools.{name}: must be a mapping of options")
-        return value
+        return _plugin_section(self, "tools", name)
 
 
 class LoggingSettings(Section):
@@ -229,6 +231,8 @@ class McpServerSettings(Section):
 
     name: str = Field(pattern=MCP_SERVER_NAME, max_length=32)
     url: str | None = None
+    # streamable-http, or sse for older servers (the protocol's 2024 HTTP transport).
+    transport: Literal["streamable-http", "sse"] = "streamable-http"
     # Sent with every HTTP request; "${VAR}" in a value is read from the environment.
     headers: dict[str, str] = {}
     # Sends the calling user's name in this header (HTTP servers only).

@@ -25,6 +25,7 @@ from typing import Any
 import httpx2
 import mcp_types
 from mcp import Client, StdioServerParameters
+from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.client.subscriptions import ListenNotSupportedError
 from mcp.shared.exceptions import MCPError
@@ -43,6 +44,8 @@ MAX_RETRY_SECONDS = 30.0
 # liveness check that notices it went away, and a refresh besides its notifications.
 POLL_SECONDS = 30.0
 MAX_PAGES = 100
+# An SSE server's event stream may stay quiet this long before it is reconnected.
+SSE_IDLE_SECONDS = 3600.0
 
 
 class McpConnection:
@@ -58,6 +61,7 @@ class McpConnection:
         self._client: Client | None = None
         self._changed = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._closing = False
 
     @property
     def identity(self) -> str:
@@ -67,11 +71,13 @@ class McpConnection:
         self._task = asyncio.get_running_loop().create_task(self._supervise())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-        self._task = None
+        self._closing = True
+        task, self._task = self._task, None
+        # The SDK's cancel scopes may absorb one cancel (a transport shutting
+        # down): cancel again until the task is over.
+        while task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=1)
         with contextlib.suppress(KeyError):  # never connected nor failed yet
             metrics.mcp_server_up.remove(self.name)
 
@@ -84,7 +90,7 @@ class McpConnection:
 
     async def _supervise(self) -> None:
         delay = FIRST_RETRY_SECONDS
-        while True:
+        while not self._closing:
             try:
                 await self._connect_and_watch()
                 reason = "the connection ended"
@@ -128,6 +134,11 @@ class McpConnection:
         """A client of this server; an HTTP one with ``headers`` on top of the configured ones."""
         settings = self.settings
         timeout = settings.timeout_seconds
+        if settings.url and settings.transport == "sse":
+            transport = sse_client(settings.url, headers={**settings.headers, **(headers or {})},
+                                   timeout=timeout, sse_read_timeout=SSE_IDLE_SECONDS)
+            return Client(transport, read_timeout_seconds=timeout,
+                          message_handler=self._notified, client_info=CLIENT_INFO)
         if settings.url:
             # No read timeout on the connection itself: the listen stream idles
             # for ever; each request has the session's read timeout.
