@@ -201,6 +201,10 @@ async def run(args: argparse.Namespace) -> str:
         raise ChatFailure("the server does not speak protocol v2 (ai-chat.v2)")
     try:
         show(await next_frame(conn, args.timeout, "the welcome message"))
+        if args.v2:  # then the conversation's agent and the ones a user may choose
+            agent = await next_frame(conn, args.timeout, "the agent frame")
+            print(f"[agent] {agent.get('agent')} (selectable: "
+                  f"{', '.join(agent.get('selectable', []))})", flush=True)
         messages = args.messages or DEFAULT_MESSAGES
         chunks = 0
         for number, text in enumerate(messages, start=1):

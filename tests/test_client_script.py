@@ -110,6 +110,7 @@ def test_v2_prints_the_ids_of_each_message_and_reply(server_url):
     assert ends[0].group(3) == "3"  # "Echo: ", "one ", "two"
     assert len({ack.group(1) for ack in acks} | {ack.group(2) for ack in acks}) == 4
     assert "[ai] Echo: one two\n" in result.stdout
+    assert "[agent] echo (selectable: echo)\n" in result.stdout
 
 
 def test_credentials_from_the_environment(server_url):

@@ -351,3 +351,14 @@ async def test_v1_sees_none_of_the_controls(connect, fake_agent):
     await client.send({"content": "hi"})
     reply = await client.receive()
     assert reply["type"] == "ai_response" and set(reply) == SPEC_FIELDS
+
+
+def test_an_unknown_selectable_agent_is_a_one_line_config_error():
+    from tornado_app import agents
+    from tornado_app.config import ConfigError
+
+    settings = load_settings(None, {"TORNADO_APP_AGENT__SELECTABLE": "[echo, nope]",
+                                    "TORNADO_APP_AUTH__JWT_SECRET": "x" * 40})
+    with pytest.raises(ConfigError) as failure:
+        agents.validate_agent_settings(settings, agents.available_agents())
+    assert str(failure.value).startswith("agent.selectable[1]: unknown agent 'nope'; available:")

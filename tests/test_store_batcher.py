@@ -70,8 +70,16 @@ async def test_concurrent_exchanges_are_saved_and_read_back_through_the_engine(s
     # add_user_message took the rate limit at time.time(): later than that.
     admitted = await store.admit(conversation, 1, "one more", now=time.time() + 1, messages=1,
                                  per_seconds=1.0, after_id=0, history_limit=6, **ADMIT)
-    expected = [(row.id, row.role, row.content) for row in rows][-6:]
-    assert [tuple(turn) for turn in admitted.turns] == expected
+    # The turns are the new message's branch (concurrent exchanges make a tree),
+    # read up from its parent, six messages at most.
+    by_id = {row.id: row for row in await saved_messages(store, conversation)}
+    path, parent = [], by_id[admitted.message_id].parent_id
+    while parent is not None and len(path) < 6:
+        path.append(by_id[parent])
+        parent = by_id[parent].parent_id
+    expected = [(row.id, row.role, row.content) for row in reversed(path)]
+    assert len(expected) == 6
+    assert [(turn.id, turn.role, turn.content) for turn in admitted.turns] == expected
 
 
 @pytest.mark.gen_test

@@ -187,7 +187,12 @@ class ChatService:
         agent.backend; True if it did (the socket says so)."""
         if chosen is None or chosen in self.settings.agent.choices():
             return False
-        await self.store.set_conversation_agent(conversation_id, None)
+        try:
+            await self.store.set_conversation_agent(conversation_id, None)
+        except StoreError:
+            # The reply is admitted and must start: it uses the backend anyway
+            # (agent_name), and the next message tries to forget the choice again.
+            logger.exception("could not reset the agent of conversation %s", conversation_id)
         return True
 
     def start_reply(self, user, history: History, admission, turns: list[Turn],

@@ -12,7 +12,10 @@ The reply itself runs in a task of its own (replies.py): the socket listens
 to it. When the socket closes, the reply goes on to its end unless
 ``chat.finish_after_disconnect`` is false. A client that asks for the
 ``ai-chat.v2`` subprotocol gets ids on the frames about replies, an ``ack`` per
-message, and the ``resume`` and ``cancel``-by-id actions (docs/protocol.md).
+message, the ``resume`` and ``cancel``-by-id actions, and the conversation
+controls: ``feedback`` (beside the queue), ``regenerate`` and ``edit`` (messages,
+in the queue), ``switch`` and ``use_agent`` (in the queue, in order with the
+messages) (docs/protocol.md).
 """
 
 from __future__ import annotations

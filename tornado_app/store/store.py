@@ -400,10 +400,11 @@ def _open_conversation(db, user_id: int, client_id: str) -> int:
 
 def _admit(db, conversation_id, user_id, content, now, limit, per_seconds, after_id,
            history_limit, instance, lease_until, quota, branching) -> Admission:
-    state = branches.state(db, conversation_id)
-    parent, existing = state.active_leaf_id, None
+    # No such conversation: its message's foreign key fails below (Conflict).
+    leaf, agent = branches.state(db, conversation_id) or (None, None)
+    parent, existing = leaf, None
     if branching is not None:
-        target = _branch_target(db, conversation_id, state.active_leaf_id, branching)
+        target = _branch_target(db, conversation_id, leaf, branching)
         if target is None:
             return Admission(None)  # checked before the rate limit: nothing is taken
         parent = target.parent_id
@@ -439,7 +440,7 @@ def _admit(db, conversation_id, user_id, content, now, limit, per_seconds, after
         steps = tool_steps.between(db, conversation_id, turns[0].id - 1, message_id)
     return Admission(decision, message_id, public_id, reply_id, turns, memories=saved,
                      steps=steps, reserved=bound, continues=continues, content=content,
-                     agent=state.agent, regenerated=existing is not None)
+                     agent=agent, regenerated=existing is not None)
 
 
 def _branch_target(db, conversation_id, leaf_id, branching: Branching):
