@@ -126,6 +126,15 @@ def show(frame: dict) -> None:
     print(f"[{label}] {frame.get('message', frame)}", flush=True)
 
 
+def show_tool(frame: dict) -> None:
+    name = frame.get("name", "?")
+    if frame.get("type") == "tool_call":
+        print(f"[tool] {name} {json.dumps(frame.get('arguments', {}), ensure_ascii=False)}",
+              flush=True)
+    else:
+        print(f"[tool] {name}: {'ok' if frame.get('ok') else 'failed'}", flush=True)
+
+
 def show_ids(frame: dict, chunks: int = 0) -> None:
     """Protocol v2: the ids a frame carries (an ack's, or a reply's end)."""
     ids = " ".join(f"{name}={frame[name]}" for name in IDS if name in frame)
@@ -145,7 +154,7 @@ async def exchange(conn: WebSocketClientConnection, number: int, text: str, stre
     except WebSocketClosedError:
         pass  # the next read reports the close code
     deadline = asyncio.get_running_loop().time() + timeout
-    streamed, chunks = "", 0
+    streamed, chunks, line_open = "", 0, False
     while True:
         left = max(deadline - asyncio.get_running_loop().time(), 0.001)
         frame = await next_frame(conn, left, f"the reply to message {number}")
@@ -154,13 +163,17 @@ async def exchange(conn: WebSocketClientConnection, number: int, text: str, stre
             show_ids(frame)
             continue
         if kind == "ai_response_chunk":
-            print(("[ai] " if not streamed else "") + str(frame.get("message", "")),
+            print(("[ai] " if not line_open else "") + str(frame.get("message", "")),
                   end="", flush=True)
             streamed += str(frame.get("message", ""))
-            chunks += 1
+            chunks, line_open = chunks + 1, True
             continue
-        if streamed:
+        if line_open:
             print(flush=True)  # end the streamed line
+            line_open = False
+        if kind in ("tool_call", "tool_result"):  # v2, streamed: the agent uses a tool
+            show_tool(frame)
+            continue
         if kind == "ai_response":
             if frame.get("message") != streamed:  # not already shown chunk by chunk
                 show(frame)

@@ -13,6 +13,12 @@ afterwards (about 2 s).
 
 torch and transformers are imported lazily, off the event loop: the CLI and
 the other agents never pay for them.
+
+Tools: a model whose chat template takes ``tools`` (Qwen2.5, Hermes, SmolLM3...)
+gets the host's tools through ``apply_chat_template(tools=...)`` and its
+``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks become
+ToolCall requests (tool_calls.py). The bundled SmolLM2-135M's template takes
+none: it is used without tools.
 """
 
 from __future__ import annotations
@@ -37,7 +43,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tornado_app.agents import Agent, AgentError, AgentRequest
 from tornado_app.config import ConfigError, Settings
+from tornado_app.tools import ToolCall
 from tornado_app.hookspecs import hookimpl
+
+from plugins.tool_calls import ToolCallParser, template_takes_tools, to_template_messages
 
 logger = logging.getLogger(__name__)
 
@@ -245,6 +254,11 @@ class TransformersAgent(Agent):
     def ready(self) -> bool:
         return self._loaded and self.engine is not None
 
+    @property
+    def supports_tools(self) -> bool:
+        """Known once loaded: whether the model's chat template takes tools."""
+        return self.tokenizer is not None and template_takes_tools(self.tokenizer)
+
     async def start(self) -> None:
         logger.info("loading local model %s from %s", self.model, self.source.folder)
         try:
@@ -301,9 +315,14 @@ class TransformersAgent(Agent):
     def _count_uncached(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=False))
 
-    def encode_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+    def encode_prompt(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        extra = {}
+        if tools:
+            extra["tools"] = [{"type": "function", "function": tool} for tool in tools]
+        if tools or any("tool_calls" in m or m["role"] == "tool" for m in messages):
+            messages = to_template_messages(messages)
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                 tokenize=True, return_dict=False)
+                                                 tokenize=True, return_dict=False, **extra)
         ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
         room = self.context_tokens - self.reply_tokens
         if len(ids) > room:
@@ -312,16 +331,29 @@ class TransformersAgent(Agent):
             ids = ids[-room:]
         return ids
 
-    async def stream(self, request: AgentRequest) -> AsyncIterator[str]:
+    async def stream(self, request: AgentRequest) -> AsyncIterator[str | ToolCall]:
+        if not request.tools:
+            async for piece in self._generate(request):
+                yield piece
+            return
+        parser = ToolCallParser()
+        async for piece in self._generate(request):
+            for item in parser.feed(piece):
+                yield item
+        for item in parser.close():
+            yield item
+
+    async def _generate(self, request: AgentRequest) -> AsyncIterator[str]:
         from plugins.transformers_batching import FINISHED, Sequence
 
         await self.wait_ready()
         if not self.ready:
             raise AgentError("local_model", "The local model is not available.")
-        if sum(len(m["content"]) for m in request.messages) > LONG_PROMPT_CHARS:
-            prompt = await asyncio.to_thread(self.encode_prompt, request.messages)
+        tools = request.tools if self.supports_tools else None
+        if sum(len(m.get("content") or "") for m in request.messages) > LONG_PROMPT_CHARS:
+            prompt = await asyncio.to_thread(self.encode_prompt, request.messages, tools)
         else:
-            prompt = self.encode_prompt(request.messages)
+            prompt = self.encode_prompt(request.messages, tools)
         request.usage.tokens_in = len(prompt)
         sequence = Sequence(
             prompt=prompt,

@@ -267,6 +267,39 @@ async def saved_tool_steps(store) -> list:
         return list(await conn.execute(select(steps).order_by(steps.c.id)))
 
 
+# A tool package, "late", for tests that install one while the service runs.
+LATE_PACKAGE = """
+from pydantic import BaseModel, ConfigDict
+from tornado_app.hookspecs import hookimpl
+from tornado_app.tools import Tool
+
+
+class Late(Tool):
+    description = "Installed after start-up."
+
+    class Arguments(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+    async def call(self, arguments, context):
+        return "late tool here"
+
+
+@hookimpl
+def register_tools(register):
+    register("late", lambda options, settings: Late())
+"""
+
+
+def install_late_tool(site: Path, name: str = "late_tool_pkg") -> None:
+    """Install the "late" tool into ``site`` as pip would: the module, its
+    dist-info and the entry point in the group ``tornado_app``."""
+    info = site / f"{name}-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[tornado_app]\nlate = {name}\n")
+    (site / f"{name}.py").write_text(LATE_PACKAGE)
+
+
 # Store.admit's arguments for a test's messages: a process name, and a lease
 # that never runs out (no sweep saves a test's reply as interrupted).
 ADMIT = {"instance": "test", "lease_seconds": 1e9}

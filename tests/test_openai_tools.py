@@ -120,3 +120,23 @@ async def test_the_clock_tool_through_the_openai_plugin(connect, upstream, store
     assert set(json.loads(result["content"])) == {"utc", "weekday"}
     [step] = await saved_tool_steps(store)
     assert (step.tool, step.status, step.agent) == ("clock", "ok", "openai")
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_later_requests_carry_the_earlier_calls_from_the_transcript(connect, upstream):
+    upstream.tool_calls([("call_9", "clock", "{}")], pieces=["Checking. "], usage=(5, 1))
+    upstream.reply(["Saturday."], usage=(9, 1))
+    upstream.reply(["Yes."], usage=(12, 1))
+    client = await connect("openai-history")
+    await client.send({"content": "What day is it?"})
+    assert (await client.receive_type("ai_response"))["message"] == "Checking. Saturday."
+    other = await connect("openai-history")  # a new socket: history from the database
+    await other.send({"content": "Sure?"})
+    assert (await other.receive_type("ai_response"))["message"] == "Yes."
+    messages = upstream.requests[2].json["messages"]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool", "assistant",
+                                             "user"]
+    assert messages[2]["tool_calls"] == [{"id": "call_9", "type": "function",
+                                          "function": {"name": "clock", "arguments": "{}"}}]
+    assert messages[3]["tool_call_id"] == "call_9" and "weekday" in messages[3]["content"]
+    assert messages[4]["content"] == "Checking. Saturday."

@@ -74,6 +74,8 @@ class Slow(Tool):
 
     async def call(self, arguments, context):
         self.started.set()
+        self.deadline = context.deadline
+        self.started_at = asyncio.get_running_loop().time()
         try:
             await asyncio.Event().wait()
         except asyncio.CancelledError:
@@ -84,6 +86,11 @@ class Slow(Tool):
 class Broken(Tool):
     description = "Fail."
     Arguments = KeyArguments
+
+    def validate(self, arguments):
+        if arguments.get("key") == "bug":
+            raise TypeError("SECRET-INTERNAL-DETAIL")
+        return super().validate(arguments)
 
     async def call(self, arguments, context):
         if arguments.key == "safe":
@@ -212,7 +219,8 @@ async def test_invalid_arguments_and_unknown_tools_are_error_results(
     assert told["a"].startswith("error: invalid arguments: key: String should have at least")
     assert "key: Field required" in told["b"] and "nope: Extra inputs" in told["b"]
     assert told["c"] == told["d"] == tool_loop.NOT_AN_OBJECT
-    assert told["e"] == "error: there is no tool named missing; use one of: lookup, meet, slow, broken"
+    assert told["e"] == ("error: there is no tool named missing; "
+                         "use one of: lookup, meet, slow, broken")
     # The raw text the model wrote goes back to it as it was.
     assistant = model_messages(fake_agent.history[1])[0]
     assert assistant["tool_calls"][2]["function"]["arguments"] == "{not json"
@@ -239,7 +247,7 @@ async def test_the_calls_of_one_turn_run_concurrently(connect, fake_agent, store
 async def test_a_tool_that_times_out_or_raises_gives_the_model_a_fixed_error(
         connect, fake_agent, store, caplog):
     fake_agent.enqueue(call("slow", {"key": "x"}, "a"), call("broken", {"key": "x"}, "b"),
-                       call("broken", {"key": "safe"}, "c"))
+                       call("broken", {"key": "safe"}, "c"), call("broken", {"key": "bug"}, "d"))
     fake_agent.enqueue("I could not find out.")
     client = await connect("tools-fail", subprotocols=V2)
     frames = await exchange(client)
@@ -248,12 +256,13 @@ async def test_a_tool_that_times_out_or_raises_gives_the_model_a_fixed_error(
     told = {m["tool_call_id"]: m["content"] for m in model_messages(fake_agent.history[1])
             if m["role"] == "tool"}
     assert told == {"a": tool_loop.TIMED_OUT, "b": tool_loop.FAILED,
-                    "c": "error: no such record"}
+                    "c": "error: no such record", "d": tool_loop.FAILED}
     steps = await saved_tool_steps(store)
-    assert [s.status for s in steps] == ["timeout", "error", "error"]
+    assert [s.status for s in steps] == ["timeout", "error", "error", "error"]
     assert steps[0].latency_ms >= 500  # tools.timeout_seconds
     assert "SECRET-INTERNAL-DETAIL" not in caplog.text + json.dumps(frames)
     assert "tool broken raised RuntimeError" in caplog.text
+    assert "tool broken: validate raised TypeError" in caplog.text
 
 
 @pytest.mark.gen_test(timeout=30)
@@ -290,7 +299,7 @@ async def test_cancel_in_the_middle_of_a_tool_call(connect, fake_agent, settings
 
 
 @pytest.mark.gen_test(timeout=30)
-async def test_the_reply_deadline_covers_the_tool_calls(connect, fake_agent, settings):
+async def test_the_reply_deadline_covers_the_tool_calls(connect, fake_agent, settings, tools):
     settings.tools.timeout_seconds = 30
     settings.agent.timeout_seconds = 0.5
     fake_agent.enqueue(call("slow", {"key": "b"}))
@@ -298,6 +307,8 @@ async def test_the_reply_deadline_covers_the_tool_calls(connect, fake_agent, set
     frames = await exchange(client)
     assert frames[-1]["type"] == "error"
     assert "did not answer in time" in frames[-1]["message"]
+    # The tool was told the reply's deadline, not its own 30 s.
+    assert tools["slow"].deadline - tools["slow"].started_at <= 0.5
 
 
 @pytest.fixture

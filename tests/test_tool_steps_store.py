@@ -59,20 +59,22 @@ async def test_steps_are_saved_with_the_reply_and_read_with_the_history(db_store
     first = await db_store.admit(conversation, user.id, "question", now=0.0, messages=100,
                                  per_seconds=1, after_id=0, history_limit=10, **ADMIT)
     steps = [step(0, "a", "x" * (RESULT_CHARS + 10)), step(0, "b", status="timeout"),
-             step(1, "c")]
+             step(1, "c"), Step(1, "d" * 300, "n" * 100, {}, "error: no such tool", "error", 0.1)]
     reply_row = await db_store.finish_reply(
         first.reply_id, conversation, user.id, first.message_id, ["answer"], False,
         steps=steps, content="answer", status="ok", agent="fake")
     saved = await saved_tool_steps(db_store)
-    assert [(s.call_id, s.turn, s.status, s.message_id, s.agent) for s in saved] == [
+    assert [(s.call_id, s.turn, s.status, s.message_id, s.agent) for s in saved[:3]] == [
         ("a", 0, "ok", reply_row, "fake"), ("b", 0, "timeout", reply_row, "fake"),
         ("c", 1, "ok", reply_row, "fake")]
     assert len(saved[0].result) == RESULT_CHARS  # cut to the documented size
+    # What the model wrote is cut to its column, not a failed save.
+    assert (saved[3].call_id, saved[3].tool) == ("d" * 128, "n" * 64)
     second = await db_store.admit(conversation, user.id, "again", now=1.0, messages=100,
                                   per_seconds=1, after_id=0, history_limit=10, **ADMIT)
     assert [turn.role for turn in second.turns] == ["user", "assistant"]
     assert list(second.steps) == [reply_row]
-    assert [(s.call_id, s.turn, s.name) for s in second.steps[reply_row]] == [
+    assert [(s.call_id, s.turn, s.name) for s in second.steps[reply_row]][:3] == [
         ("a", 0, "lookup"), ("b", 0, "lookup"), ("c", 1, "lookup")]
     # Read from after the reply: nothing of it comes back.
     third = await db_store.admit(conversation, user.id, "more", now=2.0, messages=100,

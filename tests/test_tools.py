@@ -15,7 +15,7 @@ from tornado_app.tool_loop import Caller, tool_context
 from tornado_app.toolbox import Toolbox, available_tools, validate_tool_settings
 from tornado_app.tools import Tool, ToolCall
 
-from .helpers import FakePlugin, saved_tool_steps
+from .helpers import install_late_tool, saved_tool_steps
 from .servers import cli, one_line_error, write_config
 
 
@@ -157,38 +157,12 @@ def settings(settings, fake_agent):
     return settings
 
 
-LATE_PACKAGE = """
-from pydantic import BaseModel, ConfigDict
-from tornado_app.hookspecs import hookimpl
-from tornado_app.tools import Tool
-
-
-class Late(Tool):
-    description = "Installed after start-up."
-
-    class Arguments(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-
-    async def call(self, arguments, context):
-        return "late tool here"
-
-
-@hookimpl
-def register_tools(register):
-    register("late", lambda options, settings: Late())
-"""
-
-
 @pytest.fixture
 def late_package(tmp_path):
-    """A tool package as pip would install it (module, dist-info, entry
-    point), in a folder not yet on sys.path; unregistered afterwards."""
+    """A tool package as pip would install it, in a folder not yet on
+    sys.path; unregistered afterwards."""
     site = tmp_path / "site-packages"
-    info = site / "late_tool_pkg-1.0.dist-info"
-    info.mkdir(parents=True)
-    (site / "late_tool_pkg.py").write_text(LATE_PACKAGE)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: late-tool-pkg\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text("[tornado_app]\nlate = late_tool_pkg\n")
+    install_late_tool(site)
     yield site
     manager = get_plugin_manager()
     if manager.has_plugin("late"):

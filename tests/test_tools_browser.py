@@ -8,7 +8,7 @@ import pytest
 
 from .helpers import expect, log_in
 from .openai_upstream import FakeOpenAI
-from .servers import PASSWORD, add_users, serving, write_config
+from .servers import PASSWORD, add_users, cli, ok, serving, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -24,20 +24,26 @@ def live_server(tmp_path_factory, upstream):
     config = write_config(tmp_path_factory.mktemp("tools-browser"), agent={
         "backend": "openai", "tools": ["clock"],
         "openai": {"base_url": upstream.base_url, "api_key": "sk-test", "max_retries": 0}})
-    add_users(config, "alice")
+    add_users(config, "alice", "root")
+    ok(cli(config, "users", "promote", "root"))
     with serving(config) as server:
         yield server
 
 
-def test_a_tool_call_is_a_quiet_line_that_opens_to_its_arguments(page, upstream):
+def chat_with_tools(page, upstream, username):
     upstream.tool_calls([("call_1", "clock", "{}"), ("call_2", "nope", '{"city": "Paris"}')])
     upstream.reply(["It is ", "Saturday."])
-    log_in(page, "alice", PASSWORD)
+    log_in(page, username, PASSWORD)
     expect(page.locator("#status")).to_have_text("Connected")
     page.locator("#message").fill("What day is it?")
     page.locator("#message").press("Enter")
     reply = page.locator(".msg-assistant").last
     expect(reply.locator(".msg-body")).to_have_text("It is Saturday.")
+    return reply
+
+
+def test_a_tool_call_is_a_quiet_line_that_opens_to_its_arguments(page, upstream):
+    reply = chat_with_tools(page, upstream, "alice")
     lines = reply.locator(".msg-tool summary")
     expect(lines).to_have_text(["Used clock", "Tried nope: Paris (it failed)"])
     arguments = reply.locator(".msg-tool pre").nth(1)
@@ -45,3 +51,16 @@ def test_a_tool_call_is_a_quiet_line_that_opens_to_its_arguments(page, upstream)
     lines.nth(1).click()
     expect(arguments).to_be_visible()
     expect(arguments).to_have_text('{\n  "city": "Paris"\n}')
+
+
+def test_the_dashboard_charts_tool_calls(page, upstream):
+    chat_with_tools(page, upstream, "root")
+    page.goto("/admin")
+    expect(page.locator("#chart-tools canvas")).to_be_visible()
+    rows = page.locator("#chart-tools tbody tr")
+    expect(rows.first.locator("th")).to_have_text("clock")
+    calls = {row.get_attribute("data-key"): row.locator("td").first.text_content()
+             for row in rows.all()}
+    assert int(calls["clock"]) >= 1 and int(calls["nope"]) >= 1
+    failed = page.locator('#chart-tools tr[data-key="nope"] td').nth(1)
+    assert int(failed.text_content()) == int(calls["nope"])  # every call of no tool fails

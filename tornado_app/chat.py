@@ -180,14 +180,15 @@ class ChatService:
         for position, agent in enumerate(chain):
             reply.attempt(agent)
             try:
-                async with asyncio.timeout(agent_settings.timeout_seconds):
+                async with asyncio.timeout(agent_settings.timeout_seconds) as scope:
                     # Ready first: a loaded model counts tokens with its own tokenizer.
                     await agent.wait_ready()
                     messages, prompt_tokens = self._prompt(
                         agent, caller.username, history, turns, content, remembered)
                     tokens = await converse(
                         agent, messages, prompt_tokens, caller.username, live, tools, caller,
-                        agent_settings.max_tool_steps, self.settings.tools.timeout_seconds)
+                        agent_settings.max_tool_steps, self.settings.tools.timeout_seconds,
+                        scope.when())
                 reply.count_tokens(tokens)
                 return
             except Exception as exc:  # AgentError, TimeoutError, or a plugin's bug

@@ -160,10 +160,15 @@ class AgentSettings(BaseModel):
     max_tool_steps: int = Field(4, ge=0, le=32)
 
     def plugin_options(self, name: str) -> dict[str, Any]:
-        value = (self.model_extra or {}).get(name) or {}
-        if not isinstance(value, dict):
-            raise ConfigError(f"agent.{name}: must be a mapping of options")
-        return value
+        return _plugin_section(self, "agent", name)
+
+
+def _plugin_section(settings: BaseModel, section: str, name: str) -> dict[str, Any]:
+    """The extra key ``name`` of a section: a plugin's options."""
+    value = (settings.model_extra or {}).get(name) or {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{section}.{name}: must be a mapping of options")
+    return value
 
 
 class ToolsSettings(BaseModel):
@@ -176,10 +181,7 @@ class ToolsSettings(BaseModel):
     timeout_seconds: float = Field(10.0, gt=0, le=600)
 
     def plugin_options(self, name: str) -> dict[str, Any]:
-        value = (self.model_extra or {}).get(name) or {}
-        if not isinstance(value, dict):
-            raise ConfigError(f"tools.{name}: must be a mapping of options")
-        return value
+        return _plugin_section(self, "tools", name)
 
 
 class LoggingSettings(Section):

@@ -86,10 +86,14 @@ class Caller:
     messages: UserMessages | None = None
 
 
-def tool_context(caller: Caller, timeout: float) -> ToolContext:
-    """The one place a ToolContext is built: the caller's own data, nobody else's."""
-    return ToolContext(caller.user_id, caller.username, caller.conversation,
-                       asyncio.get_running_loop().time() + timeout,
+def tool_context(caller: Caller, timeout: float, reply_deadline: float | None = None
+                 ) -> ToolContext:
+    """The one place a ToolContext is built: the caller's own data, nobody
+    else's. Its deadline is the call's, or the reply's when that comes first."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    if reply_deadline is not None:
+        deadline = min(deadline, reply_deadline)
+    return ToolContext(caller.user_id, caller.username, caller.conversation, deadline,
                        memories=caller.memories, messages=caller.messages)
 
 
@@ -116,7 +120,7 @@ def parse_arguments(arguments: dict | str) -> dict | None:
 
 
 async def run_call(call: ToolCall, turn: int, tools: dict[str, Tool], caller: Caller,
-                   timeout: float, emit) -> Step:
+                   timeout: float, emit, reply_deadline: float | None = None) -> Step:
     """Validate and run one call; every failure becomes an error result."""
     arguments = parse_arguments(call.arguments)
     emit(ToolEvent(call.name, call.call_id, arguments or {}))
@@ -132,8 +136,12 @@ async def run_call(call: ToolCall, turn: int, tools: dict[str, Tool], caller: Ca
             valid = tool.validate(arguments)
         except ValueError as exc:
             result = INVALID.format(details=_details(exc))
+        except Exception as exc:  # a plugin's validate() with a bug
+            logger.error("tool %s: validate raised %s", tool.name, type(exc).__name__)
+            result = FAILED
         else:
-            status, result = await _call(tool, valid, tool_context(caller, timeout), timeout)
+            context = tool_context(caller, timeout, reply_deadline)
+            status, result = await _call(tool, valid, context, timeout)
     step = Step(turn, call.call_id, call.name, arguments or {}, result, status,
                 (time.perf_counter() - started) * 1000)
     emit(ToolEvent(call.name, call.call_id, step.arguments, step.ok))
@@ -213,9 +221,10 @@ class Tokens:
 
 async def converse(agent: Agent, messages: list[dict], prompt_tokens: int, username: str,
                    live, tools: dict[str, Tool], caller: Caller, max_steps: int,
-                   timeout: float) -> Tokens:
+                   timeout: float, deadline: float | None = None) -> Tokens:
     """Run ``agent`` on the prompt, and its tool calls, until it answers
-    without calling a tool (see the module). ``live`` is the LiveReply."""
+    without calling a tool (see the module). ``live`` is the LiveReply;
+    ``deadline`` (loop time) the reply's, which shortens a call's timeout."""
     offered = tool_specs(tools) if tools and agent.supports_tools else []
     tokens = Tokens()
     turn = 0
@@ -237,12 +246,14 @@ async def converse(agent: Agent, messages: list[dict], prompt_tokens: int, usern
                 # not keep the event loop (and a cancel) waiting.
                 await asyncio.sleep(0)
         said = "".join(text)
-        asked = [json.dumps(parse_arguments(c.arguments) or {}) for c in calls]
+        asked = [json.dumps(parse_arguments(c.arguments) or {}, ensure_ascii=False)
+                 for c in calls]
         tokens.add(agent, request, prompt_tokens, said + "".join(asked))
         if not calls:
             return tokens
         steps = await asyncio.gather(*(
-            run_call(call, turn, tools, caller, timeout, live.tool_event) for call in calls))
+            run_call(call, turn, tools, caller, timeout, live.tool_event, deadline)
+            for call in calls))
         live.reply.steps.extend(steps)
         added = call_messages(
             [(c.call_id, c.name, a if isinstance(c.arguments, dict) else c.arguments)

@@ -13,8 +13,10 @@ tool_steps = ToolStep.__table__
 
 # Characters of a result kept in the transcript (and so in later prompts).
 RESULT_CHARS = 4000
-# Characters of a call id kept (models' ids are short; a long one is cut).
+# Characters of a call id and of a tool name kept: the model writes both, and
+# a long one is cut to its column rather than fail the reply's save.
 CALL_ID_CHARS = 128
+TOOL_CHARS = 64
 
 _COLUMNS = [c.name for c in tool_steps.c if c.name != "id"]
 INSERT = tool_steps.insert().values(
@@ -38,7 +40,7 @@ def rows(message_id: int, conversation_id: int, user_id: int, agent: str | None,
     now = utcnow()
     return [{"message_id": message_id, "conversation_id": conversation_id, "user_id": user_id,
              "agent": agent, "turn": step.turn, "call_id": step.call_id[:CALL_ID_CHARS],
-             "tool": step.name, "arguments": json.dumps(step.arguments, ensure_ascii=False),
+             "tool": step.name[:TOOL_CHARS], "arguments": json.dumps(step.arguments, ensure_ascii=False),
              "result": step.result[:RESULT_CHARS], "status": step.status,
              "latency_ms": step.latency_ms, "created_at": now}
             for step in steps]
