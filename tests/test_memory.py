@@ -200,6 +200,9 @@ async def test_recall_finds_the_users_own_messages_newest_first(db_store):
     for query in ('"birthday', "birthday*", "NEAR(birthday march)", "birthday OR -x", "!!", ""):
         assert isinstance(await search.search(query, 5), list)
     assert len(await search.search('"birthday"', 5)) == 3
+    # The user's own id is no word of theirs (SQLite indexes it beside the content).
+    assert await search.search(str(alice), 5) == []
+    assert len(await search.search("15", 5)) == 2
 
 
 def test_snippets_are_whole_or_300_characters_around_the_words():

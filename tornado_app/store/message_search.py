@@ -1,7 +1,9 @@
 """Full-text search over one user's messages (the recall tool).
 
-SQLite: the FTS5 table ``messages_fts`` (migration 0006), queried with every
-word quoted, so that a user's text is never read as FTS5 syntax. PostgreSQL:
+SQLite: the FTS5 table ``messages_fts`` of (user_id, content) (migration
+0006), queried for the user's id AND every word (quoted, so that a user's text
+is never read as FTS5 syntax), newest first by rowid: FTS5 walks the user's
+doclist and the words' together and stops at the limit. PostgreSQL:
 ``to_tsvector('simple', content)``, served by the GIN index of the same
 expression, and ``plainto_tsquery``. Both find the messages holding every
 word of the query, newest first.
@@ -18,10 +20,7 @@ from .models import ROLE_ASSISTANT, ROLE_USER, STATUS_ERROR
 # FTS5's unicode61 tokenizer: letters and digits; everything else separates.
 _WORD = re.compile(r"[^\W_]+")
 
-_COLUMNS = (
-    "SELECT c.client_id AS conversation, m.role, m.content, m.created_at "
-    "FROM messages m JOIN conversations c ON c.id = m.conversation_id "
-)
+_SELECT = "SELECT c.client_id AS conversation, m.role, m.content, m.created_at "
 # Replies that failed hold an error text, not something said.
 _FILTER = (
     f"m.user_id = :user_id AND m.role IN ('{ROLE_USER}', '{ROLE_ASSISTANT}') "
@@ -33,11 +32,15 @@ _PARAMS = (bindparam("user_id", type_=Integer), bindparam("query", type_=String)
 # Typed result columns: SQLite's times come back as datetimes, as elsewhere.
 _RESULTS = {"conversation": String, "role": String, "content": Text, "created_at": DateTime}
 
+# Message ids follow time on SQLite (one writer), so rowid order is newest first.
 SQLITE = text(
-    _COLUMNS + "WHERE m.id IN (SELECT rowid FROM messages_fts WHERE messages_fts MATCH :query) "
-    "AND " + _FILTER + _ORDER).bindparams(*_PARAMS).columns(**_RESULTS)
+    _SELECT + "FROM messages_fts f JOIN messages m ON m.id = f.rowid "
+    "JOIN conversations c ON c.id = m.conversation_id "
+    "WHERE messages_fts MATCH :query AND " + _FILTER +
+    "ORDER BY f.rowid DESC LIMIT :limit").bindparams(*_PARAMS).columns(**_RESULTS)
 POSTGRES = text(
-    _COLUMNS + "WHERE to_tsvector('simple', m.content) @@ plainto_tsquery('simple', :query) "
+    _SELECT + "FROM messages m JOIN conversations c ON c.id = m.conversation_id "
+    "WHERE to_tsvector('simple', m.content) @@ plainto_tsquery('simple', :query) "
     "AND " + _FILTER + _ORDER).bindparams(*_PARAMS).columns(**_RESULTS)
 
 
@@ -45,9 +48,11 @@ def words(query: str) -> list[str]:
     return _WORD.findall(query.lower())
 
 
-def fts5_query(query: str) -> str:
-    """Every word quoted: FTS5 reads them as phrases, all required."""
-    return " ".join(f'"{word}"' for word in words(query))
+def fts5_query(user_id: int, query: str) -> str:
+    """The user's id in its column, and every word quoted in the content: FTS5
+    reads them as phrases, all required."""
+    quoted = " ".join(f'"{word}"' for word in words(query))
+    return f'user_id : "{int(user_id)}" AND content : ({quoted})'
 
 
 # Units of work (store/executor.py)
@@ -57,7 +62,7 @@ def search(db, user_id: int, query: str, limit: int) -> list:
     if not words(query):
         return []
     if db.dialect == "sqlite":
-        statement, query = SQLITE, fts5_query(query)
+        statement, query = SQLITE, fts5_query(user_id, query)
     else:
         statement = POSTGRES
     return db.execute(statement, {"user_id": user_id, "query": query, "limit": limit}).all()
