@@ -46,8 +46,12 @@ SQLITE_FTS_DROP = [
     "DROP TRIGGER IF EXISTS messages_fts_update",
     "DROP TABLE IF EXISTS messages_fts",
 ]
+# The user's id goes into the indexed vector as the lexeme '_u<id>' (the
+# parser never makes one with '_'), so that GIN intersects the user's entries
+# with the words' (tornado_app/store/message_search.py has the same expression).
 POSTGRES_FTS = [
-    "CREATE INDEX ix_messages_fts ON messages USING gin (to_tsvector('simple', content))",
+    "CREATE INDEX ix_messages_fts ON messages USING gin "
+    "((to_tsvector('simple', content) || ('_u' || user_id::text)::tsvector))",
 ]
 POSTGRES_FTS_DROP = ["DROP INDEX IF EXISTS ix_messages_fts"]
 

@@ -4,9 +4,9 @@ SQLite: the FTS5 table ``messages_fts`` of (user_id, content) (migration
 0006), queried for the user's id AND every word (quoted, so that a user's text
 is never read as FTS5 syntax), newest first by rowid: FTS5 walks the user's
 doclist and the words' together and stops at the limit. PostgreSQL:
-``to_tsvector('simple', content)``, served by the GIN index of the same
-expression, and ``plainto_tsquery``. Both find the messages holding every
-word of the query, newest first.
+``to_tsvector('simple', content)`` and the user's lexeme, served by the GIN
+index of the same expression, and ``plainto_tsquery``. Both find the
+messages holding every word of the query, newest first.
 """
 
 from __future__ import annotations
@@ -38,10 +38,14 @@ SQLITE = text(
     "JOIN conversations c ON c.id = m.conversation_id "
     "WHERE messages_fts MATCH :query AND " + _FILTER +
     "ORDER BY f.rowid DESC LIMIT :limit").bindparams(*_PARAMS).columns(**_RESULTS)
+# The expression of migration 0006's GIN index, which holds the user's id as
+# the lexeme '_u<id>': the index intersects the user's entries with the words'.
 POSTGRES = text(
     _SELECT + "FROM messages m JOIN conversations c ON c.id = m.conversation_id "
-    "WHERE to_tsvector('simple', m.content) @@ plainto_tsquery('simple', :query) "
-    "AND " + _FILTER + _ORDER).bindparams(*_PARAMS).columns(**_RESULTS)
+    "WHERE (to_tsvector('simple', m.content) || ('_u' || m.user_id::text)::tsvector) "
+    "@@ (plainto_tsquery('simple', :query) && CAST(:user_lexeme AS tsquery)) "
+    "AND " + _FILTER + _ORDER).bindparams(
+        *_PARAMS, bindparam("user_lexeme", type_=String)).columns(**_RESULTS)
 
 
 def words(query: str) -> list[str]:
@@ -62,7 +66,8 @@ def search(db, user_id: int, query: str, limit: int) -> list:
     if not words(query):
         return []
     if db.dialect == "sqlite":
-        statement, query = SQLITE, fts5_query(user_id, query)
-    else:
-        statement = POSTGRES
-    return db.execute(statement, {"user_id": user_id, "query": query, "limit": limit}).all()
+        values = {"user_id": user_id, "query": fts5_query(user_id, query), "limit": limit}
+        return db.execute(SQLITE, values).all()
+    values = {"user_id": user_id, "query": query, "user_lexeme": f"_u{int(user_id)}",
+              "limit": limit}
+    return db.execute(POSTGRES, values).all()
