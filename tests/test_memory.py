@@ -200,6 +200,9 @@ async def test_recall_finds_the_users_own_messages_newest_first(db_store):
     for query in ('"birthday', "birthday*", "NEAR(birthday march)", "birthday OR -x", "!!", ""):
         assert isinstance(await search.search(query, 5), list)
     assert len(await search.search('"birthday"', 5)) == 3
+    # The user's own id is no word of theirs (SQLite indexes it beside the content).
+    assert await search.search(str(alice), 5) == []
+    assert len(await search.search("15", 5)) == 2
 
 
 def test_snippets_are_whole_or_300_characters_around_the_words():
@@ -294,3 +297,20 @@ def test_the_memory_key_comes_from_config_or_a_generated_file(tmp_path):
     with pytest.raises(ConfigError, match=r"^memory\.key_file: cannot use .*"
                                           r"set memory\.key or TORNADO_APP_MEMORY__KEY"):
         load_settings(None, {**base, "TORNADO_APP_MEMORY__KEY_FILE": "../file/key"})
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_recall_is_newest_first_past_the_recent_window(db_store, monkeypatch):
+    from tornado_app.store import message_search
+
+    monkeypatch.setattr(message_search, "RECENT_WINDOW", 3)  # PostgreSQL's first look
+    (alice,) = await users_of(db_store, "alice")
+    conversation = await db_store.open_conversation(alice, "c")
+    for index in range(6):
+        await add_user_message(db_store, conversation, alice,
+                               f"note {index}" if index % 2 else f"other {index}")
+    search = Memories(db_store, MemoryCipher("s" * 40), 10).messages_of(alice)
+    assert [m["content"] for m in await search.search("note", 1)] == ["note 5"]
+    assert [m["content"] for m in await search.search("note", 3)] == [
+        "note 5", "note 3", "note 1"]
+    assert [m["content"] for m in await search.search("other", 2)] == ["other 4", "other 2"]

@@ -6,8 +6,8 @@ Create Date: 2026-11-28 10:00:00.000000
 
 - ``memories``: a user's saved memories, values encrypted (tornado_app/memory.py).
 - Full-text search over ``messages.content`` for the recall tool: on SQLite
-  an external-content FTS5 table ``messages_fts`` kept by three triggers (it
-  holds only the index, not a second copy of the text); on PostgreSQL a GIN
+  an external-content FTS5 table ``messages_fts`` of (user_id, content) kept
+  by three triggers (it holds only the index, not a second copy of the text); on PostgreSQL a GIN
   index on ``to_tsvector('simple', content)``. The 'simple' configuration
   (no stemming, no stop words) matches FTS5's unicode61 tokenizer, so both
   databases find the same messages.
@@ -23,18 +23,22 @@ branch_labels = None
 depends_on = None
 
 SQLITE_FTS = [
+    # user_id is indexed too: a search ANDs the user's own doclist with the
+    # words', so a common word costs what the user's messages cost, not all of them.
     "CREATE VIRTUAL TABLE messages_fts USING fts5("
-    "content, content='messages', content_rowid='id')",
+    "user_id, content, content='messages', content_rowid='id')",
     "INSERT INTO messages_fts(messages_fts) VALUES ('rebuild')",
     "CREATE TRIGGER messages_fts_insert AFTER INSERT ON messages BEGIN "
-    "INSERT INTO messages_fts(rowid, content) VALUES (new.id, new.content); END",
+    "INSERT INTO messages_fts(rowid, user_id, content) "
+    "VALUES (new.id, new.user_id, new.content); END",
     "CREATE TRIGGER messages_fts_delete AFTER DELETE ON messages BEGIN "
-    "INSERT INTO messages_fts(messages_fts, rowid, content) "
-    "VALUES ('delete', old.id, old.content); END",
-    "CREATE TRIGGER messages_fts_update AFTER UPDATE OF content ON messages BEGIN "
-    "INSERT INTO messages_fts(messages_fts, rowid, content) "
-    "VALUES ('delete', old.id, old.content); "
-    "INSERT INTO messages_fts(rowid, content) VALUES (new.id, new.content); END",
+    "INSERT INTO messages_fts(messages_fts, rowid, user_id, content) "
+    "VALUES ('delete', old.id, old.user_id, old.content); END",
+    "CREATE TRIGGER messages_fts_update AFTER UPDATE OF user_id, content ON messages BEGIN "
+    "INSERT INTO messages_fts(messages_fts, rowid, user_id, content) "
+    "VALUES ('delete', old.id, old.user_id, old.content); "
+    "INSERT INTO messages_fts(rowid, user_id, content) "
+    "VALUES (new.id, new.user_id, new.content); END",
 ]
 SQLITE_FTS_DROP = [
     "DROP TRIGGER IF EXISTS messages_fts_insert",
@@ -42,8 +46,12 @@ SQLITE_FTS_DROP = [
     "DROP TRIGGER IF EXISTS messages_fts_update",
     "DROP TABLE IF EXISTS messages_fts",
 ]
+# The user's id goes into the indexed vector as the lexeme '_u<id>' (the
+# parser never makes one with '_'), so that GIN intersects the user's entries
+# with the words' (tornado_app/store/message_search.py has the same expression).
 POSTGRES_FTS = [
-    "CREATE INDEX ix_messages_fts ON messages USING gin (to_tsvector('simple', content))",
+    "CREATE INDEX ix_messages_fts ON messages USING gin "
+    "((to_tsvector('simple', content) || ('_u' || user_id::text)::tsvector))",
 ]
 POSTGRES_FTS_DROP = ["DROP INDEX IF EXISTS ix_messages_fts"]
 

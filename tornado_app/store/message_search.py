@@ -1,10 +1,12 @@
 """Full-text search over one user's messages (the recall tool).
 
-SQLite: the FTS5 table ``messages_fts`` (migration 0006), queried with every
-word quoted, so that a user's text is never read as FTS5 syntax. PostgreSQL:
-``to_tsvector('simple', content)``, served by the GIN index of the same
-expression, and ``plainto_tsquery``. Both find the messages holding every
-word of the query, newest first.
+SQLite: the FTS5 table ``messages_fts`` of (user_id, content) (migration
+0006), queried for the user's id AND every word (quoted, so that a user's text
+is never read as FTS5 syntax), newest first by rowid: FTS5 walks the user's
+doclist and the words' together and stops at the limit. PostgreSQL:
+``to_tsvector('simple', content)`` and the user's lexeme, served by the GIN
+index of the same expression, and ``plainto_tsquery``. Both find the
+messages holding every word of the query, newest first.
 """
 
 from __future__ import annotations
@@ -18,10 +20,7 @@ from .models import ROLE_ASSISTANT, ROLE_USER, STATUS_ERROR
 # FTS5's unicode61 tokenizer: letters and digits; everything else separates.
 _WORD = re.compile(r"[^\W_]+")
 
-_COLUMNS = (
-    "SELECT c.client_id AS conversation, m.role, m.content, m.created_at "
-    "FROM messages m JOIN conversations c ON c.id = m.conversation_id "
-)
+_SELECT = "SELECT c.client_id AS conversation, m.role, m.content, m.created_at "
 # Replies that failed hold an error text, not something said.
 _FILTER = (
     f"m.user_id = :user_id AND m.role IN ('{ROLE_USER}', '{ROLE_ASSISTANT}') "
@@ -33,21 +32,46 @@ _PARAMS = (bindparam("user_id", type_=Integer), bindparam("query", type_=String)
 # Typed result columns: SQLite's times come back as datetimes, as elsewhere.
 _RESULTS = {"conversation": String, "role": String, "content": Text, "created_at": DateTime}
 
+# Message ids follow time on SQLite (one writer), so rowid order is newest first.
 SQLITE = text(
-    _COLUMNS + "WHERE m.id IN (SELECT rowid FROM messages_fts WHERE messages_fts MATCH :query) "
-    "AND " + _FILTER + _ORDER).bindparams(*_PARAMS).columns(**_RESULTS)
+    _SELECT + "FROM messages_fts f JOIN messages m ON m.id = f.rowid "
+    "JOIN conversations c ON c.id = m.conversation_id "
+    "WHERE messages_fts MATCH :query AND " + _FILTER +
+    "ORDER BY f.rowid DESC LIMIT :limit").bindparams(*_PARAMS).columns(**_RESULTS)
+# The expression of migration 0006's GIN index, which holds the user's id as
+# the lexeme '_u<id>': the index intersects the user's entries with the words'.
+_GIN_MATCH = (
+    "(to_tsvector('simple', m.content) || ('_u' || m.user_id::text)::tsvector) "
+    "@@ (plainto_tsquery('simple', :query) && CAST(:user_lexeme AS tsquery)) ")
 POSTGRES = text(
-    _COLUMNS + "WHERE to_tsvector('simple', m.content) @@ plainto_tsquery('simple', :query) "
-    "AND " + _FILTER + _ORDER).bindparams(*_PARAMS).columns(**_RESULTS)
+    _SELECT + "FROM messages m JOIN conversations c ON c.id = m.conversation_id "
+    "WHERE " + _GIN_MATCH + "AND " + _FILTER + _ORDER).bindparams(
+        *_PARAMS, bindparam("user_lexeme", type_=String)).columns(**_RESULTS)
+
+# First the user's newest RECENT_WINDOW messages, read newest first through
+# ix_messages_user_created and matched one by one: when the limit is found
+# there, those are the newest matches of all, and a common word of a busy user
+# costs no visit to each of their thousands of messages that hold it (the GIN
+# path's cost: it finds them all, then sorts them).
+RECENT_WINDOW = 500
+POSTGRES_RECENT = text(
+    _SELECT + "FROM (SELECT * FROM messages WHERE user_id = :user_id "
+    "ORDER BY created_at DESC, id DESC LIMIT :window) m "
+    "JOIN conversations c ON c.id = m.conversation_id "
+    "WHERE to_tsvector('simple', m.content) @@ plainto_tsquery('simple', :query) "
+    "AND " + _FILTER + _ORDER).bindparams(
+        *_PARAMS, bindparam("window", type_=Integer)).columns(**_RESULTS)
 
 
 def words(query: str) -> list[str]:
     return _WORD.findall(query.lower())
 
 
-def fts5_query(query: str) -> str:
-    """Every word quoted: FTS5 reads them as phrases, all required."""
-    return " ".join(f'"{word}"' for word in words(query))
+def fts5_query(user_id: int, query: str) -> str:
+    """The user's id in its column, and every word quoted in the content: FTS5
+    reads them as phrases, all required."""
+    quoted = " ".join(f'"{word}"' for word in words(query))
+    return f'user_id : "{int(user_id)}" AND content : ({quoted})'
 
 
 # Units of work (store/executor.py)
@@ -57,7 +81,11 @@ def search(db, user_id: int, query: str, limit: int) -> list:
     if not words(query):
         return []
     if db.dialect == "sqlite":
-        statement, query = SQLITE, fts5_query(query)
-    else:
-        statement = POSTGRES
-    return db.execute(statement, {"user_id": user_id, "query": query, "limit": limit}).all()
+        values = {"user_id": user_id, "query": fts5_query(user_id, query), "limit": limit}
+        return db.execute(SQLITE, values).all()
+    values = {"user_id": user_id, "query": query, "limit": limit, "window": RECENT_WINDOW,
+              "user_lexeme": f"_u{int(user_id)}"}
+    recent = db.execute(POSTGRES_RECENT, values).all()
+    if len(recent) == limit:  # the newest matches of all
+        return recent
+    return db.execute(POSTGRES, values).all()
