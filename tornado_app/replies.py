@@ -125,6 +125,7 @@ class LiveReply:
         self.cancel_pending = False  # cancelled before it began
         self.complete = False  # generated whole, being saved: too late to cancel
         self.reserved = None  # its quota reservation (store.quotas.Bound), if any
+        self.cancelling = False  # cancel() was called
 
     @property
     def last_seq(self) -> int:
@@ -159,6 +160,12 @@ class LiveReply:
         has ended already or is complete (being saved)."""
         if self.complete or self.ending is not None or self.task is None or self.task.done():
             return False
+        if self.cancelling:
+            # Asked again (a cancel request is seen both by a flush and by a
+            # notification): a second task.cancel() would interrupt the save
+            # of the cancelled reply, and its listeners would get an error.
+            return True
+        self.cancelling = True
         if not self.started:
             # A task cancelled before its first step never runs its code, so
             # it could not save the reply: it cancels itself when it starts.

@@ -333,6 +333,8 @@ async def errors(ctx: Context) -> list[Section]:
     ]
 
 
+from .cost import cost  # noqa: E402 (it builds this module's Sections)
+
 REPORTS = {
     "summary": summary,
     "users": users_report,
@@ -340,6 +342,7 @@ REPORTS = {
     "agents": agents,
     "conversations": conversations_report,
     "errors": errors,
+    "cost": cost,
 }
 
 
