@@ -101,8 +101,8 @@ class ChatService:
         """
         limit = self.settings.rate_limit
         now = time.time()
-        after_id = history.read_from()
         quota = self._quota_request(user, history, content, now)
+        after_id = history.read_from()
         admission = await self.store.admit(
             history.conversation_id, user.id, content, now=now,
             messages=limit.messages, per_seconds=limit.per_seconds,
@@ -120,27 +120,37 @@ class ChatService:
     def _quota_request(self, user, history: History, content: str,
                        now: float) -> QuotaRequest | None:
         """What to reserve for the reply, or None when no quota applies to the
-        user (none in the config, no override of their own, or unlimited)."""
+        user (none in the config, no override of their own, or unlimited).
+        Called before ``history.read_from()``, which may drop the counted turns."""
         if getattr(user, "quota_unlimited", None) or not (
                 self.settings.quota.any or quotas.has_override(user)):
             return None
         chain = self.pool.chain
         agent = chain[0]
-        system = self._system_prompt(user.username)
         known = list(history.turns)
+        # A loading model's counts are estimates: never cached in the history.
+        if agent.ready:
+            history.count(agent, known)
+            counted = {turn.id: turn.tokens for turn in known}
+        else:
+            counted = {turn.id: agent.count_tokens(turn.content) for turn in known}
+        system = self._system_prompt(user.username)
 
         def bound_of(rows: list) -> quotas.Bound:
-            # A loading model's counts are estimates: never cached in the history.
-            if agent.ready:
-                history.count(agent, known)
-                counts = [turn.tokens for turn in known]
-            else:
-                counts = [agent.count_tokens(turn.content) for turn in known]
-            counts += [agent.count_tokens(row.content) for row in rows]
-            tokens = sum(counts[-history.limit:]) + TOKENS_PER_MESSAGE * len(counts)
-            prompt = quotas.prompt_bound(agent, system, content, tokens)
-            return quotas.reply_bound(chain, prompt, self.pricing)
+            # Runs inside the transaction (on the SQLite batcher's thread): no
+            # tokenizer here. Turns read now and never counted (normally just
+            # the previous reply) count their UTF-8 bytes: a byte-level
+            # tokenizer makes no token shorter than a byte.
+            # Rows already counted: the copy was read again in full (read_from).
+            reread = any(row.id in counted for row in rows)
+            turns = {} if reread else dict(counted)
+            for row in rows:
+                turns[row.id] = counted.get(row.id, len(row.content.encode()))
+            tokens = sum(turns.values()) + TOKENS_PER_MESSAGE * len(turns)
+            return quotas.reply_bound(chain, base + min(tokens, room), self.pricing)
 
+        base = quotas.prompt_base(agent, system, content)
+        room = max(0, agent.context_tokens - agent.reply_tokens - base)
         return QuotaRequest(bound_of, self.limits, quotas.Windows.at(now).today)
 
     def start_reply(self, user, history: History, admission, turns: list[Turn],

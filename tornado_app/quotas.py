@@ -61,10 +61,11 @@ class Pricing:
                 + (tokens_out or 0) * price.output_per_million) / 1_000_000
 
 
-def prompt_bound(agent, system: str, content: str, history_tokens: int) -> int:
-    """The most tokens the prompt to ``agent`` can have (see chat._prompt)."""
-    base = agent.count_tokens(system) + agent.count_tokens(content) + 2 * TOKENS_PER_MESSAGE
-    return min(base + history_tokens, max(base, agent.context_tokens - agent.reply_tokens))
+def prompt_base(agent, system: str, content: str) -> int:
+    """The tokens of a prompt to ``agent`` before its history (see chat._prompt):
+    the system prompt and the message. The history adds at most what the
+    context leaves beside them and the reply."""
+    return agent.count_tokens(system) + agent.count_tokens(content) + 2 * TOKENS_PER_MESSAGE
 
 
 def reply_bound(chain, prompt_tokens: int, pricing: Pricing) -> Bound:
