@@ -6,9 +6,10 @@ statements and why they are exact). Here: prices, windows, the bound, and the
 words a refused user reads.
 
 The bound of a reply is the prompt's tokens (system prompt, history and the
-message, as the first agent counts them, and never more than its context
-leaves for the prompt) plus the largest reply any agent of the chain may
-write (``Agent.reply_tokens``). The prompt is then cut to what was reserved
+message, as the first agent counts them; history turns first read in the
+admit transaction at their UTF-8 bytes; never more than its context leaves
+for the prompt) plus the largest reply any agent of the chain may write
+(``Agent.reply_tokens``). The prompt is then cut to what was reserved
 (chat.py), so a reply saved on time never spends more than its reservation.
 """
 
