@@ -438,6 +438,36 @@
        `${percent(kinds[0].share)}.`, table);
   }
 
+  // Cost (the cost report: rows per day, user, agent and model)
+
+  function money(value) {
+    return value.toFixed(value && value < 0.01 ? 4 : 2);
+  }
+
+  function drawCost(cost, filters) {
+    const perDay = new Map();
+    for (const row of cost.by_day) perDay.set(row.day, (perDay.get(row.day) || 0) + row.cost);
+    const days = everyDay([...perDay].map(([day, spent]) => ({day, cost: spent})), filters)
+      .map((row) => ({day: row.day, cost: row.cost || 0}));
+    const total = cost.totals.cost;
+    kpi("kpi-cost", total, money(total),
+        `${count(cost.totals.unpriced_replies)} unpriced replies`);
+    const table = {
+      caption: "Cost per day (UTC)",
+      columns: ["Day", "Cost"],
+      rows: days.map((row) => ({key: row.day, cells: [longDay(row.day), money(row.cost)]})),
+    };
+    if (!total) return draw("chart-cost", null, "", table);
+    draw("chart-cost", {
+      type: "bar",
+      data: {labels: days.map((row) => shortDay(row.day)), datasets: [
+        bars("Cost", days.map((row) => row.cost), css("--series-2")),
+      ]},
+      options: baseOptions({yFormat: money}),
+    }, `Cost per day: ${money(total)} in total.`, table);
+  }
+
+
   // Key figures
 
   function kpi(id, value, shown, sub) {
@@ -512,13 +542,14 @@
       const query = apiQuery(filters);
       const unfiltered = apiQuery({...filters, agent: ""});
       try {
-        const [summary, daily, agents, everyAgent, users, errors] = await Promise.all([
+        const [summary, daily, agents, everyAgent, users, errors, cost] = await Promise.all([
           report("summary", query, signal),
           report("daily", query, signal),
           report("agents", query, signal),
           filters.agent ? report("agents", unfiltered, signal) : null,
           report("users", apiQuery(filters, {limit: 10}), signal),
           report("errors", apiQuery(filters, {limit: 1}), signal),
+          report("cost", query, signal),
         ]);
         ui.notice.hidden = true;
         fillAgents(ui.agent, (everyAgent || agents).agents, filters.agent);
@@ -531,6 +562,7 @@
         drawTokens(days);
         drawUsers(users.users);
         drawErrorKinds(errors.by_kind, s.replies > 0);
+        drawCost(cost, filters);
       } catch (error) {
         if (error.name === "AbortError") return;
         if (error.status === 401 || error.status === 403) {
