@@ -50,7 +50,7 @@ BATCH = 20_000
 MESSAGE_COLUMNS = (
     "id", "conversation_id", "user_id", "role", "content", "status", "reply_to_id", "agent",
     "model", "tokens_in", "tokens_out", "latency_ms", "ttft_ms", "error_ref", "error_kind",
-    "created_at", "parent_id", "regenerated",
+    "created_at", "parent_id", "regenerated", "cost",
 )
 FEEDBACK_COLUMNS = ("message_id", "user_id", "rating", "comment", "created_at")
 CONVERSATION_COLUMNS = ("id", "user_id", "client_id", "created_at")
@@ -90,6 +90,9 @@ PROFILES = (
             8192),
     Profile("echo", "echo", 6, 0.4, 2, 0.002, (("internal", 1.0),), 8192),
 )
+# USD per million tokens (in, out), as a pricing section would set them; the
+# other models are unpriced (their replies' cost is NULL).
+PRICES = {("openai", "gpt-4o-mini"): (0.15, 0.60), ("openai", "gpt-4o"): (2.50, 10.00)}
 CANCEL_RATE = 0.008
 UNANSWERED_RATE = 0.002  # the process died before the reply was saved
 TIMEOUT_MS = 120_000.0
@@ -254,7 +257,7 @@ class Generator:
             exchange["id"] = message_id
             text = self.rng.choice(self.questions[detail])
             return (*base, "user", text, "ok", None, None, None, None, None, None, None, None,
-                    None, at, parent, False)
+                    None, at, parent, False, None)
         r = detail
         words = min(160, max(1, r["tokens_out"] * 3 // 4))
         text = self.rng.choice(self.replies[words]) if r["tokens_out"] else ""
@@ -267,7 +270,14 @@ class Generator:
         return (*base, "assistant", text, r["status"], exchange["id"], r["agent"], r["model"],
                 r["tokens_in"], r["tokens_out"], round(r["latency_ms"], 3),
                 None if r["ttft_ms"] is None else round(r["ttft_ms"], 3), r["error_ref"],
-                r["error_kind"], at, exchange["id"], r.get("regenerated", False))
+                r["error_kind"], at, exchange["id"], r.get("regenerated", False), reply_cost(r))
+
+
+def reply_cost(reply: dict) -> float | None:
+    price = PRICES.get((reply["agent"], reply["model"]))
+    if price is None:
+        return None
+    return (reply["tokens_in"] * price[0] + reply["tokens_out"] * price[1]) / 1_000_000
 
 
 # Writers. Both load with the messages indexes dropped and build them after:

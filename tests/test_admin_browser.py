@@ -139,13 +139,13 @@ def test_an_admin_sees_charts_of_the_real_data(page, live_server):
     expect(page.locator("#kpi-error-rate")).to_have_text(re.compile(r"^\d+\.\d{1,2}%$"))
     expect(page.locator("#kpi-latency")).to_have_text(re.compile(r"^\d+(\.\d+)? s$|^\d+ ms$"))
 
-    # Seven charts, each drawn by Chart.js, each with a text alternative; the
+    # Eight charts, each drawn by Chart.js, each with a text alternative; the
     # generated chats called no tool, so the Tools chart says so.
     canvases = page.locator(".chart-card:not(#chart-tools) canvas")
-    expect(canvases).to_have_count(7)
+    expect(canvases).to_have_count(8)
     assert page.evaluate("[...document.querySelectorAll('.chart-card:not(#chart-tools) canvas')]"
                          ".every((canvas) => Chart.getChart(canvas) !== undefined)")
-    for index in range(7):
+    for index in range(8):
         label = canvases.nth(index).get_attribute("aria-label")
         assert label and label != "Loading", index
     expect(page.locator(".chart-card .empty:visible")).to_have_count(1)
@@ -166,6 +166,14 @@ def test_an_admin_sees_charts_of_the_real_data(page, live_server):
     assert keys == [f"{row['agent']}/{row['model']}" for row in agents]
     users = page.request.get(f"/api/admin/analytics/users?{query}&limit=10").json()["users"]
     expect(page.locator("#chart-users tbody th")).to_have_text([row["username"] for row in users])
+    # Cost: the generated gpt-4o and gpt-4o-mini replies are priced.
+    cost = page.request.get(f"/api/admin/analytics/cost?{query}").json()
+    assert cost["totals"]["cost"] > 0
+    assert float(page.locator("#kpi-cost").get_attribute("data-value")) == pytest.approx(
+        cost["totals"]["cost"])
+    # One row a day, as the other daily charts.
+    expect(page.locator("#chart-cost tbody tr")).to_have_count(
+        page.locator("#chart-messages tbody tr").count())
     # The agent menu lists every agent of the range.
     options = page.locator("#agent option").evaluate_all("(items) => items.map((o) => o.value)")
     assert options == ["", *sorted({row["agent"] for row in agents})]
@@ -234,7 +242,7 @@ def test_an_empty_range_and_an_api_error_are_readable(page):
     with page.expect_response(is_summary):
         page.goto("/admin?since=2001-01-01&until=2001-01-31")
     expect(page.locator("#kpi-messages")).to_have_text("0")
-    expect(page.locator(".chart-card .empty:visible")).to_have_count(7)
+    expect(page.locator(".chart-card .empty:visible")).to_have_count(9)
     expect(page.locator("#chart-messages .empty")).to_have_text("No data in this range")
     expect(page.locator("#chart-messages canvas")).to_be_hidden()
     expect(page.locator("#notice")).to_be_hidden()
@@ -248,7 +256,7 @@ def test_an_empty_range_and_an_api_error_are_readable(page):
 def test_accessibility_and_screenshot(page, tmp_path):
     sign_in_at_admin(page, "root")
     expect(page.locator("#login-view")).to_have_count(0)
-    expect(page.locator(".chart-card canvas:visible")).to_have_count(7)
+    expect(page.locator(".chart-card canvas:visible")).to_have_count(8)
     expect(page.locator("#report")).not_to_have_attribute("aria-busy", "true")
     assert run_axe(page) == []
     assert screenshot(page, "dashboard.png", tmp_path).stat().st_size > 10_000

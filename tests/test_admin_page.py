@@ -70,7 +70,7 @@ async def test_an_admin_gets_the_dashboard(base_url, make_user, token_for):
     assert_page_headers(response)
     html = response.body.decode()
     assert view_of(response) == "dashboard"
-    assert html.count("<canvas") == 6
+    assert html.count("<canvas") == 9
     assert '<script src="/static/vendor/chartjs/chart.umd.min.js" defer></script>' in html
     assert 'id="signed-in-as">root<' in html
     # Nothing from elsewhere, nothing inline.

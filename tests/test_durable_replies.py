@@ -185,3 +185,33 @@ def test_a_killed_sqlite_instance_is_swept_by_the_next(tmp_path, servers):
         time.sleep(0.2)
     assert row is not None, survivor.log()
     assert row[:2] == ("error", "interrupted") and ANSWER.startswith(row[2]) and row[2]
+
+
+@pytest.mark.gen_test
+async def test_a_second_cancel_does_not_interrupt_the_save_of_a_cancelled_reply():
+    """A cancel request is seen twice (a flush and a notification): the task
+    is cancelled once, so the save it makes on its way out completes."""
+    from tornado_app.replies import LiveReply
+
+    live = LiveReply("reply", "message", 1, 1, 1)
+    release, saved = asyncio.Event(), asyncio.Event()
+
+    async def generate():
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            await asyncio.shield(release.wait())  # saving the cancelled reply
+            saved.set()
+            raise
+
+    live.task, live.started = asyncio.create_task(generate()), True
+    await asyncio.sleep(0)
+    assert live.cancel()
+    for _ in range(3):  # the task is saving now
+        await asyncio.sleep(0)
+    assert live.cancel()
+    await asyncio.sleep(0)
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await live.task
+    assert saved.is_set()

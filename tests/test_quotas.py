@@ -369,18 +369,57 @@ async def test_admins_read_and_set_a_users_quota(base_url, make_user, token_for,
 
 
 def test_users_quota_on_the_command_line(tmp_path):
-    from .servers import add_users, cli, ok, one_line_error, write_config
+    from .servers import Call, add_users, cli, ok, one_line_error, run_all, write_config
 
     config = write_config(tmp_path)
     add_users(config, "alice", "bob")
-    assert ok(cli(config, "users", "quota", "alice", "--tokens-per-day", "500",
-                  "--cost-per-month", "1.5")) == "quota of alice: day=500 cost=1.5\n"
-    assert ok(cli(config, "users", "quota", "bob", "--unlimited")) == "quota of bob: unlimited\n"
+    alice, bob = run_all(
+        Call(config, ("users", "quota", "alice", "--tokens-per-day", "500",
+                      "--cost-per-month", "1.5")),
+        Call(config, ("users", "quota", "bob", "--unlimited")))
+    assert ok(alice) == "quota of alice: day=500 cost=1.5\n"
+    assert ok(bob) == "quota of bob: unlimited\n"
     listing = ok(cli(config, "users", "list")).splitlines()
     assert listing[0].split()[-1] == "QUOTA"
     assert listing[1].startswith("alice") and listing[1].endswith("day=500 cost=1.5")
     assert listing[2].startswith("bob") and listing[2].endswith("unlimited")
-    assert ok(cli(config, "users", "quota", "alice", "--reset")) == "quota of alice: default\n"
-    one_line_error(cli(config, "users", "quota", "carol", "--unlimited"), 1, "no user", "carol")
-    one_line_error(cli(config, "users", "quota", "bob", "--tokens-per-day", "-3"), 1,
-                   "--tokens-per-day", "at least 0")
+    reset, unknown, negative, unpriced = run_all(
+        Call(config, ("users", "quota", "alice", "--reset")),
+        Call(config, ("users", "quota", "carol", "--unlimited")),
+        Call(config, ("users", "quota", "bob", "--tokens-per-day", "-3")),
+        Call(config, ("analytics", "cost", "--unpriced", "--format", "json")))
+    assert ok(reset) == "quota of alice: default\n"
+    one_line_error(unknown, 1, "no user", "carol")
+    one_line_error(negative, 1, "--tokens-per-day", "at least 0")
+    unpriced = json.loads(ok(unpriced))
+    assert unpriced["unpriced"] == [] and "totals" not in unpriced
+
+
+# analytics cost
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_the_cost_report_sums_the_stored_costs_and_lists_unpriced_models(quota_store):
+    from tornado_app.analytics import make_filters, run_report
+
+    from .helpers import add_reply, add_user_message
+
+    for user_id, agent, model, cost in ((1, "openai", "gpt-4o-mini", 0.25),
+                                        (1, "openai", "gpt-4o-mini", 0.5),
+                                        (2, "transformers", "smol", None)):
+        conversation = await quota_store.open_conversation(user_id, "c")
+        asked = await add_user_message(quota_store, conversation, user_id, "q")
+        await add_reply(quota_store, conversation, user_id, asked, content="a", status="ok",
+                        agent=agent, model=model, tokens_in=100, tokens_out=50, cost=cost)
+    report = await run_report(quota_store.engine, "cost", make_filters(None, None, None, None))
+    body = report.as_json()
+    assert body["totals"] == {"replies": 3, "tokens_in": 300, "tokens_out": 150,
+                              "cost": pytest.approx(0.75), "unpriced_replies": 1}
+    today = datetime.now(timezone.utc).date().isoformat()
+    assert [(r["day"], r["username"], r["model"], r["replies"], r["cost"])
+            for r in body["by_day"]] == [(today, "u1", "gpt-4o-mini", 2, pytest.approx(0.75)),
+                                          (today, "u2", "smol", 1, 0)]
+    assert [(r["agent"], r["model"], r["replies"]) for r in body["unpriced"]] == [
+        ("transformers", "smol", 1)]
+    alone = await run_report(quota_store.engine, "cost", make_filters(None, None, "u2", None))
+    assert alone.as_json()["totals"]["cost"] == 0

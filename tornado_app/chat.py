@@ -37,6 +37,11 @@ TOKENS_PER_MESSAGE = 4
 STORE_UNAVAILABLE = "The service could not save your message; please try again shortly."
 
 
+def _utf8_bytes(text: str) -> int:
+    """An upper bound of a text's tokens for byte-level tokenizers."""
+    return len(text.encode())
+
+
 class RateLimited(Exception):
     """The user is over the rate limit; nothing was saved."""
 
@@ -116,8 +121,8 @@ class ChatService:
         """
         limit = self.settings.rate_limit
         now = time.time()
-        after_id = history.read_from()
         quota = self._quota_request(user, history, content, now, branching)
+        after_id = history.read_from()
         admission = await self.store.admit(
             history.conversation_id, user.id, content, now=now,
             messages=limit.messages, per_seconds=limit.per_seconds,
@@ -138,7 +143,8 @@ class ChatService:
     def _quota_request(self, user, history: History, content: str, now: float,
                        branching: Branching | None) -> QuotaRequest | None:
         """What to reserve for the reply, or None when no quota applies to the
-        user (none in the config, no override of their own, or unlimited)."""
+        user (none in the config, no override of their own, or unlimited).
+        Called before ``history.read_from()``, which may drop the counted turns."""
         if getattr(user, "quota_unlimited", None) or not (
                 self.settings.quota.any or quotas.has_override(user)):
             return None
@@ -147,31 +153,44 @@ class ChatService:
         agent = chain[0]
         # With tools, each further model call of the loop is reserved for too.
         tool_steps = self.settings.agent.max_tool_steps if self.settings.agent.tools else 0
+        memory_budget = self._memory_budget(agent) if self.memories is not None else 0
         known = list(history.turns)
+        # A loading model's counts are estimates: never cached in the history.
+        if agent.ready:
+            history.count(agent, known)
+            counted = {turn.id: turn.tokens for turn in known}
+        else:
+            counted = {turn.id: agent.count_tokens(turn.content) for turn in known}
+        system = system_prompt(self.settings.agent.system_prompt, user.username, "")
 
         def bound_of(rows: list, saved_memories: list) -> quotas.Bound:
             if branching is not None:
                 # An edit or a regenerate answers another branch than the copy's:
                 # reserve for the fullest prompt the agent takes.
-                prompt = agent.context_tokens - agent.reply_tokens
+                prompt = agent.context_tokens - agent.reply_tokens + memory_budget
                 return quotas.reply_bound(chain, prompt, self.pricing, tool_steps)
-            # The system prompt exactly as _prompt will write it, memories included.
-            section = ""
-            if self.memories is not None and saved_memories:
+            # Runs inside the transaction (on the SQLite batcher's thread): no
+            # tokenizer here. Turns read now and never counted (normally just
+            # the previous reply) count their UTF-8 bytes: a byte-level
+            # tokenizer makes no token shorter than a byte.
+            # Rows already counted: the copy was read again in full (read_from).
+            reread = any(row.id in counted for row in rows)
+            turns = {} if reread else dict(counted)
+            for row in rows:
+                turns[row.id] = counted.get(row.id, len(row.content.encode()))
+            tokens = sum(turns.values()) + TOKENS_PER_MESSAGE * len(turns)
+            # The memory section (read in the same transaction), by its bytes
+            # too, and never more than its share of the prompt.
+            remembered = 0
+            if saved_memories and memory_budget:
                 section = memory_section(self.memories.readable(user.id, saved_memories),
-                                         self._memory_budget(agent), agent.count_tokens)
-            system = system_prompt(self.settings.agent.system_prompt, user.username, section)
-            # A loading model's counts are estimates: never cached in the history.
-            if agent.ready:
-                history.count(agent, known)
-                counts = [turn.tokens for turn in known]
-            else:
-                counts = [agent.count_tokens(turn.content) for turn in known]
-            counts += [agent.count_tokens(row.content) for row in rows]
-            tokens = sum(counts[-history.limit:]) + TOKENS_PER_MESSAGE * len(counts)
-            prompt = quotas.prompt_bound(agent, system, content, tokens)
-            return quotas.reply_bound(chain, prompt, self.pricing, tool_steps)
+                                         memory_budget * 8, _utf8_bytes)
+                remembered = min(memory_budget, len(("\n\n" + section).encode()))
+            return quotas.reply_bound(chain, base + remembered + min(tokens, room),
+                                      self.pricing, tool_steps)
 
+        base = quotas.prompt_base(agent, system, content)
+        room = max(0, agent.context_tokens - agent.reply_tokens - base)
         return QuotaRequest(bound_of, self.limits, quotas.Windows.at(now).today)
 
     # The agent per conversation (agent.selectable)

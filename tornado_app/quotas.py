@@ -6,9 +6,10 @@ statements and why they are exact). Here: prices, windows, the bound, and the
 words a refused user reads.
 
 The bound of a reply is the prompt's tokens (system prompt, history and the
-message, as the first agent counts them, and never more than its context
-leaves for the prompt) plus the largest reply any agent of the chain may
-write (``Agent.reply_tokens``). The prompt is then cut to what was reserved
+message, as the first agent counts them; history turns first read in the
+admit transaction at their UTF-8 bytes; never more than its context leaves
+for the prompt) plus the largest reply any agent of the chain may write
+(``Agent.reply_tokens``). The prompt is then cut to what was reserved
 (chat.py), so a reply saved on time never spends more than its reservation.
 """
 
@@ -61,10 +62,11 @@ class Pricing:
                 + (tokens_out or 0) * price.output_per_million) / 1_000_000
 
 
-def prompt_bound(agent, system: str, content: str, history_tokens: int) -> int:
-    """The most tokens the prompt to ``agent`` can have (see chat._prompt)."""
-    base = agent.count_tokens(system) + agent.count_tokens(content) + 2 * TOKENS_PER_MESSAGE
-    return min(base + history_tokens, max(base, agent.context_tokens - agent.reply_tokens))
+def prompt_base(agent, system: str, content: str) -> int:
+    """The tokens of a prompt to ``agent`` before its history (see chat._prompt):
+    the system prompt and the message. The history adds at most what the
+    context leaves beside them and the reply."""
+    return agent.count_tokens(system) + agent.count_tokens(content) + 2 * TOKENS_PER_MESSAGE
 
 
 def reply_bound(chain, prompt_tokens: int, pricing: Pricing, tool_steps: int = 0) -> Bound:

@@ -125,7 +125,7 @@ class LiveReply:
         self.cancel_pending = False  # cancelled before it began
         self.complete = False  # generated whole, being saved: too late to cancel
         self.reserved = None  # its quota reservation (store.quotas.Bound), if any
-        self.cancelling = False  # cancelled, saving itself as cancelled
+        self.cancelling = False  # cancel() was called
 
     @property
     def last_seq(self) -> int:
@@ -164,12 +164,13 @@ class LiveReply:
     def cancel(self) -> bool:
         """Cancel the generation (it saves the reply as cancelled); False if it
         has ended already or is complete (being saved)."""
-        if (self.complete or self.cancelling or self.ending is not None or self.task is None
-                or self.task.done()):
+        if self.complete or self.ending is not None or self.task is None or self.task.done():
             return False
-        # Once only: a second cancel (the request read again by the next flush
-        # while the first is still saving the reply) would interrupt the save,
-        # and the listeners would get an error instead of the cancelled frame.
+        if self.cancelling:
+            # Asked again (a cancel request is seen both by a flush and by a
+            # notification): a second task.cancel() would interrupt the save
+            # of the cancelled reply, and its listeners would get an error.
+            return True
         self.cancelling = True
         if not self.started:
             # A task cancelled before its first step never runs its code, so

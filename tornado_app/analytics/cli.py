@@ -36,6 +36,7 @@ REPORT_HELP = {
     "errors": "failed replies by kind, and the latest ones",
     "tools": "tool calls per tool and per agent: calls, errors, timeouts, latency",
     "feedback": "per agent and model: replies, rated, up, down, share of up; latest comments",
+    "cost": "cost per UTC day, user, agent and model, with totals and the unpriced models",
 }
 
 
@@ -47,6 +48,9 @@ def add_parser(commands) -> None:
         report = reports.add_parser(name, help=text)
         _add_filters(report, limit=name in ("users", "conversations", "errors", "feedback"))
         report.add_argument("--format", choices=FORMATS, default="table")
+        if name == "cost":
+            report.add_argument("--unpriced", action="store_true",
+                                help="only the agents and models that have no price")
     export = reports.add_parser("export", help="the messages themselves, streamed")
     _add_filters(export, limit=False)
     export.add_argument("--format", choices=EXPORT_FORMATS, default="csv",
@@ -85,6 +89,8 @@ async def _run(store: Store, settings: Settings, args: argparse.Namespace) -> in
             await _export(store, filters, args.format)
         else:
             report = await run_report(store.engine, args.report, filters)
+            if getattr(args, "unpriced", False):
+                report.sections = [s for s in report.sections if s.name == "unpriced"]
             sys.stdout.write(render(report, args.format))
     except UnknownUser as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -392,6 +392,7 @@ async def feedback_report(ctx: Context) -> list[Section]:
     """Ratings per agent and model, and the latest comments (feedback.py)."""
     return [Section(*parts) for parts in await feedback_sections(ctx)]
 
+from .cost import cost  # noqa: E402 (it builds this module's Sections)
 
 REPORTS = {
     "summary": summary,
@@ -402,6 +403,7 @@ REPORTS = {
     "errors": errors,
     "tools": tools,
     "feedback": feedback_report,
+    "cost": cost,
 }
 
 

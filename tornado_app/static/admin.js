@@ -459,6 +459,8 @@
       options,
     }, `Tool calls by tool; the most used is ${tools[0].tool} with ${count(tools[0].calls)} ` +
        `calls, ${count(tools[0].errors)} failed.`, table);
+  }
+
   // Feedback: up and down per agent and model, the regenerate rate per agent,
   // the latest comments (as text: a comment is the user's words).
 
@@ -504,6 +506,36 @@
     }, `Feedback for ${rows.length} agent and model pairs; the most liked is ` +
        `${best.agent} ${best.model} with ${percent(best.up_share)} up.`, table);
   }
+
+  // Cost (the cost report: rows per day, user, agent and model)
+
+  function money(value) {
+    return value.toFixed(value && value < 0.01 ? 4 : 2);
+  }
+
+  function drawCost(cost, filters) {
+    const perDay = new Map();
+    for (const row of cost.by_day) perDay.set(row.day, (perDay.get(row.day) || 0) + row.cost);
+    const days = everyDay([...perDay].map(([day, spent]) => ({day, cost: spent})), filters)
+      .map((row) => ({day: row.day, cost: row.cost || 0}));
+    const total = cost.totals.cost;
+    kpi("kpi-cost", total, money(total),
+        `${count(cost.totals.unpriced_replies)} unpriced replies`);
+    const table = {
+      caption: "Cost per day (UTC)",
+      columns: ["Day", "Cost"],
+      rows: days.map((row) => ({key: row.day, cells: [longDay(row.day), money(row.cost)]})),
+    };
+    if (!total) return draw("chart-cost", null, "", table);
+    draw("chart-cost", {
+      type: "bar",
+      data: {labels: days.map((row) => shortDay(row.day)), datasets: [
+        bars("Cost", days.map((row) => row.cost), css("--series-2")),
+      ]},
+      options: baseOptions({yFormat: money}),
+    }, `Cost per day: ${money(total)} in total.`, table);
+  }
+
 
   // Key figures
 
@@ -579,8 +611,8 @@
       const query = apiQuery(filters);
       const unfiltered = apiQuery({...filters, agent: ""});
       try {
-        const [summary, daily, agents, everyAgent, users, errors, feedback, conversations] =
-          await Promise.all([
+        const [summary, daily, agents, everyAgent, users, errors, feedback, conversations, cost,
+               tools] = await Promise.all([
           report("summary", query, signal),
           report("daily", query, signal),
           report("agents", query, signal),
@@ -589,6 +621,8 @@
           report("errors", apiQuery(filters, {limit: 1}), signal),
           report("feedback", apiQuery(filters, {limit: 5}), signal),
           report("conversations", apiQuery(filters, {limit: 1}), signal),
+          report("cost", query, signal),
+          report("tools", query, signal),
         ]);
         ui.notice.hidden = true;
         fillAgents(ui.agent, (everyAgent || agents).agents, filters.agent);
@@ -601,8 +635,9 @@
         drawTokens(days);
         drawUsers(users.users);
         drawErrorKinds(errors.by_kind, s.replies > 0);
-        drawTools((await report("tools", query, signal)).tools);
+        drawTools(tools.tools);
         drawFeedback(feedback, conversations.regenerated);
+        drawCost(cost, filters);
       } catch (error) {
         if (error.name === "AbortError") return;
         if (error.status === 401 || error.status === 403) {
