@@ -23,6 +23,7 @@ from pathlib import Path
 from tornado.web import StaticFileHandler
 
 from ..frames import MAX_ID_CHARS, FrameError, parse_feedback, valid_client_id
+from ..store.models import ROLE_ASSISTANT, STATUS_ERROR
 from .base import BaseHandler
 
 STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
@@ -115,6 +116,9 @@ def tree_messages(rows: list, leaf: int | None, whole: bool) -> list[dict]:
             chosen.append(current)
             current = by_id.get(current.parent_id)
         chosen.reverse()
+        # As in the prompt: a failed reply's text (an error reference) is left out.
+        chosen = [row for row in chosen
+                  if not (row.role == ROLE_ASSISTANT and row.status == STATUS_ERROR)]
     return [
         {"id": row.public_id,
          "parent_id": by_id[row.parent_id].public_id if row.parent_id in by_id else None,
