@@ -126,6 +126,7 @@ class LiveReply:
         self.complete = False  # generated whole, being saved: too late to cancel
         self.reserved = None  # its quota reservation (store.quotas.Bound), if any
         self.cancelling = False  # cancel() was called
+        self.born = time.monotonic()  # when it was admitted
 
     @property
     def last_seq(self) -> int:
@@ -312,7 +313,14 @@ class Replies:
     async def flush(self) -> None:
         """Save the new chunks of this process's replies; act on cancel requests."""
         new_chunks, last_seqs, taken = [], [], []
+        # A reply younger than one interval waits for the next tick: most replies
+        # end before it and so cost no database work, even when every tick finds
+        # some just begun (a busy server). Its chunks are saved at most two
+        # intervals after they came.
+        young = time.monotonic() - FLUSH_SECONDS
         for live in list(self.live.values()):
+            if live.born > young:
+                continue
             pieces = live.reply.pieces
             if len(pieces) > live.flushed:
                 new_chunks += [{"reply_id": live.reply_id, "seq": seq, "text": pieces[seq]}
