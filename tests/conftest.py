@@ -6,7 +6,8 @@ Fixtures:
   session creates and drops: every test that uses a service runs on both.
   ``postgres_url``: the PostgreSQL one alone (skipped, or failed in CI,
   without a server); ``postgres_database``: the session's database itself.
-- ``db_store``: a Store on ``any_db_url``, without a service (closed after).
+- ``db_store``: a Store on ``any_db_url``, without a service (closed after);
+  ``limiter_store``: the same with its schema and users u1 (1) and u2 (2).
 - ``settings``: Settings for a test server (random port, fake agent, a fixed
   JWT secret); tests adjust fields before asking for ``service``.
   ``openai_settings(tmp_path, db_url, upstream, **environ)`` (a function): the
@@ -144,6 +145,20 @@ def db_store(io_loop, any_db_url):
     store = Store.from_url(any_db_url)
     yield store
     io_loop.run_sync(store.close)
+
+
+@pytest.fixture
+def limiter_store(io_loop, db_store):
+    """A Store on an empty database of each kind, with users u1 (1) and u2 (2)
+    (the rate limit and quota tests)."""
+
+    async def prepare():
+        await db_store.ensure_schema()
+        for name in ("u1", "u2"):
+            await db_store.create_user(name, None)
+
+    io_loop.run_sync(prepare)
+    return db_store
 
 
 # The service

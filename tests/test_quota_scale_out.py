@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 
 from tornado_app.store.models import Message, QuotaReservation, QuotaUsage, User
 
-from .helpers import connect_ws, on_engine
+from .helpers import on_engine
 from .servers import add_users, cli, ok, token, write_config
 from .test_scale_out import open_clients
 

@@ -15,12 +15,11 @@ from sqlalchemy import select
 
 from tornado_app import quotas
 from tornado_app.store import QuotaRequest
-from tornado_app.store.models import Message, QuotaReservation
+from tornado_app.store.models import QuotaReservation
 from tornado_app.store.quotas import Bound, Limits
 
 from .helpers import ADMIT, get, saved_messages
 from .test_metrics import scrape, value
-from .test_rate_limit import limiter_store  # noqa: F401 (a fixture)
 
 # Replies are saved (and counted) at the real time: the tests' "now" is it too.
 NOW = time.time()

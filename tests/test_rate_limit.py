@@ -8,19 +8,6 @@ import pytest
 from .helpers import take_rate_limit
 
 
-@pytest.fixture
-def limiter_store(io_loop, db_store):
-    """A Store on an empty database of each kind, with users 1 and 2."""
-
-    async def prepare():
-        await db_store.ensure_schema()
-        for name in ("u1", "u2"):
-            await db_store.create_user(name, None)
-
-    io_loop.run_sync(prepare)
-    return db_store
-
-
 @pytest.mark.gen_test
 async def test_burst_then_steady_rate(limiter_store):
     take = functools.partial(take_rate_limit, limiter_store)
