@@ -12,9 +12,10 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest, HTTPResponse
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
@@ -303,6 +304,21 @@ def install_late_tool(site: Path, name: str = "late_tool_pkg") -> None:
 # Store.admit's arguments for a test's messages: a process name, and a lease
 # that never runs out (no sweep saves a test's reply as interrupted).
 ADMIT = {"instance": "test", "lease_seconds": 1e9}
+
+
+async def seed_old_schema(conn, username: str = "old", client_ids=("c",),
+                          at: datetime = datetime(2025, 1, 1)) -> None:
+    """User 1 named ``username`` and conversations 1, 2... with these client
+    ids, in plain SQL: a migration test at an older revision cannot use the
+    Store, whose statements name the newest revision's columns."""
+    await conn.execute(text(
+        "INSERT INTO users (id, username, is_admin, disabled, created_at) "
+        "VALUES (1, :username, false, false, :at)"), {"username": username, "at": at})
+    for conversation_id, client_id in enumerate(client_ids, start=1):
+        await conn.execute(text(
+            "INSERT INTO conversations (id, user_id, client_id, created_at) "
+            "VALUES (:id, 1, :client_id, :at)"),
+            {"id": conversation_id, "client_id": client_id, "at": at})
 
 
 async def add_user_message(store, conversation_id: int, user_id: int, content: str) -> int:

@@ -15,6 +15,7 @@ from tornado_app.analytics.render import render
 from tornado_app.store.models import Feedback, Message
 from tornado_app.store.schema import current_revision, downgrade, upgrade
 
+from .helpers import seed_old_schema
 from .test_analytics import NOW, at, load_chats
 
 # Migration 0008
@@ -30,13 +31,7 @@ async def test_migration_0008_makes_each_conversation_one_branch_and_goes_down(d
     engine = db_store.engine
     await upgrade(engine, "0004")
     async with engine.begin() as conn:
-        await conn.execute(text(
-            "INSERT INTO users (id, username, is_admin, disabled, created_at) "
-            "VALUES (1, 'old', false, false, '2025-01-01 00:00:00')"))
-        for cid in (1, 2, 3):
-            await conn.execute(text(
-                "INSERT INTO conversations (id, user_id, client_id, created_at) "
-                f"VALUES ({cid}, 1, 'c{cid}', '2025-01-01 00:00:00')"))
+        await seed_old_schema(conn, client_ids=("c1", "c2", "c3"))
         # Interleaved conversations 1 and 2; conversation 3 has no message.
         for mid, cid, role, reply_to in ((1, 1, "user", "NULL"), (2, 2, "user", "NULL"),
                                          (3, 1, "assistant", "1"), (4, 2, "assistant", "2"),

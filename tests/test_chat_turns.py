@@ -11,6 +11,7 @@ from sqlalchemy import inspect, text
 
 from tornado_app.store.schema import current_revision, downgrade, upgrade
 
+from .helpers import seed_old_schema
 from .servers import ROOT
 from .test_analytics import load_chats
 
@@ -20,12 +21,7 @@ async def test_migration_0003_up_and_down_keeps_the_messages(db_store):
     engine = db_store.engine
     await upgrade(engine, "0002")
     async with engine.begin() as conn:
-        await conn.execute(text(
-            "INSERT INTO users (id, username, is_admin, disabled, created_at) "
-            "VALUES (1, 'old', false, false, '2025-01-01 00:00:00')"))
-        await conn.execute(text(
-            "INSERT INTO conversations (id, user_id, client_id, created_at) "
-            "VALUES (1, 1, 'c', '2025-01-01 00:00:00')"))
+        await seed_old_schema(conn)
         await conn.execute(text(
             "INSERT INTO messages (id, conversation_id, user_id, role, content, status, "
             "created_at) VALUES (1, 1, 1, 'user', 'kept', 'ok', '2025-01-01 00:00:01')"))

@@ -25,7 +25,7 @@ from tornado_app.memory import (
 )
 from tornado_app.store.schema import downgrade, upgrade
 
-from .helpers import add_reply, add_user_message
+from .helpers import add_reply, add_user_message, seed_old_schema
 
 KEY = "k" * 64
 SECRET_VALUE = "March 15, the plain-text-canary-4711"
@@ -250,12 +250,7 @@ async def test_migration_0006_up_and_down_with_data(db_store):
     await upgrade(engine, "0004")
     # Plain SQL: the Store's statements know the columns of later revisions.
     async with engine.begin() as conn:
-        await conn.execute(text(
-            "INSERT INTO users (id, username, is_admin, disabled, created_at) "
-            "VALUES (1, 'alice', false, false, '2025-01-01 00:00:00')"))
-        await conn.execute(text(
-            "INSERT INTO conversations (id, user_id, client_id, created_at) "
-            "VALUES (1, 1, 'before', '2025-01-01 00:00:00')"))
+        await seed_old_schema(conn, "alice", ["before"])
     alice = 1
     await insert_message(engine, alice, "saved before the search existed")
     await upgrade(engine, "0006")

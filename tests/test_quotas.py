@@ -18,7 +18,7 @@ from tornado_app.store import QuotaRequest
 from tornado_app.store.models import QuotaReservation
 from tornado_app.store.quotas import Bound, Limits
 
-from .helpers import ADMIT, get, saved_messages
+from .helpers import ADMIT, get, saved_messages, seed_old_schema
 from .test_metrics import scrape, value
 
 # Replies are saved (and counted) at the real time: the tests' "now" is it too.
@@ -293,12 +293,7 @@ async def test_migration_0007_counts_this_months_replies_and_goes_back(db_store)
     now = datetime.now(timezone.utc).replace(tzinfo=None)
     long_ago = now - timedelta(days=62)
     async with engine.begin() as conn:
-        await conn.execute(text(
-            "INSERT INTO users (id, username, is_admin, disabled, created_at) "
-            "VALUES (1, 'alice', false, false, :now)"), {"now": now})
-        await conn.execute(text(
-            "INSERT INTO conversations (id, user_id, client_id, created_at) "
-            "VALUES (1, 1, 'c', :now)"), {"now": now})
+        await seed_old_schema(conn, "alice", at=now)
         for row_id, role, tokens, at in ((1, "user", None, now), (2, "assistant", 30, now),
                                          (3, "user", None, long_ago),
                                          (4, "assistant", 1000, long_ago)):

@@ -11,7 +11,7 @@ from tornado_app.store.schema import current_revision, downgrade, upgrade
 from tornado_app.store.tool_steps import RESULT_CHARS
 from tornado_app.tool_loop import Step
 
-from .helpers import ADMIT, saved_tool_steps
+from .helpers import ADMIT, saved_tool_steps, seed_old_schema
 
 
 @pytest.mark.gen_test(timeout=60)
@@ -19,12 +19,7 @@ async def test_migration_0005_up_and_down_with_data(db_store):
     engine = db_store.engine
     await upgrade(engine, "0004")
     async with engine.begin() as conn:
-        await conn.execute(text(
-            "INSERT INTO users (id, username, is_admin, disabled, created_at) "
-            "VALUES (1, 'old', false, false, '2025-01-01 00:00:00')"))
-        await conn.execute(text(
-            "INSERT INTO conversations (id, user_id, client_id, created_at) "
-            "VALUES (1, 1, 'c', '2025-01-01 00:00:00')"))
+        await seed_old_schema(conn)
         await conn.execute(text(
             "INSERT INTO messages (id, conversation_id, user_id, role, content, status, "
             "created_at, public_id) VALUES (1, 1, 1, 'assistant', 'kept', 'ok', "
