@@ -224,6 +224,12 @@ class Store:
         comment), oldest first."""
         return await self.reader.run(branches.tree, user_id, client_id, write=False)
 
+    async def conversation_tool_steps(self, user_id: int, client_id: str) -> dict[int, list]:
+        """The tool steps of a user's conversation, by reply (messages.id):
+        (turn, call_id, name, arguments, status, latency_ms), in order."""
+        return await self.reader.run(tool_steps.of_conversation, user_id, client_id,
+                                     write=False)
+
     async def set_conversation_agent(self, conversation_id: int, name: str | None) -> None:
         await self.writer.run(branches.set_agent, conversation_id, name)
 
