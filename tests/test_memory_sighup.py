@@ -13,9 +13,8 @@ import pytest
 import yaml
 from tornado.httpclient import AsyncHTTPClient
 
-from .helpers import run_async
+from .helpers import run_async, wait_for_log
 from .servers import add_users, token, write_config
-from .test_tools_sighup import wait_for_log
 
 
 async def call(base_url, method, path, token, body=None):

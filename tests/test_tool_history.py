@@ -7,20 +7,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from pydantic import BaseModel, ConfigDict, Field
 
-from tornado_app.agents import get_plugin_manager
 from tornado_app.tools import Tool, ToolCall
 
-from .helpers import FakePlugin, get
+from .helpers import KeyArguments, get, offering
 
 V2 = ["ai-chat.v2"]
 SECRET = "RESULT-THE-PAGE-MUST-NOT-SEE"
-
-
-class KeyArguments(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    key: str = Field(min_length=1, max_length=10)
 
 
 class Lookup(Tool):
@@ -33,13 +26,10 @@ class Lookup(Tool):
 
 @pytest.fixture
 def settings(settings, fake_agent):
-    plugin = FakePlugin({}, {"lookup": Lookup()})
-    manager = get_plugin_manager()
-    manager.register(plugin, name=f"test-history-tools-{id(plugin)}")
     fake_agent.supports_tools = True
     settings.agent.tools = ["lookup"]
-    yield settings
-    manager.unregister(plugin)
+    with offering({"lookup": Lookup()}):
+        yield settings
 
 
 async def history(base_url, token, client_id="c1") -> list[dict]:

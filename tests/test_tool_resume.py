@@ -11,21 +11,14 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from pydantic import BaseModel, ConfigDict, Field
 
-from tornado_app.agents import get_plugin_manager
 from tornado_app.replies import Chunk, Ending, Replies
 from tornado_app.tool_loop import ToolEvent
 from tornado_app.tools import Tool, ToolCall
 
-from .helpers import FakePlugin
+from .helpers import KeyArguments, offering
 
 V2 = ["ai-chat.v2"]
-
-
-class KeyArguments(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    key: str = Field(min_length=1, max_length=10)
 
 
 class Gate(Tool):
@@ -46,12 +39,8 @@ class Gate(Tool):
 
 @pytest.fixture
 def gate():
-    tool = Gate()
-    plugin = FakePlugin({}, {"gate": tool})
-    manager = get_plugin_manager()
-    manager.register(plugin, name=f"test-gate-{id(plugin)}")
-    yield tool
-    manager.unregister(plugin)
+    with offering({"gate": Gate()}) as tools:
+        yield tools["gate"]
 
 
 @pytest.fixture
@@ -172,3 +161,12 @@ async def test_another_instance_watching_gets_the_tool_events_in_place(
     assert rest[1:3] == [Chunk(1, "Found "), Chunk(2, "it.")]
     assert isinstance(rest[-1], Ending) and rest[-1].text == "Let me look. Found it."
     assert len(rest) == 4
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_malformed_tools_seen_is_an_error_frame(connect):
+    client = await connect("c1", subprotocols=V2)
+    for bad in (-1, "2", True, 1.5):
+        await client.send({"action": "resume", "reply_id": "a" * 32, "tools_seen": bad})
+        frame = await client.receive()
+        assert frame["type"] == "error" and "tools_seen" in frame["message"], frame
