@@ -9,10 +9,13 @@ clients, still get nothing of tools.
 from __future__ import annotations
 
 import asyncio
+import time
+from datetime import timedelta
 
 import pytest
 
 from tornado_app.replies import Chunk, Ending, Replies
+from tornado_app.store.models import utcnow
 from tornado_app.tool_loop import ToolEvent
 from tornado_app.tools import Tool, ToolCall
 
@@ -170,3 +173,21 @@ async def test_a_malformed_tools_seen_is_an_error_frame(connect):
         await client.send({"action": "resume", "reply_id": "a" * 32, "tools_seen": bad})
         frame = await client.receive()
         assert frame["type"] == "error" and "tools_seen" in frame["message"], frame
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_resume_past_the_window_gets_the_saved_tool_steps_then_the_text(
+        connect, gate, fake_agent, store):
+    asker, reply_id = await start(connect, gate, fake_agent)
+    gate.open.set()
+    await asker.receive_until("ai_response")
+    # The sweep forgets the streams that ended before the time it is given.
+    await store.sweep_replies(time.time(), utcnow() + timedelta(seconds=5))
+    assert await store.reply_state(reply_id) is None
+    whole = await resume(connect, reply_id, in_flight=False)
+    frames = await whole.receive_until("ai_response")
+    assert kinds(frames) == ["tool_call", "tool_result", "chunk0", "ai_response"]
+    assert frames[0]["arguments"] == {"key": "abc"} and frames[1]["ok"] is True
+    assert frames[2]["message"] == frames[3]["message"] == "Let me look. Found it."
+    after = await resume(connect, reply_id, in_flight=False, after_seq=0)
+    assert kinds(await after.receive_until("ai_response")) == ["ai_response"]

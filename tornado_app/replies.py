@@ -306,7 +306,7 @@ class Replies:
             return live.listen(after_seq, tools_seen) if live.user_id == user_id else None
         state = await self.store.reply_state(reply_id)
         if state is None:
-            return await self._listen_saved(reply_id, user_id, after_seq)
+            return await self._listen_saved(reply_id, user_id, after_seq, tools_seen)
         if state.user_id != user_id:
             return None
         if state.finished_at is not None and state.status is not None:
@@ -324,15 +324,23 @@ class Replies:
         self._wake.set()
         return listener
 
-    async def _listen_saved(self, reply_id: str, user_id: int, after_seq: int):
-        """A reply saved so long ago that its stream is gone: its whole text
-        comes as one chunk (its old boundaries are forgotten), then the end."""
+    async def _listen_saved(self, reply_id: str, user_id: int, after_seq: int,
+                            tools_seen: int | None = None):
+        """A reply saved so long ago that its stream is gone: its tool events
+        (from its saved steps), then its whole text as one chunk (its old
+        boundaries are forgotten), then the end."""
         saved = await self.store.saved_reply(reply_id)
         if saved is None or saved.user_id != user_id:
             return None
         listener = Listener(reply_id, saved.message_id)
-        if after_seq < 0 and saved.content:
-            listener.put(Chunk(0, saved.content))
+        marks = []
+        for step in await self.store.reply_tool_steps(saved.id):
+            arguments = json.loads(step.arguments)
+            marks += [ToolMark(len(marks), -1, ToolEvent(step.name, step.call_id, arguments)),
+                      ToolMark(len(marks) + 1, -1, ToolEvent(step.name, step.call_id, arguments,
+                                                             step.status == STATUS_OK))]
+        Cursor(after_seq, tools_seen).replay(
+            listener, [Chunk(0, saved.content)] if saved.content else [], marks)
         listener.put(_ending(saved))
         return listener
 

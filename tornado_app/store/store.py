@@ -290,6 +290,10 @@ class Store:
         message_id), or None."""
         return await self.reader.run(streams.saved_reply, reply_id, write=False)
 
+    async def reply_tool_steps(self, message_id: int) -> list:
+        """A saved reply's tool steps (call_id, name, arguments, status), in order."""
+        return await self.reader.run(tool_steps.of_reply, message_id, write=False)
+
     async def reply_chunks_after(self, reply_id: str, after: int) -> list:
         return await self.reader.run(streams.chunks_after, reply_id, after, write=False)
 

@@ -119,7 +119,7 @@ LIVE_IN_CONVERSATION = _STATE.where(
 ).order_by(streams.c.created_at)
 # A reply whose stream row is gone (past the resume window): its saved row.
 SAVED_REPLY = select(
-    messages.c.user_id, messages.c.content, messages.c.status, messages.c.error_ref,
+    messages.c.id, messages.c.user_id, messages.c.content, messages.c.status, messages.c.error_ref,
     messages.c.error_kind, _asked.c.public_id.label("message_id"),
 ).join(_asked, _asked.c.id == messages.c.reply_to_id).where(messages.c.public_id == _REPLY_ID)
 

@@ -48,6 +48,15 @@ OF_CONVERSATION = (
 )
 
 
+# One reply's steps (by messages.id), for a resume past the stream's window.
+OF_REPLY = (
+    select(tool_steps.c.call_id, tool_steps.c.tool.label("name"), tool_steps.c.arguments,
+           tool_steps.c.status)
+    .where(tool_steps.c.message_id == bindparam("message_id", type_=Integer))
+    .order_by(tool_steps.c.id)
+)
+
+
 def rows(message_id: int, conversation_id: int, user_id: int, agent: str | None,
          steps) -> list[dict]:
     """Rows of a reply's steps (tool_loop.Step)."""
@@ -75,6 +84,10 @@ def of_conversation(db, user_id: int, client_id: str) -> dict[int, list]:
     for row in db.execute(OF_CONVERSATION, values).all():
         found.setdefault(row.message_id, []).append(row)
     return found
+
+
+def of_reply(db, message_id: int) -> list:
+    return db.execute(OF_REPLY, {"message_id": message_id}).all()
 
 
 def between(db, conversation_id: int, after_id: int, before_id: int) -> dict[int, list]:
