@@ -7,7 +7,7 @@
   messages of that conversation, oldest first, for the page to show the
   history when it is reopened: the active branch's path, or with ``?all=1``
   the whole tree; each message with its parent, its siblings and its
-  feedback. The token comes from ``Authorization: Bearer`` or the
+  feedback, each reply with its tool steps (never their results). The token comes from ``Authorization: Bearer`` or the
   ``access_token`` cookie, never the query; no valid token: 401.
 - ``PUT /api/replies/{reply_id}/feedback``: the signed-in user's feedback on
   a reply of theirs (JSON ``{"rating": 1 | -1 | 0, "comment": ...}``).
