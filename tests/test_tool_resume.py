@@ -75,6 +75,14 @@ async def start(connect, gate, fake_agent, client_id="c1") -> tuple:
     return asker, ack["reply_id"]
 
 
+async def ended(connect, gate, fake_agent) -> str:
+    """The id of a reply with a tool call, ended and saved."""
+    asker, reply_id = await start(connect, gate, fake_agent)
+    gate.open.set()
+    await asker.receive_until("ai_response")
+    return reply_id
+
+
 async def resume(connect, reply_id, client_id="c1", in_flight=True, **fields) -> object:
     client = await connect(client_id, subprotocols=V2)
     if in_flight:
@@ -113,9 +121,7 @@ async def test_a_resume_in_flight_gets_the_tool_frames_in_place(connect, gate, f
 @pytest.mark.gen_test(timeout=30)
 async def test_a_resume_of_an_ended_reply_replays_its_tool_frames(
         connect, gate, fake_agent, service):
-    asker, reply_id = await start(connect, gate, fake_agent)
-    gate.open.set()
-    await asker.receive_until("ai_response")
+    reply_id = await ended(connect, gate, fake_agent)
     assert service.replies.local(reply_id) is None  # read back from the stream row
     whole = await resume(connect, reply_id, in_flight=False)
     frames = await whole.receive_until("ai_response")
@@ -178,9 +184,7 @@ async def test_a_malformed_tools_seen_is_an_error_frame(connect):
 @pytest.mark.gen_test(timeout=30)
 async def test_a_resume_past_the_window_gets_the_saved_tool_steps_then_the_text(
         connect, gate, fake_agent, store):
-    asker, reply_id = await start(connect, gate, fake_agent)
-    gate.open.set()
-    await asker.receive_until("ai_response")
+    reply_id = await ended(connect, gate, fake_agent)
     # The sweep forgets the streams that ended before the time it is given.
     await store.sweep_replies(time.time(), utcnow() + timedelta(seconds=5))
     assert await store.reply_state(reply_id) is None
