@@ -3,18 +3,18 @@ model and UTC day, with totals, and the models that have no price.
 
 Each reply's cost is stored with it when it is saved (pricing in the config;
 tornado_app/quotas.py), so the report sums it; a later change of prices does
-not rewrite history. Read from the messages (the rollups do not carry cost):
-replies purged by the retention are no longer counted.
+not rewrite history. Read from the facts like every report (rollup.py): the
+rollups carry cost and the unpriced replies, so replies purged by the
+retention still count, and a 90-day range reads no message.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import Date, func, literal_column, select
+from sqlalchemy import func, select
 
-from ..store.models import Message, User
-from .rollup import constant, in_windows
+from ..store.models import User
+from .rollup import constant
 
-messages = Message.__table__
 users = User.__table__
 
 COST_COLUMNS = ("day", "username", "agent", "model", "replies", "tokens_in", "tokens_out",
@@ -23,44 +23,41 @@ TOTAL_COLUMNS = ("replies", "tokens_in", "tokens_out", "cost", "unpriced_replies
 UNPRICED_COLUMNS = ("agent", "model", "replies", "tokens_in", "tokens_out")
 
 
-def _conditions(ctx) -> list:
-    f = ctx.filters
-    found = [messages.c.role == constant("assistant"),
-             in_windows(messages.c.created_at, [(f.since, f.until)])]
-    if ctx.user_id is not None:
-        found.append(messages.c.user_id == ctx.user_id)
-    if f.agent is not None:
-        found.append(messages.c.agent == f.agent)
-    return found
-
-
-def _sums():
-    return [func.count().label("replies"),
-            func.coalesce(func.sum(messages.c.tokens_in), 0).label("tokens_in"),
-            func.coalesce(func.sum(messages.c.tokens_out), 0).label("tokens_out")]
-
-
 async def cost(ctx) -> list:
     from .reports import Section  # reports.py lists this report
 
-    conditions = _conditions(ctx)
-    day = func.date(messages.c.created_at, type_=Date).label("day")
+    f, _plan = await ctx.facts()
+    replies = func.sum(f.c.replies)
+    per_day = (
+        select(f.c.day, f.c.user_id, f.c.agent, f.c.model, replies.label("replies"),
+               func.sum(f.c.tokens_in).label("tokens_in"),
+               func.sum(f.c.tokens_out).label("tokens_out"), func.sum(f.c.cost).label("cost"))
+        .group_by(f.c.day, f.c.user_id, f.c.agent, f.c.model)
+        .having(replies > 0)  # user messages without a reply cost nothing
+        .subquery("per_day"))
     rows = await ctx.rows(
-        select(day, users.c.username, messages.c.agent, messages.c.model, *_sums(),
-               func.coalesce(func.sum(messages.c.cost), 0.0).label("cost"))
-        .select_from(messages.join(users, users.c.id == messages.c.user_id))
-        .where(*conditions)
-        .group_by(*(literal_column(str(n)) for n in range(1, 5)))
-        .order_by(literal_column("1"), literal_column("2"), literal_column("3"),
-                  literal_column("4")))
+        select(per_day.c.day, users.c.username, per_day.c.agent, per_day.c.model,
+               per_day.c.replies, per_day.c.tokens_in, per_day.c.tokens_out, per_day.c.cost)
+        .select_from(per_day.join(users, users.c.id == per_day.c.user_id))
+        .order_by(per_day.c.day, users.c.username, per_day.c.agent, per_day.c.model))
     for row in rows:
         row["day"] = str(row["day"])[:10]
+        row["cost"] = float(row["cost"])
+        for key in ("agent", "model"):
+            row[key] = row[key] or None  # the facts' '' for a reply without one
     total = {name: sum(row[name] for row in rows) for name in TOTAL_COLUMNS[:4]}
+    total["cost"] = float(total["cost"])
+    unpriced_replies = func.sum(f.c.unpriced_replies)
     unpriced = await ctx.rows(
-        select(messages.c.agent, messages.c.model, *_sums())
-        .where(*conditions, messages.c.cost.is_(None), messages.c.agent.is_not(None))
-        .group_by(literal_column("1"), literal_column("2"))
-        .order_by(literal_column("3").desc()))
+        select(f.c.agent, f.c.model, unpriced_replies.label("replies"),
+               func.sum(f.c.unpriced_tokens_in).label("tokens_in"),
+               func.sum(f.c.unpriced_tokens_out).label("tokens_out"))
+        .where(f.c.agent != constant(""))
+        .group_by(f.c.agent, f.c.model)
+        .having(unpriced_replies > 0)
+        .order_by(unpriced_replies.desc(), f.c.agent, f.c.model))
+    for row in unpriced:
+        row["model"] = row["model"] or None
     total["unpriced_replies"] = sum(row["replies"] for row in unpriced)
     return [Section("totals", TOTAL_COLUMNS, [total], single=True),
             Section("by_day", COST_COLUMNS, rows),
