@@ -433,6 +433,9 @@ async def run_report(
             # Grouping tens of thousands of conversations spills to disk at the
             # default 4MB; an admin's report may use more, for this transaction.
             await conn.exec_driver_sql(f"SET LOCAL work_mem = '{REPORT_WORK_MEM}'")
+            # The planner's estimates of the per-message subqueries pass the
+            # JIT's thresholds; compiling then costs more than the query (~1 s).
+            await conn.exec_driver_sql("SET LOCAL jit = off")
         user_id = await user_id_of(conn, filters.user)
         sections = await REPORTS[name](Context(conn, filters, user_id))
     return Report(name, filters, sections)

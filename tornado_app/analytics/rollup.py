@@ -92,21 +92,29 @@ def first_reply(m):
     other = messages.alias("first")
     return (select(func.min(other.c.id))
             .where(other.c.reply_to_id == m.c.id, other.c.role == constant("assistant"))
-            .scalar_subquery())
+            .correlate(m).scalar_subquery())
+
+
+def _of_first_reply(m, column: str):
+    reply = messages.alias(f"r_{column}")
+    return select(reply.c[column]).where(reply.c.id == first_reply(m)).scalar_subquery()
 
 
 def raw_facts(windows: list[Window], user_id: int | None = None):
     """Fact rows computed from the messages inside ``windows``."""
     m = messages.alias("m")
-    reply = messages.alias("r")
     is_user = m.c.role == constant("user")
     is_reply = m.c.role == constant("assistant")
     ok_reply = and_(is_reply, m.c.status == constant("ok"))
     # A reply by an agent whose model had no price when it was saved.
     unpriced = and_(is_reply, m.c.agent.is_not(None), m.c.cost.is_(None))
-    # A user message belongs to the agent that answered it.
-    agent = func.coalesce(case((is_user, reply.c.agent), else_=m.c.agent), constant(""))
-    model = func.coalesce(case((is_user, reply.c.model), else_=m.c.model), constant(""))
+    # A user message belongs to the agent that answered it. Read by scalar
+    # subqueries (an index lookup each, for user messages only), not by a join:
+    # PostgreSQL hashes the whole messages table for such a join.
+    agent = func.coalesce(case((is_user, _of_first_reply(m, "agent")), else_=m.c.agent),
+                          constant(""))
+    model = func.coalesce(case((is_user, _of_first_reply(m, "model")), else_=m.c.model),
+                          constant(""))
 
     def count_if(condition):
         return func.sum(case((condition, literal_column("1")), else_=literal_column("0")))
@@ -140,7 +148,7 @@ def raw_facts(windows: list[Window], user_id: int | None = None):
             func.coalesce(func.sum(case((unpriced, m.c.tokens_out))),
                           literal_column("0")).label("unpriced_tokens_out"),
         )
-        .select_from(m.outerjoin(reply, and_(is_user, reply.c.id == first_reply(m))))
+        .select_from(m)
         .where(in_windows(m.c.created_at, windows))
         .group_by(literal_column("1"), literal_column("2"), literal_column("3"),
                   literal_column("4"), literal_column("5"))
