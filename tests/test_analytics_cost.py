@@ -163,3 +163,20 @@ async def test_migration_0009_redoes_the_rollups_that_have_their_messages(db_sto
         columns = await conn.run_sync(
             lambda sync: {c["name"] for c in inspect(sync).get_columns("analytics_daily")})
     assert not {"cost", "unpriced_replies", "unpriced_tokens_in"} & columns
+
+
+@pytest.mark.gen_test
+async def test_reports_run_without_jit_on_postgresql(engine, monkeypatch):
+    """Compiling the facts' per-message subqueries cost ~1 s a query (docs/analytics.md)."""
+    from tornado_app.analytics import reports
+
+    if engine.dialect.name != "postgresql":
+        pytest.skip("PostgreSQL's JIT")
+
+    async def jit_setting(ctx):
+        value = (await ctx.conn.exec_driver_sql("SHOW jit")).scalar()
+        return [reports.Section("jit", ("jit",), [{"jit": value}], single=True)]
+
+    monkeypatch.setitem(reports.REPORTS, "jit", jit_setting)
+    found = await run_report(engine, "jit", make_filters(), now=NOW)
+    assert found.as_json()["jit"] == {"jit": "off"}
