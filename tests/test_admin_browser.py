@@ -166,6 +166,10 @@ def test_an_admin_sees_charts_of_the_real_data(page, live_server):
     assert keys == [f"{row['agent']}/{row['model']}" for row in agents]
     users = page.request.get(f"/api/admin/analytics/users?{query}&limit=10").json()["users"]
     expect(page.locator("#chart-users tbody th")).to_have_text([row["username"] for row in users])
+    # Each user's cost, as the users report gives it (0.0123 or 1.23, as the cost card).
+    shown_costs = page.locator("#chart-users tbody td:last-child").all_text_contents()
+    assert [float(text) for text in shown_costs] == [
+        pytest.approx(row["cost"], abs=0.005 if row["cost"] >= 0.01 else 0.00005) for row in users]
     # Cost: the generated gpt-4o and gpt-4o-mini replies are priced.
     cost = page.request.get(f"/api/admin/analytics/cost?{query}").json()
     assert cost["totals"]["cost"] > 0

@@ -36,7 +36,13 @@ def at(day: int, hour: int, minute: int, second: int = 0) -> datetime:
 def reply(status, agent, latency, ttft, tokens_in, tokens_out, kind=None, ref=None) -> dict:
     return {"status": status, "agent": agent[0], "model": agent[1], "latency_ms": latency,
             "ttft_ms": ttft, "tokens_in": tokens_in, "tokens_out": tokens_out,
-            "error_kind": kind, "error_ref": ref}
+            "error_kind": kind, "error_ref": ref, "cost": price(agent, tokens_in, tokens_out)}
+
+
+def price(agent, tokens_in, tokens_out) -> float | None:
+    """openai is priced at 1/256 per token in and 2/256 per token out (binary
+    fractions: sums are exact in any order); echo has no price (NULL)."""
+    return (tokens_in + 2 * tokens_out) / 256 if agent == A else None
 
 
 CONVERSATIONS = {  # name: (user, client_id, created_at)
@@ -119,6 +125,8 @@ def approx(expected: dict) -> dict:
 SUMMARY = {
     "users": 2, "conversations": 4, "messages": 17, "user_messages": 9, "replies": 8,
     "errors": 2, "cancelled": 1, "error_rate": 0.25, "tokens_in": 61, "tokens_out": 71,
+    # openai's m2 m4 m6 m12 m15 m17: 50 + 110 + 5 + 5 + 14 + 6 = 190 (/256).
+    "cost": 190 / 256,
     # Successful replies: latencies 100, 200, 300, 400, 500; TTFT 10..50.
     # p95: h = 4 * 0.95 = 3.8, so 400 + 0.8 * (500 - 400) = 480.
     "latency_avg_ms": 300.0, "latency_p50_ms": 300.0, "latency_p95_ms": 480.0,
@@ -143,13 +151,13 @@ async def test_users(engine):
     bob, alice = rows
     assert bob == approx({
         "username": "bob", "conversations": 2, "messages": 9, "user_messages": 5, "replies": 4,
-        "errors": 1, "error_rate": 0.25, "tokens_in": 15, "tokens_out": 9,
+        "errors": 1, "error_rate": 0.25, "tokens_in": 15, "tokens_out": 9, "cost": 25 / 256,
         "latency_avg_ms": 450.0, "first_at": "2025-10-08T23:59:50.000000",
         "last_at": "2025-10-10T09:05:01.000000"})
     assert alice == approx({
         "username": "alice", "conversations": 2, "messages": 8, "user_messages": 4,
         "replies": 4, "errors": 1, "error_rate": 0.25, "tokens_in": 46, "tokens_out": 62,
-        "latency_avg_ms": 200.0, "first_at": "2025-10-07T10:00:00.000000",
+        "cost": 165 / 256, "latency_avg_ms": 200.0, "first_at": "2025-10-07T10:00:00.000000",
         "last_at": "2025-10-08T09:10:01.000000"})
 
 
@@ -161,16 +169,16 @@ async def test_users_limit(engine):
 
 DAILY = [
     # day, users, conversations, messages, user_messages, replies, errors, error_rate,
-    # tokens in, tokens out, latency p50, p95, TTFT p50, p95
-    ("2025-10-07", 1, 1, 4, 2, 2, 0, 0.0, 40, 60, 150.0, 195.0, 15.0, 19.5),
+    # tokens in, tokens out, cost (/256), latency p50, p95, TTFT p50, p95
+    ("2025-10-07", 1, 1, 4, 2, 2, 0, 0.0, 40, 60, 160 / 256, 150.0, 195.0, 15.0, 19.5),
     # m9 (23:59:50) is on the 8th, its reply m10 on the 9th.
-    ("2025-10-08", 2, 2, 5, 3, 2, 1, 0.5, 6, 2, 300.0, 300.0, 30.0, 30.0),
-    ("2025-10-09", 1, 1, 1, 0, 1, 0, 0.0, 2, 3, 400.0, 400.0, 40.0, 40.0),
+    ("2025-10-08", 2, 2, 5, 3, 2, 1, 0.5, 6, 2, 5 / 256, 300.0, 300.0, 30.0, 30.0),
+    ("2025-10-09", 1, 1, 1, 0, 1, 0, 0.0, 2, 3, 0.0, 400.0, 400.0, 40.0, 40.0),
     # Today: not rolled up, computed from the messages.
-    ("2025-10-10", 1, 2, 7, 4, 3, 1, 1 / 3, 13, 6, 500.0, 500.0, 50.0, 50.0),
+    ("2025-10-10", 1, 2, 7, 4, 3, 1, 1 / 3, 13, 6, 25 / 256, 500.0, 500.0, 50.0, 50.0),
 ]
 DAILY_KEYS = ("day", "users", "conversations", "messages", "user_messages", "replies",
-              "errors", "error_rate", "tokens_in", "tokens_out", "latency_p50_ms",
+              "errors", "error_rate", "tokens_in", "tokens_out", "cost", "latency_p50_ms",
               "latency_p95_ms", "ttft_p50_ms", "ttft_p95_ms")
 
 
@@ -188,13 +196,13 @@ async def test_agents(engine):
         # p95 h = 1.9 -> 200 + 0.9 * 300 = 470; TTFT 10, 20, 50 -> 47.
         approx({"agent": "openai", "model": "gpt-x", "users": 2, "conversations": 4,
                 "replies": 6, "errors": 2, "cancelled": 1, "error_rate": 2 / 6,
-                "tokens_in": 58, "tokens_out": 66, "latency_avg_ms": 800 / 3,
+                "tokens_in": 58, "tokens_out": 66, "cost": 190 / 256, "latency_avg_ms": 800 / 3,
                 "latency_p50_ms": 200.0, "latency_p95_ms": 470.0, "ttft_p50_ms": 20.0,
                 "ttft_p95_ms": 47.0}),
         # echo: m8 and m10; latencies 300, 400.
         approx({"agent": "echo", "model": "echo", "users": 2, "conversations": 2,
                 "replies": 2, "errors": 0, "cancelled": 0, "error_rate": 0.0,
-                "tokens_in": 3, "tokens_out": 5, "latency_avg_ms": 350.0,
+                "tokens_in": 3, "tokens_out": 5, "cost": 0.0, "latency_avg_ms": 350.0,
                 "latency_p50_ms": 350.0, "latency_p95_ms": 395.0, "ttft_p50_ms": 35.0,
                 "ttft_p95_ms": 39.5}),
     ]
@@ -241,7 +249,7 @@ async def test_since_until_dates_include_the_until_day(engine):
     # m5..m10: c2 and c3; latencies 300 (m8) and 400 (m10).
     assert summary == approx({
         **_summary_counts(users=2, conversations=2, user_messages=3, replies=3, errors=1,
-                          cancelled=0, tokens_in=8, tokens_out=5),
+                          cancelled=0, tokens_in=8, tokens_out=5, cost=5 / 256),
         "latency_p50_ms": 350.0, "latency_p95_ms": 395.0, "ttft_p50_ms": 35.0,
         "ttft_p95_ms": 39.5, "latency_avg_ms": 350.0,
         "first_at": "2025-10-08T09:00:00.000000", "last_at": "2025-10-09T00:00:05.000000"})
@@ -262,7 +270,7 @@ async def test_since_inside_a_day_reads_the_partial_day_from_messages(engine):
     assert summary["latency_p95_ms"] == pytest.approx(485.0)
     daily_rows = (await report(engine, "daily", since="2025-10-07T10:03:00"))["daily"]
     assert daily_rows[0] == approx(dict(zip(DAILY_KEYS, (
-        "2025-10-07", 1, 1, 2, 1, 1, 0, 0.0, 30, 40, 200.0, 200.0, 20.0, 20.0))))
+        "2025-10-07", 1, 1, 2, 1, 1, 0, 0.0, 30, 40, 110 / 256, 200.0, 200.0, 20.0, 20.0))))
 
 
 @pytest.mark.gen_test
@@ -279,7 +287,7 @@ async def test_user_filter(engine):
     summary = (await report(engine, "summary", user="bob"))["summary"]
     assert summary == approx({
         **_summary_counts(users=1, conversations=2, user_messages=5, replies=4, errors=1,
-                          cancelled=1, tokens_in=15, tokens_out=9),
+                          cancelled=1, tokens_in=15, tokens_out=9, cost=25 / 256),
         "latency_avg_ms": 450.0, "latency_p50_ms": 450.0, "latency_p95_ms": 495.0,
         "ttft_p50_ms": 45.0, "ttft_p95_ms": 49.5,
         "first_at": "2025-10-08T23:59:50.000000", "last_at": "2025-10-10T09:05:01.000000"})
@@ -299,7 +307,7 @@ async def test_agent_filter_takes_whole_exchanges(engine):
     # m7 -> m8 and m9 -> m10: the questions count with the agent that answered.
     assert summary == approx({
         **_summary_counts(users=2, conversations=2, user_messages=2, replies=2, errors=0,
-                          cancelled=0, tokens_in=3, tokens_out=5),
+                          cancelled=0, tokens_in=3, tokens_out=5, cost=0.0),
         "latency_avg_ms": 350.0, "latency_p50_ms": 350.0, "latency_p95_ms": 395.0,
         "ttft_p50_ms": 35.0, "ttft_p95_ms": 39.5,
         "first_at": "2025-10-08T09:10:00.000000", "last_at": "2025-10-09T00:00:05.000000"})
@@ -349,7 +357,7 @@ async def test_rollups_cover_finished_days_only(engine):
 
 @pytest.mark.gen_test
 @pytest.mark.parametrize("name", ["summary", "users", "daily", "agents", "conversations",
-                                  "errors"])
+                                  "errors", "cost"])
 async def test_rollups_give_the_same_answers_as_the_messages(engine, name):
     ranges = [{}, {"since": "2025-10-08"}, {"since": "2025-10-07T12:00:00", "until": "2025-10-09"},
               {"user": "alice"}, {"agent": "openai"}]

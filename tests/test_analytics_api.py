@@ -135,7 +135,7 @@ async def test_export_streams_csv_and_json_lines(base_url, make_user, token_for,
     empty = await analytics(base_url, "export?since=2024-01-01&until=2024-01-02", token=token)
     assert empty.body.decode().splitlines() == [
         "id,created_at,username,conversation_id,client_id,role,status,agent,model,tokens_in,"
-        "tokens_out,latency_ms,ttft_ms,error_kind,error_ref,reply_to_id,parent_id,feedback_rating,"
+        "tokens_out,cost,latency_ms,ttft_ms,error_kind,error_ref,reply_to_id,parent_id,feedback_rating,"
         "feedback_comment,content"]
 
 

@@ -73,3 +73,26 @@ def test_model_figure_on_the_tiny_model(workdir):
     assert result["connect_probes"] == size["probes"]
     assert any("skipped" in note for note in result["notes"])
     assert [row[0] for row in local_model.report(result)]
+
+
+def test_overhead_variant_with_a_config_overlay(workdir):
+    """``--variant quotas=. --variant-config quotas=benchmarks/quotas.yaml``: this
+    tree again, with quotas on and echo priced, beside the service without."""
+    import sqlite3
+
+    import yaml
+
+    overlay = yaml.safe_load((harness.REPO / "benchmarks" / "quotas.yaml").read_text())
+    result = overhead.run(workdir, SMOKE["overhead"], {"quotas": harness.REPO},
+                          {"quotas": overlay})
+    assert result["errors"] == 0
+    assert finite(result["variants"]["quotas"]["ratio_to_service"])
+
+    def priced(name: str) -> tuple:
+        with sqlite3.connect(workdir / name / "bench.db") as db:
+            return db.execute("SELECT count(*), count(cost) FROM messages"
+                              " WHERE role = 'assistant'").fetchone()
+
+    replies, costed = priced("quotas")
+    assert replies > 0 and costed == replies
+    assert priced("service")[1] == 0

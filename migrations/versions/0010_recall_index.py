@@ -1,7 +1,7 @@
 """tool events of replies in flight (resume); recall's index on PostgreSQL
 
 Revision ID: 0010
-Revises: 0008 (the integrator re-chains it after 0009)
+Revises: 0009
 Create Date: 2026-11-28 13:00:00.000000
 
 - ``reply_streams.tool_events``: the tool_call / tool_result events of a reply
@@ -21,7 +21,7 @@ import sqlalchemy as sa
 
 
 revision = '0010'
-down_revision = '0008'
+down_revision = '0009'
 branch_labels = None
 depends_on = None
 

@@ -28,8 +28,8 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
 REPORT_HELP = {
-    "summary": "totals: users, conversations, messages, errors, tokens, latency and TTFT",
-    "users": "per user, most active first",
+    "summary": "totals: users, conversations, messages, errors, tokens, cost, latency and TTFT",
+    "users": "per user, most active first (cost included)",
     "daily": "per UTC day",
     "agents": "per agent and model",
     "conversations": "the longest and the most recently active conversations",

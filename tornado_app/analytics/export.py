@@ -20,8 +20,8 @@ from .rollup import constant, first_reply, in_windows
 
 EXPORT_COLUMNS = (
     "id", "created_at", "username", "conversation_id", "client_id", "role", "status", "agent",
-    "model", "tokens_in", "tokens_out", "latency_ms", "ttft_ms", "error_kind", "error_ref",
-    "reply_to_id", "parent_id", "feedback_rating", "feedback_comment", "content",
+    "model", "tokens_in", "tokens_out", "cost", "latency_ms", "ttft_ms", "error_kind",
+    "error_ref", "reply_to_id", "parent_id", "feedback_rating", "feedback_comment", "content",
 )
 FORMATS = ("csv", "json")
 BATCH_ROWS = 1000
@@ -37,7 +37,7 @@ def export_query(filters: Filters, user_id: int | None):
               .outerjoin(feedback, feedback.c.message_id == m.c.id))
     query = select(
         m.c.id, m.c.created_at, users.c.username, m.c.conversation_id, conversations.c.client_id,
-        m.c.role, m.c.status, m.c.agent, m.c.model, m.c.tokens_in, m.c.tokens_out,
+        m.c.role, m.c.status, m.c.agent, m.c.model, m.c.tokens_in, m.c.tokens_out, m.c.cost,
         m.c.latency_ms, m.c.ttft_ms, m.c.error_kind, m.c.error_ref, m.c.reply_to_id,
         m.c.parent_id, feedback.c.rating, feedback.c.comment, m.c.content,
     ).where(in_windows(m.c.created_at, [(filters.since, filters.until)]))
@@ -75,7 +75,8 @@ async def export_lines(engine: AsyncEngine, filters: Filters, fmt: str) -> Async
     header = fmt == "csv"
     async for rows in export_rows(engine, filters):
         if fmt == "csv":
-            chunk = csv_lines([[plain(value) for value in row] for row in rows])
+            chunk = csv_lines([[plain(value, name) for name, value in zip(EXPORT_COLUMNS, row)]
+                               for row in rows])
             if header:
                 chunk = csv_line(EXPORT_COLUMNS) + chunk
                 header = False

@@ -13,27 +13,35 @@ import json
 from collections.abc import Iterable, Sequence
 from datetime import date, datetime
 
+from ..quotas import money
+
 FORMATS = ("table", "csv", "json")
 RATE_COLUMNS = ("error_rate", "share")
+# Decimals that CSV and JSON lines keep: a reply's cost is millionths of a
+# currency unit, so cost keeps more than the 6 of every other figure.
+DECIMALS = {"cost": 12}
 
 
-def plain(value):
+def plain(value, column: str | None = None):
     """A value as JSON and CSV carry it."""
     if isinstance(value, datetime):
         return value.isoformat(timespec="microseconds")
     if isinstance(value, date):
         return value.isoformat()
     if isinstance(value, float):
-        return round(value, 6)
+        return round(value, DECIMALS.get(column, 6))
     return value
 
 
 def json_line(row: dict) -> str:
-    return json.dumps({key: plain(value) for key, value in row.items()}) + "\n"
+    return json.dumps({key: plain(value, key) for key, value in row.items()}) + "\n"
 
 
-def csv_line(values: Iterable) -> str:
-    return csv_lines([[plain(value) for value in values]])
+def csv_line(values: Iterable, columns: Sequence[str] = ()) -> str:
+    """One CSV line; ``columns`` names the values (for their decimals)."""
+    values = list(values)
+    names = list(columns) or [None] * len(values)
+    return csv_lines([[plain(value, name) for value, name in zip(values, names)]])
 
 
 def csv_lines(rows: Iterable[Sequence]) -> str:
@@ -58,14 +66,16 @@ def render_csv(report) -> str:
     if len(sections) == 1:
         section = sections[0]
         lines = [csv_line(section.columns)]
-        lines += [csv_line(row.get(c) for c in section.columns) for row in section.rows]
+        lines += [csv_line([row.get(c) for c in section.columns], section.columns)
+                  for row in section.rows]
         return "".join(lines)
     columns: list[str] = []
     for section in sections:
         columns += [c for c in section.columns if c not in columns]
     lines = [csv_line(["section", *columns])]
     for section in sections:
-        lines += [csv_line([section.name, *(row.get(c) for c in columns)])
+        lines += [csv_line([section.name, *(row.get(c) for c in columns)],
+                           ["section", *columns])
                   for row in section.rows]
     return "".join(lines)
 
@@ -111,6 +121,8 @@ def readable(column: str, value) -> str:
         return "-"
     if column in RATE_COLUMNS:
         return f"{100 * value:.2f}%"
+    if column == "cost":
+        return money(value)
     if isinstance(value, float):
         return f"{value:,.1f}"
     if isinstance(value, int) and not isinstance(value, bool):

@@ -8,6 +8,7 @@ percentiles (percentiles.py). Definitions, shared by every report:
   that answered it, so ``--agent`` filters whole exchanges;
 - errors and cancelled count replies by status; error_rate = errors / replies;
 - tokens are summed over every reply, failed ones included (they were spent);
+- cost is the sum of the replies' stored cost (0 for unpriced ones);
 - latency_avg_ms and the percentiles are over successful replies only;
 - users and conversations are distinct counts of those with a message in range.
 """
@@ -36,14 +37,14 @@ tool_steps = ToolStep.__table__
 PERCENTILE_COLUMNS = ("latency_p50_ms", "latency_p95_ms", "ttft_p50_ms", "ttft_p95_ms")
 COUNT_COLUMNS = ("conversations", "messages", "user_messages", "replies", "errors")
 TOKEN_COLUMNS = ("tokens_in", "tokens_out")
-SUMMARY_COLUMNS = ("users", *COUNT_COLUMNS, "cancelled", "error_rate", *TOKEN_COLUMNS,
+SUMMARY_COLUMNS = ("users", *COUNT_COLUMNS, "cancelled", "error_rate", *TOKEN_COLUMNS, "cost",
                    "latency_avg_ms", *PERCENTILE_COLUMNS, "first_at", "last_at")
-USER_COLUMNS = ("username", *COUNT_COLUMNS, "error_rate", *TOKEN_COLUMNS, "latency_avg_ms",
-                "first_at", "last_at")
-DAILY_COLUMNS = ("day", "users", *COUNT_COLUMNS, "error_rate", *TOKEN_COLUMNS,
+USER_COLUMNS = ("username", *COUNT_COLUMNS, "error_rate", *TOKEN_COLUMNS, "cost",
+                "latency_avg_ms", "first_at", "last_at")
+DAILY_COLUMNS = ("day", "users", *COUNT_COLUMNS, "error_rate", *TOKEN_COLUMNS, "cost",
                  *PERCENTILE_COLUMNS)
 AGENT_COLUMNS = ("agent", "model", "users", "conversations", "replies", "errors", "cancelled",
-                 "error_rate", *TOKEN_COLUMNS, "latency_avg_ms", *PERCENTILE_COLUMNS)
+                 "error_rate", *TOKEN_COLUMNS, "cost", "latency_avg_ms", *PERCENTILE_COLUMNS)
 CONVERSATION_COLUMNS = ("conversation_id", "client_id", "username", "messages",
                         "user_messages", "replies", "errors", *TOKEN_COLUMNS, "first_at",
                         "last_at")
@@ -110,6 +111,7 @@ def _totals(f) -> list:
         func.sum(f.c.cancelled).label("cancelled"),
         func.sum(f.c.tokens_in).label("tokens_in"),
         func.sum(f.c.tokens_out).label("tokens_out"),
+        func.sum(f.c.cost).label("cost"),
         func.sum(f.c.latency_ms_sum).label("latency_ms_sum"),
         func.sum(f.c.latency_count).label("latency_count"),
         func.sum(f.c.ttft_count).label("ttft_count"),
@@ -123,6 +125,7 @@ def _finish(row: dict, columns: tuple[str, ...]) -> dict:
                 "latency_count", "conversations", "users"):
         row[key] = row.get(key) or 0
     row["messages"] = row["user_messages"] + row["replies"]
+    row["cost"] = float(row.get("cost") or 0.0)
     row["error_rate"] = _ratio(row["errors"], row["replies"])
     row["latency_avg_ms"] = _ratio(row.get("latency_ms_sum") or 0.0, row["latency_count"])
     return {name: row.get(name) for name in columns}
@@ -430,6 +433,9 @@ async def run_report(
             # Grouping tens of thousands of conversations spills to disk at the
             # default 4MB; an admin's report may use more, for this transaction.
             await conn.exec_driver_sql(f"SET LOCAL work_mem = '{REPORT_WORK_MEM}'")
+            # The planner's estimates of the per-message subqueries pass the
+            # JIT's thresholds; compiling then costs more than the query (~1 s).
+            await conn.exec_driver_sql("SET LOCAL jit = off")
         user_id = await user_id_of(conn, filters.user)
         sections = await REPORTS[name](Context(conn, filters, user_id))
     return Report(name, filters, sections)

@@ -1,7 +1,7 @@
 """Daily rollups, and the "facts" every report aggregates.
 
 A fact is one row per (UTC day, conversation, agent, model) with additive
-counters: messages, replies, errors, tokens, latency sums. The rollup table
+counters: messages, replies, errors, tokens, latency sums, cost. The rollup table
 ``analytics_daily`` holds them for finished days; for everything else (today,
 yesterday within the grace period, the partial days at the edges of a range)
 the same row is computed from the messages on the fly. A report reads the
@@ -55,7 +55,8 @@ rollup_days = RollupDay.__table__
 FACT_COLUMNS = (
     "day", "conversation_id", "user_id", "agent", "model", "user_messages", "replies", "errors",
     "cancelled", "tokens_in", "tokens_out", "latency_ms_sum", "latency_count", "ttft_ms_sum",
-    "ttft_count", "regenerated", "first_at", "last_at",
+    "ttft_count", "regenerated", "first_at", "last_at", "cost", "unpriced_replies",
+    "unpriced_tokens_in", "unpriced_tokens_out",
 )
 
 Window = tuple[datetime | None, datetime | None]  # [start, end) of raw rows
@@ -91,19 +92,29 @@ def first_reply(m):
     other = messages.alias("first")
     return (select(func.min(other.c.id))
             .where(other.c.reply_to_id == m.c.id, other.c.role == constant("assistant"))
-            .scalar_subquery())
+            .correlate(m).scalar_subquery())
+
+
+def _of_first_reply(m, column: str):
+    reply = messages.alias(f"r_{column}")
+    return select(reply.c[column]).where(reply.c.id == first_reply(m)).scalar_subquery()
 
 
 def raw_facts(windows: list[Window], user_id: int | None = None):
     """Fact rows computed from the messages inside ``windows``."""
     m = messages.alias("m")
-    reply = messages.alias("r")
     is_user = m.c.role == constant("user")
     is_reply = m.c.role == constant("assistant")
     ok_reply = and_(is_reply, m.c.status == constant("ok"))
-    # A user message belongs to the agent that answered it.
-    agent = func.coalesce(case((is_user, reply.c.agent), else_=m.c.agent), constant(""))
-    model = func.coalesce(case((is_user, reply.c.model), else_=m.c.model), constant(""))
+    # A reply by an agent whose model had no price when it was saved.
+    unpriced = and_(is_reply, m.c.agent.is_not(None), m.c.cost.is_(None))
+    # A user message belongs to the agent that answered it. Read by scalar
+    # subqueries (an index lookup each, for user messages only), not by a join:
+    # PostgreSQL hashes the whole messages table for such a join.
+    agent = func.coalesce(case((is_user, _of_first_reply(m, "agent")), else_=m.c.agent),
+                          constant(""))
+    model = func.coalesce(case((is_user, _of_first_reply(m, "model")), else_=m.c.model),
+                          constant(""))
 
     def count_if(condition):
         return func.sum(case((condition, literal_column("1")), else_=literal_column("0")))
@@ -130,8 +141,14 @@ def raw_facts(windows: list[Window], user_id: int | None = None):
             count_if(and_(is_reply, m.c.regenerated.is_(True))).label("regenerated"),
             func.min(m.c.created_at).label("first_at"),
             func.max(m.c.created_at).label("last_at"),
+            func.coalesce(func.sum(m.c.cost), literal_column("0.0")).label("cost"),
+            count_if(unpriced).label("unpriced_replies"),
+            func.coalesce(func.sum(case((unpriced, m.c.tokens_in))),
+                          literal_column("0")).label("unpriced_tokens_in"),
+            func.coalesce(func.sum(case((unpriced, m.c.tokens_out))),
+                          literal_column("0")).label("unpriced_tokens_out"),
         )
-        .select_from(m.outerjoin(reply, and_(is_user, reply.c.id == first_reply(m))))
+        .select_from(m)
         .where(in_windows(m.c.created_at, windows))
         .group_by(literal_column("1"), literal_column("2"), literal_column("3"),
                   literal_column("4"), literal_column("5"))

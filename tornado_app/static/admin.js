@@ -386,9 +386,10 @@
   function drawUsers(users) {
     const table = {
       caption: "Top users by messages",
-      columns: ["User", "Messages", "Conversations", "Tokens in", "Tokens out"],
+      columns: ["User", "Messages", "Conversations", "Tokens in", "Tokens out", "Cost"],
       rows: users.map((row) => ({key: row.username, cells: [row.username, count(row.messages),
-        count(row.conversations), count(row.tokens_in), count(row.tokens_out)]})),
+        count(row.conversations), count(row.tokens_in), count(row.tokens_out),
+        money(row.cost)]})),
     };
     if (!users.length) return draw("chart-users", null, "", table);
     const options = baseOptions({horizontal: true});

@@ -384,6 +384,11 @@ class DailyRollup(Base):
     regenerated: Mapped[int] = mapped_column(Integer, server_default="0")
     first_at: Mapped[datetime] = mapped_column(DateTime)
     last_at: Mapped[datetime] = mapped_column(DateTime)
+    # The replies' stored cost, and the replies without a price (migration 0009).
+    cost: Mapped[float] = mapped_column(Float, server_default="0")
+    unpriced_replies: Mapped[int] = mapped_column(Integer, server_default="0")
+    unpriced_tokens_in: Mapped[int] = mapped_column(Integer, server_default="0")
+    unpriced_tokens_out: Mapped[int] = mapped_column(Integer, server_default="0")
 
 
 class DailyPercentiles(Base):
