@@ -75,17 +75,21 @@ class Chunk:
 
 
 class Listener:
-    """One socket's view of one reply: its chunks, then its Ending."""
+    """One socket's view of one reply: its chunks, then its Ending. Without
+    ``chunks`` (a reply that is not streamed) only the Ending: a socket's
+    task then wakes once per reply, not once per chunk."""
 
-    def __init__(self, reply_id: str, message_id: str, on_close: Callable | None = None):
+    def __init__(self, reply_id: str, message_id: str, on_close: Callable | None = None,
+                 chunks: bool = True):
         self.reply_id = reply_id
         self.message_id = message_id
         self._queue: asyncio.Queue = asyncio.Queue()
         self._on_close = on_close
         self.closed = False
+        self.chunks = chunks
 
     def put(self, event) -> None:  # a Chunk, a ToolEvent or the Ending
-        if not self.closed:
+        if not self.closed and (self.chunks or isinstance(event, Ending)):
             self._queue.put_nowait(event)
 
     async def events(self) -> AsyncIterator[Chunk | Ending]:
@@ -145,9 +149,10 @@ class LiveReply:
         for listener in self.listeners:
             listener.put(event)
 
-    def listen(self, after_seq: int = -1) -> Listener:
-        """A new listener, given the chunks after ``after_seq`` so far."""
-        listener = Listener(self.reply_id, self.message_id, self.listeners.discard)
+    def listen(self, after_seq: int = -1, chunks: bool = True) -> Listener:
+        """A new listener, given the chunks after ``after_seq`` so far (none
+        without ``chunks``: it gets the Ending alone)."""
+        listener = Listener(self.reply_id, self.message_id, self.listeners.discard, chunks)
         for seq in range(max(after_seq + 1, 0), len(self.reply.pieces)):
             listener.put(Chunk(seq, self.reply.pieces[seq]))
         if self.ending is not None:

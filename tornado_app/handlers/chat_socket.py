@@ -335,7 +335,7 @@ class ChatSocket(WebSocketHandler):
         self.replying = live
         if self.cancel_next:
             live.cancel()
-        listener = live.listen()
+        listener = live.listen(chunks=message.stream)
         if self.v2:
             await self._send(frames.frame(frames.ACK, "", message_id=live.message_id,
                                           reply_id=live.reply_id))
