@@ -8,7 +8,8 @@ on 2 cores); ``make bench-quick`` (or ``BENCH_SIZE=quick``) a shorter one;
 
 Figures: overhead (1), connections (2), model (3), scaleout (4).
 ``--variant NAME=DIR`` measures another copy of the service (a proposed
-change) in figure 1's rounds, side by side with this one.
+change) in figure 1's rounds, side by side with this one, and in figure 2
+right after this one.
 """
 
 from __future__ import annotations
@@ -77,7 +78,13 @@ def details(name: str, result: dict) -> list[str]:
                 f"{result['client_processes']} client processes opened in "
                 f"{result['ramp_seconds']:.0f} s ({result['ramp_connects_per_s']:.0f}/s, "
                 f"p99 {result['ramp_p99_connect_ms']:.0f} ms while ramping); failures "
-                f"{result['failures']}, still open at the end {result['still_open_at_end']:,}."]
+                f"{result['failures']}, still open at the end {result['still_open_at_end']:,}."
+                ] + [f"  - variant `{variant}`: {row['kib_per_connection']:.1f} KiB per socket "
+                     f"({row['kib_ratio_to_service']:.2f}x this tree), p99 connect "
+                     f"{row['p99_connect_ms']:.1f} ms ({row['p99_ratio_to_service']:.2f}x), "
+                     f"{row['ramp_connects_per_s']:.0f} sockets/s "
+                     f"({row['ramp_ratio_to_service']:.2f}x)"
+                     for variant, row in result.get("variants", {}).items()]
     if name == "model":
         peer = (f"peer 1 client {result['peer_single_tok_s']:.1f} tok/s"
                 if result["peer_single_tok_s"] else "peer not measured")
@@ -106,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="do not touch docs/benchmarks.md")
     parser.add_argument("--json", type=Path, help="also save the raw results here")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=DIR",
-                        help="another copy of the service to measure in figure 1")
+                        help="another copy of the service to measure in figures 1 and 2")
     args = parser.parse_args(argv)
     chosen = [name.strip() for name in args.only.split(",") if name.strip()] or list(FIGURES)
     unknown = [name for name in chosen if name not in FIGURES]
@@ -129,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n== {name} ({args.size}) ==", flush=True)
             size = SIZES[args.size][name]
             (workdir / name).mkdir(parents=True)
-            if name == "overhead":
+            if name in ("overhead", "connections"):
                 result = module.run(workdir / name, size, variants)
             else:
                 result = module.run(workdir / name, size)
