@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import AsyncIterator, Awaitable, Callable
@@ -83,19 +84,31 @@ class Listener:
                  chunks: bool = True):
         self.reply_id = reply_id
         self.message_id = message_id
-        self._queue: asyncio.Queue = asyncio.Queue()
+        # Not an asyncio.Queue: one consumer only, and one per reply, so a
+        # deque and the future its consumer waits on (if any) do.
+        self._events: deque = deque()
+        self._waiter: asyncio.Future | None = None
         self._on_close = on_close
         self.closed = False
         self.chunks = chunks
 
     def put(self, event) -> None:  # a Chunk, a ToolEvent or the Ending
         if not self.closed and (self.chunks or isinstance(event, Ending)):
-            self._queue.put_nowait(event)
+            self._events.append(event)
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
 
     async def events(self) -> AsyncIterator[Chunk | Ending]:
         """Chunks in order (tool events among them), then the Ending; stops after it."""
         while True:
-            event = await self._queue.get()
+            while not self._events:
+                self._waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+            event = self._events.popleft()
             yield event
             if isinstance(event, Ending):
                 self.close()
