@@ -8,9 +8,10 @@ on 2 cores); ``make bench-quick`` (or ``BENCH_SIZE=quick``) a shorter one;
 
 Figures: overhead (1), connections (2), model (3), scaleout (4).
 ``--variant NAME=DIR`` measures another copy of the service (a proposed
-change) in figure 1's rounds, side by side with this one; ``DIR`` may be this
-tree (``.``) and ``--variant-config NAME=FILE`` lays a YAML file's config
-sections over that variant's (``make bench-quotas``: quotas on against off).
+change) in figure 1's rounds, side by side with this one, and in figure 2
+right after this one; ``DIR`` may be this tree (``.``) and
+``--variant-config NAME=FILE`` lays a YAML file's config sections over that
+variant's (``make bench-quotas``: quotas on against off).
 """
 
 from __future__ import annotations
@@ -81,7 +82,13 @@ def details(name: str, result: dict) -> list[str]:
                 f"{result['client_processes']} client processes opened in "
                 f"{result['ramp_seconds']:.0f} s ({result['ramp_connects_per_s']:.0f}/s, "
                 f"p99 {result['ramp_p99_connect_ms']:.0f} ms while ramping); failures "
-                f"{result['failures']}, still open at the end {result['still_open_at_end']:,}."]
+                f"{result['failures']}, still open at the end {result['still_open_at_end']:,}."
+                ] + [f"  - variant `{variant}`: {row['kib_per_connection']:.1f} KiB per socket "
+                     f"({row['kib_ratio_to_service']:.2f}x this tree), p99 connect "
+                     f"{row['p99_connect_ms']:.1f} ms ({row['p99_ratio_to_service']:.2f}x), "
+                     f"{row['ramp_connects_per_s']:.0f} sockets/s "
+                     f"({row['ramp_ratio_to_service']:.2f}x)"
+                     for variant, row in result.get("variants", {}).items()]
     if name == "model":
         peer = (f"peer 1 client {result['peer_single_tok_s']:.1f} tok/s"
                 if result["peer_single_tok_s"] else "peer not measured")
@@ -110,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="do not touch docs/benchmarks.md")
     parser.add_argument("--json", type=Path, help="also save the raw results here")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=DIR",
-                        help="another copy of the service to measure in figure 1")
+                        help="another copy of the service to measure in figures 1 and 2")
     parser.add_argument("--variant-config", action="append", default=[], metavar="NAME=FILE",
                         help="YAML config sections laid over variant NAME's config")
     args = parser.parse_args(argv)
@@ -143,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             (workdir / name).mkdir(parents=True)
             if name == "overhead":
                 result = module.run(workdir / name, size, variants, configs)
+            elif name == "connections":
+                result = module.run(workdir / name, size, variants)
             else:
                 result = module.run(workdir / name, size)
             results[name] = result

@@ -16,23 +16,40 @@ The open-file limit is raised in the benchmark's own processes only
 
 from __future__ import annotations
 
+import subprocess
 import time
 from pathlib import Path
 
 from . import harness
-from .harness import LoadGen, chat_path, percentile
+from .harness import PYTHON, LoadGen, chat_path, percentile
 
 TARGETS = {"kib_per_connection": 30.0, "p99_connect_ms": 50.0}
 
 
-def run(workdir: Path, size: dict) -> dict:
+def run(workdir: Path, size: dict, variants: dict[str, Path] | None = None) -> dict:
+    """``variants``: other copies of the service (name -> folder), each
+    measured the same way right after this one, on its own database."""
+    result = _measure(workdir / "service", size)
+    result["variants"] = {}
+    for name, app_dir in (variants or {}).items():
+        row = _measure(workdir / name, size, app_dir)
+        row["kib_ratio_to_service"] = row["kib_per_connection"] / result["kib_per_connection"]
+        row["p99_ratio_to_service"] = row["p99_connect_ms"] / result["p99_connect_ms"]
+        row["ramp_ratio_to_service"] = row["ramp_connects_per_s"] / result["ramp_connects_per_s"]
+        result["variants"][name] = row
+    return result
+
+
+def _measure(workdir: Path, size: dict, app_dir: Path | None = None) -> dict:
     count, processes = size["connections"], size["client_processes"]
     probes = size["probes"]
+    workdir.mkdir(parents=True, exist_ok=True)
     with harness.database("sqlite", workdir) as db:
-        tokens = harness.prepare_users(db.url, count + probes)
+        tokens = harness.prepare_users(db.url, count + probes, app_dir=app_dir)
         config = harness.write_config(workdir, db.url, {"backend": "echo"},
-                                      **_room_for(count + probes + 100))
-        with harness.ServerProcess.service(config, workdir / "connections.log") as server:
+                                      **_room_for(count + probes + 100, app_dir))
+        with harness.ServerProcess.service(config, workdir / "connections.log",
+                                           app_dir) as server:
             # Warm up: the first connections import and allocate what every later one reuses.
             warm = size.get("warmup_sockets", 20)
             harness.run_loadgens([_probe_spec(server, tokens[count:count + warm], 0.0)], workdir)
@@ -72,14 +89,16 @@ def run(workdir: Path, size: dict) -> dict:
     }
 
 
-def _room_for(sockets: int) -> dict:
-    """Config that lets this many sockets in, where the service caps them."""
-    from tornado_app.config import Settings
-
-    limits = Settings.model_fields.get("limits")
-    if limits is None or "connections_per_process" not in limits.annotation.model_fields:
-        return {}
-    return {"limits": {"connections_per_process": sockets}}
+def _room_for(sockets: int, app_dir: Path | None = None) -> dict:
+    """Config that lets this many sockets in, where the service (this copy,
+    or the variant's in ``app_dir``) caps them."""
+    code = ("from tornado_app.config import Settings; "
+            "limits = Settings.model_fields.get('limits'); "
+            "print(limits is not None and "
+            "'connections_per_process' in limits.annotation.model_fields)")
+    capped = subprocess.run([PYTHON, "-c", code], cwd=app_dir or harness.REPO,
+                            capture_output=True, text=True, check=True).stdout.strip()
+    return {"limits": {"connections_per_process": sockets}} if capped == "True" else {}
 
 
 def _idle_spec(server, part, size) -> dict:

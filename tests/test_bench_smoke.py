@@ -56,6 +56,17 @@ def test_connections(workdir):
     assert finite(result["kib_per_connection"], result["p99_connect_ms"])
 
 
+def test_connections_with_a_variant(workdir):
+    """--variant in figure 2: another copy (here this one again) measured the same way."""
+    size = SMOKE["connections"]
+    result = connections.run(workdir, size, {"copy": harness.REPO})
+    row = result["variants"]["copy"]
+    assert row["connections"] == size["connections"] and row["failures"] == 0
+    assert finite(row["kib_ratio_to_service"], row["p99_ratio_to_service"],
+                  row["ramp_ratio_to_service"])
+    assert "variant `copy`" in "\n".join(bench_main.details("connections", result))
+
+
 def test_scaleout_on_sqlite(workdir):
     result = scaleout.run(workdir, SMOKE["scaleout"])
     rows = result["table"]["sqlite/instances"]

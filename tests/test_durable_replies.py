@@ -215,3 +215,19 @@ async def test_a_second_cancel_does_not_interrupt_the_save_of_a_cancelled_reply(
     with pytest.raises(asyncio.CancelledError):
         await live.task
     assert saved.is_set()
+
+
+@pytest.mark.gen_test
+async def test_a_listener_without_chunks_gets_the_ending_alone():
+    """A reply that is not streamed wakes its socket once, for its end; a
+    streaming listener of the same reply still gets every chunk."""
+    from tornado_app.replies import Chunk, Ending, LiveReply
+
+    live = LiveReply("reply", "message", 1, 1, 1)
+    live.take("early ")
+    quiet, streaming = live.listen(chunks=False), live.listen()
+    live.take("late")
+    live.end(Ending("ok", "early late"))
+    assert [event async for event in quiet.events()] == [Ending("ok", "early late")]
+    assert [event async for event in streaming.events()] == [
+        Chunk(0, "early "), Chunk(1, "late"), Ending("ok", "early late")]

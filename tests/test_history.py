@@ -155,3 +155,50 @@ async def test_tokens_counted_per_message_do_not_grow_with_the_history(
     assert per_message[2] == 5
     prompt = counting_agent.history[-1].messages
     assert [m["content"] for m in prompt[1::2]][:3] == ["message 0", "message 1", "message 2"]
+
+
+@pytest.mark.gen_test
+async def test_a_reply_taken_by_the_copy_spares_the_next_read(store, make_user):
+    """The exchange hands its saved reply to the copy (History.add_reply): the
+    next message reads no turn while the reply is the leaf, and the prompt is
+    still the full read's. Another socket's turns, or a failed reply, too."""
+    user = await make_user("alice")
+    conversation = await store.open_conversation(user.id, "c1")
+    copy, other = History(conversation), History(conversation)
+    for n in range(4):
+        admission, turns = await admit(store, copy, user, f"q{n}")
+        assert admission.turns == [] and (admission.continues or n == 0)
+        assert [(t.id, t.role, t.content) for t in turns] == await full_read(
+            store, conversation, admission.message_id, 200)
+        status = STATUS_ERROR if n == 1 else STATUS_OK
+        reply = await add_reply(store, conversation, user.id, admission.message_id,
+                                content=f"a{n}", status=status)
+        copy.add_reply(admission.message_id, reply, f"a{n}", status == STATUS_OK)
+    # Another socket writes to the conversation: its turns are read as before.
+    theirs, _ = await admit(store, other, user, "from elsewhere")
+    await add_reply(store, conversation, user.id, theirs.message_id, content="re: elsewhere")
+    admission, turns = await admit(store, copy, user, "last")
+    assert [row.content for row in admission.turns] == ["from elsewhere", "re: elsewhere"]
+    assert [(t.id, t.role, t.content) for t in turns] == await full_read(
+        store, conversation, admission.message_id, 200)
+    # A reply to a message the copy no longer ends at is not taken.
+    copy.add_reply(theirs.message_id, 10**9, "stale", True)
+    assert copy.read_from() == admission.message_id
+
+
+@pytest.mark.gen_test
+async def test_the_next_message_of_a_socket_reads_no_turn(service, connect, monkeypatch):
+    admissions = []
+    admit_for_real = service.store.admit
+
+    async def recording(*args, **kwargs):
+        admissions.append(await admit_for_real(*args, **kwargs))
+        return admissions[-1]
+
+    monkeypatch.setattr(service.store, "admit", recording)
+    client = await connect()
+    for n in range(3):
+        await client.send({"content": f"message {n}"})
+        assert (await client.receive())["type"] == "ai_response"
+    assert [len(a.turns) for a in admissions] == [0, 0, 0]
+    assert all(a.continues for a in admissions[1:])

@@ -26,7 +26,7 @@ from .tool_loop import Caller, Tokens, converse
 from .toolbox import Toolbox
 from .store import Conflict, QuotaRequest, Store, StoreError
 from .store.store import Branching
-from .store.models import ROLE_USER, STATUS_ERROR
+from .store.models import ROLE_USER, STATUS_ERROR, STATUS_OK
 
 logger = logging.getLogger(__name__)
 
@@ -249,11 +249,11 @@ class ChatService:
         except asyncio.CancelledError:
             reply.cancel()
             reply.finish()
-            await asyncio.shield(self._save_and_end(live))
+            await asyncio.shield(self._save_and_end(live, history))
             raise
         live.complete = True  # from here on a cancel comes too late
         reply.finish()
-        save = asyncio.ensure_future(self._save_and_end(live))
+        save = asyncio.ensure_future(self._save_and_end(live, history))
         try:
             await asyncio.shield(save)
         except asyncio.CancelledError:
@@ -262,7 +262,7 @@ class ChatService:
             await save
             asyncio.current_task().uncancel()
 
-    async def _save_and_end(self, live: LiveReply) -> None:
+    async def _save_and_end(self, live: LiveReply, history: History | None = None) -> None:
         reply = live.reply
         columns = reply.columns()
         columns["cost"] = self.pricing.cost(reply.agent, reply.model, reply.tokens_in,
@@ -272,10 +272,11 @@ class ChatService:
             logger.warning("reply %s spent %s tokens, more than the %s reserved", live.reply_id,
                            (reply.tokens_in or 0) + (reply.tokens_out or 0), live.reserved.tokens)
         try:
-            await self.store.finish_reply(
+            reply_row_id = await self.store.finish_reply(
                 live.reply_id, live.conversation_id, live.user_id, live.message_row_id,
                 reply.pieces, live.saved_any or live.flushing, steps=reply.steps,
-                tool_events=marks_json(live.marks), **columns)
+                tool_events=marks_json(live.marks), reserved=live.reserved is not None,
+                **columns)
         except StoreError:
             # Not saved: its stream is no longer renewed, so the sweep saves it
             # as interrupted with the chunks saved so far once the database is back.
@@ -283,6 +284,11 @@ class ChatService:
             metrics.errors.labels("database").inc()
             live.end(Ending(STATUS_ERROR, reply.text, STORE_UNAVAILABLE))
             return
+        if history is not None and not reply.steps:
+            # The socket's copy takes the reply as saved (steps are read back
+            # from the database instead): its next message reads no turn.
+            history.add_reply(live.message_row_id, reply_row_id, columns["content"],
+                              reply.status == STATUS_OK)
         metrics.observe_reply(reply)
         live.end(Ending(reply.status, reply.text,
                         reply.error_text() if reply.status == STATUS_ERROR else None))

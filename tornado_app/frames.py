@@ -48,7 +48,9 @@ def valid_client_id(client_id: str) -> bool:
 
 
 def timestamp() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")
+    """UTC, to the microsecond, without an offset: ``2026-11-28T13:00:00.123456``
+    (isoformat: about twice as fast as strftime, once per frame)."""
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")[:26]
 
 
 def frame(kind: str, message: str, **ids) -> str:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from .agents import Agent
 from .tool_loop import result_text, steps_messages
-from .store.models import ROLE_USER
+from .store.models import ROLE_ASSISTANT, ROLE_USER
 
 # Most turns kept for a prompt; the agent's token budget then trims them
 # further, oldest first.
@@ -103,6 +103,18 @@ class History:
         self.turns.append(Turn(message_id, {"role": ROLE_USER, "content": content}))
         self._last_id = message_id
         return earlier
+
+    def add_reply(self, message_id: int, reply_id: int, content: str, ok: bool) -> None:
+        """The reply to the copy's last message, just saved by this process
+        (without tool steps): the copy takes it, so that the next message
+        reads no turn at all when the reply is still the branch's leaf (the
+        common case). A failed or cancelled reply never joins a prompt
+        (branches.prompt_turns), so only its id is taken."""
+        if self._last_id != message_id:
+            return  # the copy moved on meanwhile: the next read finds the reply
+        if ok:
+            self.turns.append(Turn(reply_id, {"role": ROLE_ASSISTANT, "content": content}))
+        self._last_id = reply_id
 
     def count(self, agent: Agent, turns: list[Turn]) -> None:
         """Fill in ``turns``' token counts for ``agent`` (all of them again if

@@ -42,6 +42,7 @@ import asyncio
 import json
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import AsyncIterator, Awaitable, Callable
@@ -143,23 +144,39 @@ class Cursor:
 
 
 class Listener:
-    """One socket's view of one reply: its chunks, then its Ending."""
+    """One socket's view of one reply: its chunks, then its Ending. Without
+    ``chunks`` (a reply that is not streamed) only the Ending: a socket's
+    task then wakes once per reply, not once per chunk."""
 
-    def __init__(self, reply_id: str, message_id: str, on_close: Callable | None = None):
+    def __init__(self, reply_id: str, message_id: str, on_close: Callable | None = None,
+                 chunks: bool = True):
         self.reply_id = reply_id
         self.message_id = message_id
-        self._queue: asyncio.Queue = asyncio.Queue()
+        # Not an asyncio.Queue: one consumer only, and one per reply, so a
+        # deque and the future its consumer waits on (if any) do.
+        self._events: deque = deque()
+        self._waiter: asyncio.Future | None = None
         self._on_close = on_close
         self.closed = False
+        self.chunks = chunks
 
     def put(self, event) -> None:  # a Chunk, a ToolEvent or the Ending
-        if not self.closed:
-            self._queue.put_nowait(event)
+        if not self.closed and (self.chunks or isinstance(event, Ending)):
+            self._events.append(event)
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
 
     async def events(self) -> AsyncIterator[Chunk | Ending]:
         """Chunks in order (tool events among them), then the Ending; stops after it."""
         while True:
-            event = await self._queue.get()
+            while not self._events:
+                self._waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+            event = self._events.popleft()
             yield event
             if isinstance(event, Ending):
                 self.close()
@@ -216,13 +233,15 @@ class LiveReply:
         for listener in self.listeners:
             listener.put(event)
 
-    def listen(self, after_seq: int = -1, tools_seen: int | None = None) -> Listener:
+    def listen(self, after_seq: int = -1, tools_seen: int | None = None,
+               chunks: bool = True) -> Listener:
         """A new listener, given the chunks after ``after_seq`` so far and the
-        tool events it lacks among them (Cursor)."""
-        listener = Listener(self.reply_id, self.message_id, self.listeners.discard)
-        chunks = [Chunk(seq, self.reply.pieces[seq])
+        tool events it lacks among them (Cursor); without ``chunks`` it gets
+        the Ending alone."""
+        listener = Listener(self.reply_id, self.message_id, self.listeners.discard, chunks)
+        pieces = [Chunk(seq, self.reply.pieces[seq])
                   for seq in range(max(after_seq + 1, 0), len(self.reply.pieces))]
-        Cursor(after_seq, tools_seen).replay(listener, chunks, self.marks)
+        Cursor(after_seq, tools_seen).replay(listener, pieces, self.marks)
         if self.ending is not None:
             listener.put(self.ending)
         else:

@@ -336,7 +336,7 @@ class ChatSocket(WebSocketHandler):
         self.replying = live
         if self.cancel_next:
             live.cancel()
-        listener = live.listen()
+        listener = live.listen(chunks=message.stream)
         if self.v2:
             await self._send(frames.frame(frames.ACK, "", message_id=live.message_id,
                                           reply_id=live.reply_id))
@@ -388,8 +388,14 @@ class ChatSocket(WebSocketHandler):
         except WebSocketClosedError:
             await asyncio.sleep(0)  # the client left; what it missed is in the transcript
             return
-        # asyncio.wait, not wait_for: cancelling Tornado's write future breaks its callback.
-        done, _ = await asyncio.wait({written}, timeout=self.chat.settings.server.write_timeout_seconds)
+        # One turn of the loop lets the write's task finish: it has, unless the
+        # kernel's buffer was full (the wait below is for that case only).
+        await asyncio.sleep(0)
+        done = written.done()
+        if not done:
+            # asyncio.wait, not wait_for: cancelling Tornado's write future breaks its callback.
+            done, _ = await asyncio.wait(
+                {written}, timeout=self.chat.settings.server.write_timeout_seconds)
         if done:
             if written.exception() is not None and not isinstance(
                 written.exception(), (WebSocketClosedError, StreamClosedError)

@@ -139,6 +139,8 @@ def path_up(db, start: int | None, after_id: int, limit: int) -> tuple[list, boo
     that ends there needs only them)."""
     if start is None:
         return [], False
+    if start == after_id:  # the copy ends at the leaf: nothing to read
+        return [], True
     rows = db.execute(PATH_UP, {"start": start, "after_id": after_id, "limit": limit}).all()
     if not rows:
         return [], start == after_id

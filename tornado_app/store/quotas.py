@@ -176,9 +176,11 @@ def reserve(db, reply_id: str, user_id: int, bound: Bound, limits: Limits, now: 
     return db.execute(_STANDING, values).first()
 
 
-def settle(db, reply_id: str, user_id: int, day: date, tokens: int, cost: float) -> None:
-    """Replace the reply's reservation (if it had one) by what it spent."""
-    db.execute(_RELEASE, {"rid": reply_id})
+def settle(db, reply_id: str, user_id: int, day: date, tokens: int, cost: float,
+           reserved: bool = True) -> None:
+    """Replace the reply's reservation (if it had one: ``reserved``) by what it spent."""
+    if reserved:
+        db.execute(_RELEASE, {"rid": reply_id})
     if tokens or cost:
         db.execute(_ADD_USAGE[db.dialect], {"uid": user_id, "today": day, "tokens": tokens,
                                             "spent": cost})

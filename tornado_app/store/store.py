@@ -245,12 +245,14 @@ class Store:
 
     async def finish_reply(self, reply_id: str, conversation_id: int, user_id: int,
                            reply_to_id: int, pieces: list[str], flushed: bool,
-                           steps=(), tool_events: str | None = None, **columns) -> int:
+                           steps=(), tool_events: str | None = None, reserved: bool = True,
+                           **columns) -> int:
         """Save a reply (or the record of a failed or cancelled one) and close
         its stream, in one transaction. ``pieces`` are its chunks (for a later
         resume); ``flushed``: whether any of them were saved on the way;
         ``steps`` its tool calls (tool_loop.Step); ``tool_events`` their
-        events as a resume replays them (JSON, replies.py).
+        events as a resume replays them (JSON, replies.py); ``reserved``:
+        whether ``admit`` reserved quota for it (False spares a statement).
 
         ``columns`` are Message columns: content, status, agent, model,
         tokens_in, tokens_out, latency_ms, ttft_ms, error_ref, error_kind,
@@ -258,7 +260,7 @@ class Store:
         """
         row = messages.reply_row(conversation_id, user_id, reply_to_id, reply_id, **columns)
         return await self.writer.run(_finish_reply, reply_id, row, pieces, flushed, list(steps),
-                                     tool_events)
+                                     tool_events, reserved)
 
     # Replies in flight (streams.py; the design is in tornado_app/replies.py)
 
@@ -470,12 +472,12 @@ def _branch_target(db, conversation_id, leaf_id, branching: Branching):
 
 
 def _finish_reply(db, reply_id: str, row: dict, pieces: list[str], flushed: bool,
-                  steps: list, tool_events: str | None = None) -> int:
+                  steps: list, tool_events: str | None, reserved: bool) -> int:
     reply_row_id = streams.finish(db, reply_id, row, pieces, flushed, tool_events)
     tool_steps.save(db, reply_row_id, row["conversation_id"], row["user_id"], row["agent"], steps)
     tokens = (row["tokens_in"] or 0) + (row["tokens_out"] or 0)
     quotas.settle(db, reply_id, row["user_id"], row["created_at"].date(), tokens,
-                  row["cost"] or 0.0)
+                  row["cost"] or 0.0, reserved)
     return reply_row_id
 
 
