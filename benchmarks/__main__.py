@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="do not touch docs/benchmarks.md")
     parser.add_argument("--json", type=Path, help="also save the raw results here")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=DIR",
-                        help="another copy of the service to measure in figure 1")
+                        help="another copy of the service to measure in figures 1 and 4")
     args = parser.parse_args(argv)
     chosen = [name.strip() for name in args.only.split(",") if name.strip()] or list(FIGURES)
     unknown = [name for name in chosen if name not in FIGURES]
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n== {name} ({args.size}) ==", flush=True)
             size = SIZES[args.size][name]
             (workdir / name).mkdir(parents=True)
-            if name == "overhead":
+            if name in ("overhead", "scaleout"):
                 result = module.run(workdir / name, size, variants)
             else:
                 result = module.run(workdir / name, size)

@@ -209,7 +209,7 @@ class Store:
         """
         return await self.writer.run(_admit, conversation_id, user_id, content, now, messages,
                                      per_seconds, after_id, history_limit, instance,
-                                     now + lease_seconds, quota, branching)
+                                     now + lease_seconds, quota, branching, lock_key=user_id)
 
     # Branches, the agent per conversation, feedback (branches.py, feedback.py)
 
@@ -250,7 +250,8 @@ class Store:
         cost. Its tokens and cost replace its quota reservation (quotas.py).
         """
         row = messages.reply_row(conversation_id, user_id, reply_to_id, reply_id, **columns)
-        return await self.writer.run(_finish_reply, reply_id, row, pieces, flushed, list(steps))
+        return await self.writer.run(_finish_reply, reply_id, row, pieces, flushed, list(steps),
+                                     lock_key=user_id)
 
     # Replies in flight (streams.py; the design is in tornado_app/replies.py)
 
