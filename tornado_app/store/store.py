@@ -22,8 +22,8 @@ from typing import Callable
 
 from sqlalchemy import select
 
-from . import (branches, feedback, leases, memories, message_search, messages, quotas,
-               ratelimit, revocations, schema, streams, tool_steps, users)
+from . import (branches, feedback, leases, memories, message_search, messages, pg_exchange,
+               quotas, ratelimit, revocations, schema, streams, tool_steps, users)
 from .engine import DEFAULT_TIMEOUT, create_engine, probe_sqlite_write_lock, sqlite_file
 from .executor import Conflict, EngineExecutor, Executor, store_errors
 from .models import ROLE_USER, STATUS_ERROR, utcnow
@@ -427,15 +427,20 @@ def _admit(db, conversation_id, user_id, content, now, limit, per_seconds, after
                                  quota.today, lease_until)
         if refused is not None:
             return Admission(decision, reserved=bound, over_quota=refused)
-    if existing is None:
+    if existing is None and db.dialect == "postgresql":  # one round trip (pg_exchange.py)
         public_id = messages.new_public_id()
         row = messages.user_message(conversation_id, user_id, content, public_id, parent)
-        message_id = db.execute(messages.INSERT_MESSAGE, row).scalar()
+        message_id = pg_exchange.open_exchange(db, row, reply_id, instance, lease_until)
     else:
-        message_id, public_id = existing.id, existing.public_id
-    branches.set_leaf(db, conversation_id, message_id)
-    streams.open_stream(db, reply_id, conversation_id, user_id, message_id, instance,
-                        lease_until)
+        if existing is None:
+            public_id = messages.new_public_id()
+            row = messages.user_message(conversation_id, user_id, content, public_id, parent)
+            message_id = db.execute(messages.INSERT_MESSAGE, row).scalar()
+        else:
+            message_id, public_id = existing.id, existing.public_id
+        branches.set_leaf(db, conversation_id, message_id)
+        streams.open_stream(db, reply_id, conversation_id, user_id, message_id, instance,
+                            lease_until)
     steps = {}
     if any(turn.role != ROLE_USER for turn in turns):
         steps = tool_steps.between(db, conversation_id, turns[0].id - 1, message_id)
@@ -459,6 +464,11 @@ def _branch_target(db, conversation_id, leaf_id, branching: Branching):
 
 def _finish_reply(db, reply_id: str, row: dict, pieces: list[str], flushed: bool,
                   steps: list) -> int:
+    if db.dialect == "postgresql":  # one round trip (pg_exchange.py)
+        reply_row_id = pg_exchange.finish_reply(db, row, pieces)
+        tool_steps.save(db, reply_row_id, row["conversation_id"], row["user_id"], row["agent"],
+                        steps)
+        return reply_row_id
     reply_row_id = streams.finish(db, reply_id, row, pieces, flushed)
     tool_steps.save(db, reply_row_id, row["conversation_id"], row["user_id"], row["agent"], steps)
     tokens = (row["tokens_in"] or 0) + (row["tokens_out"] or 0)
