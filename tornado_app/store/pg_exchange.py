@@ -5,6 +5,9 @@ trip costs both processes a wake-up: more than the statements' own work. So
 the writes that always go together run as one statement there, built from
 the same tables and bind names as the separate statements SQLite runs:
 
+- :data:`TAKE`: the rate limit taken, the conversation's leaf and agent,
+  and the history path up from the leaf (``Store.admit`` of a new message;
+  three statements elsewhere);
 - :data:`OPEN`: the user's message, the conversation's new leaf and the
   reply's stream (``Store.admit``; three statements elsewhere);
 - :data:`FINISH`: the reply's row, the leaf, the closed stream, its chunks
@@ -19,10 +22,13 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from collections import namedtuple
+
 from sqlalchemy import DateTime, Float, Integer, String, Text, bindparam, false, func, literal, \
-    select, update
+    select, true, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
+from . import branches, ratelimit
 from .messages import INSERT_MESSAGE, conversations
 from .models import QuotaReservation, QuotaUsage, ReplyChunk, ReplyStream, utcnow
 from .streams import CHANNEL, lengths_text
@@ -36,6 +42,27 @@ reservations = QuotaReservation.__table__
 _CONVERSATION = bindparam("conversation_id", type_=Integer)
 _USER = bindparam("user_id", type_=Integer)
 _PUBLIC_ID = bindparam("public_id", type_=String)
+
+
+def _take():
+    taken = ratelimit.upsert("postgresql").cte("taken")
+    leaf = select(conversations.c.active_leaf_id).where(
+        conversations.c.id == _CONVERSATION).scalar_subquery()
+    path = branches.path_cte(leaf)
+    # One row per path message (oldest first), or one with a NULL path when
+    # there is none; the decision and the conversation's state on each.
+    return (
+        select(taken.c.tat, taken.c.granted, conversations.c.active_leaf_id,
+               conversations.c.agent, *(path.c[name] for name in _PATH_COLUMNS))
+        .select_from(taken.outerjoin(conversations, conversations.c.id == _CONVERSATION)
+                     .outerjoin(path, true()))
+        .order_by(path.c.depth.desc())
+    )
+
+
+_PATH_COLUMNS = [column.name for column in branches.PATH_UP.selected_columns
+                 if column.name != "depth"]
+_PATH_ROW = namedtuple("Row", _PATH_COLUMNS)._make
 
 
 def _open():
@@ -79,11 +106,34 @@ def _finish():
         leaf, closed, dropped, released, added)
 
 
+TAKE = _take()
 OPEN = _open()
 FINISH = _finish()
 
 
 # Units of work (store/executor.py), PostgreSQL only
+
+def take(db, conversation_id: int, user_id: int, now: float, messages: int,
+         per_seconds: float, after_id: int, history_limit: int):
+    """The start of a new message's admission: ``(leaf, agent)`` of the
+    conversation (None, None if there is none), the rate limit's decision
+    (ratelimit.take), and the path up from the leaf with whether it continues
+    ``after_id`` (branches.path_up)."""
+    values, tolerance = ratelimit.parameters(user_id, now, messages, per_seconds)
+    values.update(conversation_id=conversation_id, after_id=after_id, limit=history_limit)
+    rows = db.execute(TAKE, values).all()
+    first = rows[0]
+    decision = ratelimit.decision(first.tat, first.granted, tolerance, now)
+    leaf = first.active_leaf_id
+    path = [_PATH_ROW(row[4:]) for row in rows if row.id is not None]
+    if leaf is None:
+        continues = False
+    elif not path:
+        continues = leaf == after_id
+    else:
+        continues = after_id != 0 and path[0].parent_id == after_id
+    return (leaf, first.agent), decision, (path, continues)
+
 
 def open_exchange(db, row: dict, reply_id: str, instance: str, lease_until: float) -> int:
     """Save the user's message ``row`` (messages.user_message) as the leaf and

@@ -402,20 +402,26 @@ def _open_conversation(db, user_id: int, client_id: str) -> int:
 def _admit(db, conversation_id, user_id, content, now, limit, per_seconds, after_id,
            history_limit, instance, lease_until, quota, branching) -> Admission:
     # No such conversation: its message's foreign key fails below (Conflict).
-    leaf, agent = branches.state(db, conversation_id) or (None, None)
-    parent, existing = leaf, None
-    if branching is not None:
-        target = _branch_target(db, conversation_id, leaf, branching)
-        if target is None:
-            return Admission(None)  # checked before the rate limit: nothing is taken
-        parent = target.parent_id
-        if branching.kind == "regenerate":
-            existing, content = target, target.content
-    decision = ratelimit.take(db, user_id, now, limit, per_seconds)
+    path = None
+    if branching is None and db.dialect == "postgresql":  # one round trip (pg_exchange.py)
+        (leaf, agent), decision, path = pg_exchange.take(
+            db, conversation_id, user_id, now, limit, per_seconds, after_id, history_limit)
+        parent, existing = leaf, None
+    else:
+        leaf, agent = branches.state(db, conversation_id) or (None, None)
+        parent, existing = leaf, None
+        if branching is not None:
+            target = _branch_target(db, conversation_id, leaf, branching)
+            if target is None:
+                return Admission(None)  # checked before the rate limit: nothing is taken
+            parent = target.parent_id
+            if branching.kind == "regenerate":
+                existing, content = target, target.content
+        decision = ratelimit.take(db, user_id, now, limit, per_seconds)
     if not decision.allowed:
         return Admission(decision)
     reply_id = messages.new_public_id()
-    rows, continues = branches.path_up(db, parent, after_id, history_limit)
+    rows, continues = path or branches.path_up(db, parent, after_id, history_limit)
     turns = branches.prompt_turns(rows)
     # In the same transaction: the prompt needs them (and so does the quota's
     # bound), and a read of its own would cost every exchange another round trip.
