@@ -72,8 +72,12 @@ class PgBatcher:
     ``database(conn)`` the unit's ``db`` on it; ``as_error(exc)`` a driver's
     failure as the Store's exception."""
 
-    lanes = 3  # batches at once: one runs statements while another's commit is flushed
-    max_batch = 128
+    # Batches at once, and units in one. Small batches on several connections
+    # keep the round trips of one batch short while others wait for their
+    # commit's flush (figure 4 measured 3/128 against 6/8: same throughput,
+    # a lower p99 with 6/8).
+    lanes = 6
+    max_batch = 8
 
     def __init__(self, acquire: Callable[[], Any], database: Callable[[Any], Any],
                  as_error: Callable[[BaseException], BaseException]):
