@@ -6,8 +6,8 @@ the writes that always go together run as one statement there, built from
 the same tables and bind names as the separate statements SQLite runs:
 
 - :data:`TAKE`: the rate limit taken, the conversation's leaf and agent,
-  and the history path up from the leaf (``Store.admit`` of a new message;
-  three statements elsewhere);
+  the history path up from the leaf and the user's memories (``Store.admit``
+  of a new message; four statements elsewhere);
 - :data:`OPEN`: the user's message, the conversation's new leaf and the
   reply's stream (``Store.admit``; three statements elsewhere);
 - :data:`FINISH`: the reply's row, the leaf, the closed stream, its chunks
@@ -26,9 +26,11 @@ from collections import namedtuple
 
 from sqlalchemy import DateTime, Float, Integer, String, Text, bindparam, false, func, literal, \
     select, true, update
+from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from . import branches, ratelimit
+from . import memories as memory_rows
 from .messages import INSERT_MESSAGE, conversations
 from .models import QuotaReservation, QuotaUsage, ReplyChunk, ReplyStream, utcnow
 from .streams import CHANNEL, lengths_text
@@ -37,6 +39,7 @@ streams = ReplyStream.__table__
 chunks = ReplyChunk.__table__
 usage = QuotaUsage.__table__
 reservations = QuotaReservation.__table__
+memories = memory_rows.memories
 
 # Bind names of INSERT_MESSAGE (a column's name each), shared by the sub-statements.
 _CONVERSATION = bindparam("conversation_id", type_=Integer)
@@ -50,19 +53,31 @@ def _take():
         conversations.c.id == _CONVERSATION).scalar_subquery()
     path = branches.path_cte(leaf)
     # One row per path message (oldest first), or one with a NULL path when
-    # there is none; the decision and the conversation's state on each.
+    # there is none; the decision, the conversation's state and the user's
+    # memories (as arrays, by key) on each.
     return (
         select(taken.c.tat, taken.c.granted, conversations.c.active_leaf_id,
-               conversations.c.agent, *(path.c[name] for name in _PATH_COLUMNS))
+               conversations.c.agent, *(_memories(name) for name in _MEMORY_COLUMNS),
+               *(path.c[name] for name in _PATH_COLUMNS))
         .select_from(taken.outerjoin(conversations, conversations.c.id == _CONVERSATION)
                      .outerjoin(path, true()))
         .order_by(path.c.depth.desc())
     )
 
 
+def _memories(name: str):
+    """One column of the user's memories (memories.LIST) as an array."""
+    return select(func.array_agg(aggregate_order_by(memories.c[name], memories.c.key))).where(
+        memories.c.user_id == bindparam("user_id", type_=Integer)).scalar_subquery().label(
+        f"memory_{name}")
+
+
 _PATH_COLUMNS = [column.name for column in branches.PATH_UP.selected_columns
                  if column.name != "depth"]
 _PATH_ROW = namedtuple("Row", _PATH_COLUMNS)._make
+_MEMORY_COLUMNS = [column.name for column in memory_rows.LIST.selected_columns]
+_MEMORY_ROW = namedtuple("Row", _MEMORY_COLUMNS)._make
+_PATH_START = 4 + len(_MEMORY_COLUMNS)  # where a TAKE row's path columns begin
 
 
 def _open():
@@ -117,22 +132,24 @@ def take(db, conversation_id: int, user_id: int, now: float, messages: int,
          per_seconds: float, after_id: int, history_limit: int):
     """The start of a new message's admission: ``(leaf, agent)`` of the
     conversation (None, None if there is none), the rate limit's decision
-    (ratelimit.take), and the path up from the leaf with whether it continues
-    ``after_id`` (branches.path_up)."""
+    (ratelimit.take), the path up from the leaf with whether it continues
+    ``after_id`` (branches.path_up), and the user's memories (memories.LIST)."""
     values, tolerance = ratelimit.parameters(user_id, now, messages, per_seconds)
     values.update(conversation_id=conversation_id, after_id=after_id, limit=history_limit)
     rows = db.execute(TAKE, values).all()
     first = rows[0]
     decision = ratelimit.decision(first.tat, first.granted, tolerance, now)
     leaf = first.active_leaf_id
-    path = [_PATH_ROW(row[4:]) for row in rows if row.id is not None]
+    path = [_PATH_ROW(row[_PATH_START:]) for row in rows if row.id is not None]
+    saved = [_MEMORY_ROW(values) for values in zip(*(first[4 + index] or ()
+                                                     for index in range(len(_MEMORY_COLUMNS))))]
     if leaf is None:
         continues = False
     elif not path:
         continues = leaf == after_id
     else:
         continues = after_id != 0 and path[0].parent_id == after_id
-    return (leaf, first.agent), decision, (path, continues)
+    return (leaf, first.agent), decision, (path, continues), saved
 
 
 def open_exchange(db, row: dict, reply_id: str, instance: str, lease_until: float) -> int:
@@ -142,12 +159,11 @@ def open_exchange(db, row: dict, reply_id: str, instance: str, lease_until: floa
                              "lease_until": lease_until}).scalar()
 
 
-def finish_reply(db, row: dict, pieces: list[str]) -> int:
+def finish_reply(db, row: dict, pieces: list[str], tokens: int, cost: float) -> int:
     """Save the reply ``row`` (messages.reply_row; its ``public_id`` is the
-    reply's id) and close its stream, settle its quota, notify the watchers;
-    the reply's row id."""
+    reply's id) and close its stream, replace its quota reservation by the
+    ``tokens`` and ``cost`` it spent, notify the watchers; its row id."""
     created: datetime = row["created_at"]
     values = {**row, "ended": utcnow(), "seq": len(pieces) - 1, "lengths": lengths_text(pieces),
-              "today": created.date(), "tokens": (row["tokens_in"] or 0) + (row["tokens_out"] or 0),
-              "spent": row["cost"] or 0.0}
+              "today": created.date(), "tokens": tokens, "spent": cost}
     return db.execute(FINISH, values).scalar()

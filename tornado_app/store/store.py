@@ -402,9 +402,9 @@ def _open_conversation(db, user_id: int, client_id: str) -> int:
 def _admit(db, conversation_id, user_id, content, now, limit, per_seconds, after_id,
            history_limit, instance, lease_until, quota, branching) -> Admission:
     # No such conversation: its message's foreign key fails below (Conflict).
-    path = None
+    path = saved = None
     if branching is None and db.dialect == "postgresql":  # one round trip (pg_exchange.py)
-        (leaf, agent), decision, path = pg_exchange.take(
+        (leaf, agent), decision, path, saved = pg_exchange.take(
             db, conversation_id, user_id, now, limit, per_seconds, after_id, history_limit)
         parent, existing = leaf, None
     else:
@@ -425,7 +425,8 @@ def _admit(db, conversation_id, user_id, content, now, limit, per_seconds, after
     turns = branches.prompt_turns(rows)
     # In the same transaction: the prompt needs them (and so does the quota's
     # bound), and a read of its own would cost every exchange another round trip.
-    saved = db.execute(memories.LIST, {"user_id": user_id}).all()
+    if saved is None:
+        saved = db.execute(memories.LIST, {"user_id": user_id}).all()
     bound = None
     if quota is not None:
         bound = quota.bound_of(turns, saved)
@@ -470,16 +471,13 @@ def _branch_target(db, conversation_id, leaf_id, branching: Branching):
 
 def _finish_reply(db, reply_id: str, row: dict, pieces: list[str], flushed: bool,
                   steps: list) -> int:
+    tokens, cost = (row["tokens_in"] or 0) + (row["tokens_out"] or 0), row["cost"] or 0.0
     if db.dialect == "postgresql":  # one round trip (pg_exchange.py)
-        reply_row_id = pg_exchange.finish_reply(db, row, pieces)
-        tool_steps.save(db, reply_row_id, row["conversation_id"], row["user_id"], row["agent"],
-                        steps)
-        return reply_row_id
-    reply_row_id = streams.finish(db, reply_id, row, pieces, flushed)
+        reply_row_id = pg_exchange.finish_reply(db, row, pieces, tokens, cost)
+    else:
+        reply_row_id = streams.finish(db, reply_id, row, pieces, flushed)
+        quotas.settle(db, reply_id, row["user_id"], row["created_at"].date(), tokens, cost)
     tool_steps.save(db, reply_row_id, row["conversation_id"], row["user_id"], row["agent"], steps)
-    tokens = (row["tokens_in"] or 0) + (row["tokens_out"] or 0)
-    quotas.settle(db, reply_id, row["user_id"], row["created_at"].date(), tokens,
-                  row["cost"] or 0.0)
     return reply_row_id
 
 
