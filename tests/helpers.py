@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import os
 import time
@@ -15,11 +16,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select, text
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest, HTTPResponse
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
-from tornado_app.agents import Agent, AgentRequest
+from tornado_app.agents import Agent, AgentRequest, get_plugin_manager
 from tornado_app.hookspecs import hookimpl
 from tornado_app.store import Store
 from tornado_app.store.models import Message, ToolStep
@@ -343,3 +345,31 @@ async def take_rate_limit(store, user_id: int, now: float, messages: int, per_se
     admission = await store.admit(conversation, user_id, "a message", now=now, messages=messages,
                                   per_seconds=per_seconds, after_id=0, history_limit=0, **ADMIT)
     return admission.decision
+
+
+class KeyArguments(BaseModel):
+    """The arguments of the test tools: one short key."""
+
+    model_config = ConfigDict(extra="forbid")
+    key: str = Field(min_length=1, max_length=10)
+
+
+def wait_for_log(server, text: str, timeout: float = 20) -> None:
+    """Wait until a server process's log holds ``text``."""
+    deadline = time.monotonic() + timeout
+    while text not in server.log():
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.05)  # a log file has nothing to await
+
+
+@contextlib.contextmanager
+def offering(tools: dict | None = None, agents: dict | None = None):
+    """The real plugin manager offers these tool (and agent) instances, by
+    name, meanwhile; yields ``tools``."""
+    plugin = FakePlugin(agents or {}, tools)
+    manager = get_plugin_manager()
+    manager.register(plugin, name=f"test-plugin-{id(plugin)}")
+    try:
+        yield tools
+    finally:
+        manager.unregister(plugin)

@@ -129,3 +129,40 @@ async def test_recall_tool_searches_the_callers_messages_only(db_store, tools):
     assert len(one["matches"]) == 1
     theirs = await run(tools["recall"], {"query": "March"}, context_for(memories, bob, "b"))
     assert theirs == {"matches": []}
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_recall_finds_the_same_messages_through_the_window_and_the_index(
+        db_store, monkeypatch):
+    """PostgreSQL reads a user's newest messages first, testing each for the
+    query's lexemes as substrings before parsing it (store/message_search.py);
+    then the GIN index. Both find the same messages, whatever the case,
+    punctuation or script; another user's never."""
+    from tornado_app.store import message_search
+
+    await db_store.ensure_schema()
+    alice = (await db_store.create_user("alice", None)).id
+    bob = (await db_store.create_user("bob", None)).id
+    texts = ["My BIRTHDAY is March 15!", "see https://Example.com/a_b?x=50%25 now",
+             "snake_case and e-mail, 100% sure", "Ärger über Straße", "back\\slash path",
+             "nothing to see"]
+    conversation = await db_store.open_conversation(alice, "c1")
+    for text in texts:
+        await add_user_message(db_store, conversation, alice, text)
+    theirs = await db_store.open_conversation(bob, "c2")
+    await add_user_message(db_store, theirs, bob, "My birthday, and snake_case too")
+    queries = ["birthday", "march BIRTHDAY", "example.com", "snake_case", "e-mail", "100",
+               "ärger", "STRASSE", "straße", "slash", "a_b", "50", "missing"]
+
+    async def found() -> dict[str, list[str]]:
+        # Limit 1: the window's answer stands when it finds that many.
+        return {(query, limit): [row.content for row in
+                                 await db_store.search_messages(alice, query, limit)]
+                for query in queries for limit in (1, 5)}
+
+    window = await found()
+    monkeypatch.setattr(message_search, "RECENT_WINDOW", 0)  # the index alone
+    assert await found() == window
+    assert window["march BIRTHDAY", 5] == [texts[0]]
+    assert window["snake_case", 5] == [texts[2]] and window["missing", 5] == []
+    assert window["straße", 1] == [texts[3]]

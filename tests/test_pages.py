@@ -51,7 +51,8 @@ async def test_messages_with_bearer_token(base_url, make_user, token_for, store)
     ids = {row.content: row.public_id for row in saved}
     for row in rows:
         assert set(row) == {"id", "parent_id", "role", "content", "status", "created_at",
-                            "siblings", "feedback"}
+                            "siblings", "feedback"} | (
+                                {"tool_steps"} if row["role"] == "assistant" else set())
         assert row["id"] == ids[row["content"]]  # the ids frames carry (protocol v2)
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", row["created_at"])
 

@@ -14,21 +14,14 @@ import asyncio
 import json
 
 import pytest
-from pydantic import BaseModel, ConfigDict, Field
 
 from tornado_app import tool_loop
-from tornado_app.agents import get_plugin_manager
 from tornado_app.tools import Tool, ToolCall, ToolError
 
-from .helpers import FakePlugin, saved_messages, saved_tool_steps
+from .helpers import KeyArguments, offering, saved_messages, saved_tool_steps
 
 V2 = ["ai-chat.v2"]
 SPEC_FIELDS = {"type", "message", "timestamp"}
-
-
-class KeyArguments(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    key: str = Field(min_length=1, max_length=10)
 
 
 class Lookup(Tool):
@@ -100,12 +93,9 @@ class Broken(Tool):
 
 @pytest.fixture
 def tools():
-    tools = {"lookup": Lookup(), "meet": Meet(), "slow": Slow(), "broken": Broken()}
-    plugin = FakePlugin({}, tools)
-    manager = get_plugin_manager()
-    manager.register(plugin, name=f"test-tools-{id(plugin)}")
-    yield tools
-    manager.unregister(plugin)
+    with offering({"lookup": Lookup(), "meet": Meet(), "slow": Slow(),
+                   "broken": Broken()}) as tools:
+        yield tools
 
 
 @pytest.fixture

@@ -7,20 +7,12 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import yaml
 
-from .helpers import connect_ws, install_late_tool, run_async
+from .helpers import connect_ws, install_late_tool, run_async, wait_for_log
 from .openai_upstream import FakeOpenAI
 from .servers import add_users, token, write_config
-
-
-def wait_for_log(server, text: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in server.log():
-        assert time.monotonic() < deadline, server.log()
-        time.sleep(0.05)  # a log file has nothing to await
 
 
 async def ask(server, user_token: str, content: str) -> dict:

@@ -4,7 +4,8 @@ Start-up (JupyterHub style, one step each): logging, database schema, agents
 (loading in the background), handlers, listening socket. Shutdown on SIGTERM
 or SIGINT: stop accepting, let replies in flight finish (up to
 ``server.shutdown_grace_seconds``), close every socket with 1001, close the
-agents, dispose of the database. SIGHUP re-reads the ``agent`` and ``tools`` sections.
+agents, dispose of the database. SIGHUP re-reads the ``agent``, ``tools`` and
+``memory`` sections (the memory key excepted).
 """
 
 from __future__ import annotations
@@ -133,7 +134,24 @@ class Service:
             return
         self.settings.agent = fresh.agent
         self.settings.tools = fresh.tools
+        self.reload_memory(fresh)
         self.reload_mcp(fresh)
+
+    def reload_memory(self, fresh: Settings) -> None:
+        """SIGHUP: ``memory.max_items`` and ``memory.prompt_share`` take effect
+        for the next request. The key does not: memories saved with the old
+        one could no longer be read, and one key per process of a group would
+        split them. A changed key is kept for the next start, said in the log."""
+        memory = self.settings.memory
+        if (fresh.memory_key, fresh.memory.key_file) != (self.settings.memory_key,
+                                                         memory.key_file):
+            logger.warning("SIGHUP: memory.key / memory.key_file changed: they take effect "
+                           "only at the next start (the memories stay readable)")
+        self.settings.memory = fresh.memory.model_copy(
+            update={"key": memory.key, "key_file": memory.key_file})
+        self.memories.max_items = fresh.memory.max_items
+        logger.info("memory now: max_items %d, prompt_share %s", fresh.memory.max_items,
+                    fresh.memory.prompt_share)
 
     def reload_mcp(self, fresh: Settings) -> None:
         """SIGHUP: connect added or changed MCP servers, drop removed ones."""

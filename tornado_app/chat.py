@@ -21,7 +21,7 @@ from .config import Settings
 from .connections import refusal
 from .history import History, Turn
 from .memory import Memories, memory_section, system_prompt
-from .replies import Ending, LiveReply, Replies
+from .replies import Ending, LiveReply, Replies, marks_json
 from .tool_loop import Caller, Tokens, converse
 from .toolbox import Toolbox
 from .store import Conflict, QuotaRequest, Store, StoreError
@@ -275,7 +275,7 @@ class ChatService:
             await self.store.finish_reply(
                 live.reply_id, live.conversation_id, live.user_id, live.message_row_id,
                 reply.pieces, live.saved_any or live.flushing, steps=reply.steps,
-                **columns)
+                tool_events=marks_json(live.marks), **columns)
         except StoreError:
             # Not saved: its stream is no longer renewed, so the sweep saves it
             # as interrupted with the chunks saved so far once the database is back.

@@ -112,6 +112,7 @@ class Cancel:
 class Resume:
     reply_id: str
     after_seq: int = -1
+    tools_seen: int | None = None  # tool frames of the reply already received
 
 
 # Longest reply id accepted in a client frame (ours have 32 characters).
@@ -173,7 +174,11 @@ def _parse_v2_action(data: dict, max_chars: int):
         after_seq = data.get("after_seq", -1)
         if not isinstance(after_seq, int) or isinstance(after_seq, bool) or after_seq < -1:
             raise FrameError("Invalid message format: \"after_seq\" must be an integer >= -1.")
-        return Resume(_reply_id(data, required=True), after_seq)
+        tools_seen = data.get("tools_seen")
+        if tools_seen is not None and (not isinstance(tools_seen, int)
+                                       or isinstance(tools_seen, bool) or tools_seen < 0):
+            raise FrameError("Invalid message format: \"tools_seen\" must be an integer >= 0.")
+        return Resume(_reply_id(data, required=True), after_seq, tools_seen)
     if action == "feedback":
         return parse_feedback(data, _reply_id(data, required=True))
     if action == "regenerate":

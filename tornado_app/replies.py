@@ -28,11 +28,18 @@ then on (docs/architecture.md, "Durable replies"):
 - **Cancel by id**, from any socket of the user on any instance: a reply of
   this process is cancelled at once; another's gets a cancel request in its
   stream row, which its process reads at its next flush or poll.
+- **Tool events** (the v2 ``tool_call`` / ``tool_result`` frames) are kept
+  with the chunks, each as a :class:`ToolMark`: its place among the reply's
+  tool events (``index``) and the chunk it came after (``follows``). They are
+  saved with the chunks' flush (the stream row's ``tool_events``, JSON, kept
+  for the resume window like the chunk lengths), and a resume replays them
+  in place among the chunks (:class:`Cursor`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -43,6 +50,7 @@ from .reply import Reply
 from .store import Store, StoreError
 from .store.models import STATUS_CANCELLED, STATUS_ERROR, STATUS_OK, utcnow
 from .store.streams import cut
+from .tool_loop import ToolEvent
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +80,66 @@ class Ending:
 class Chunk:
     seq: int
     text: str
+
+
+@dataclass(frozen=True)
+class ToolMark:
+    """A tool event of a reply: the ``index``-th (from 0), which came after
+    the chunk of seq ``follows`` (-1: before any chunk)."""
+
+    index: int
+    follows: int
+    event: ToolEvent
+
+
+def marks_json(marks: list[ToolMark]) -> str | None:
+    """A reply's tool marks as its stream row keeps them (None: none)."""
+    if not marks:
+        return None
+    return json.dumps([{"follows": m.follows, "name": m.event.name, "call_id": m.event.call_id,
+                        "arguments": m.event.arguments, "ok": m.event.ok} for m in marks],
+                      ensure_ascii=False)
+
+
+def marks_from_json(text: str | None) -> list[ToolMark]:
+    return [ToolMark(index, item["follows"], ToolEvent(item["name"], item["call_id"],
+                                                       item["arguments"], item["ok"]))
+            for index, item in enumerate(json.loads(text) if text else [])]
+
+
+@dataclass
+class Cursor:
+    """How far one listener has got in a reply: the last chunk given
+    (``after_seq``) and the number of tool marks looked at (``tools_seen``).
+    A resume that does not say how many tool frames it got (``tools_seen``
+    None) is given those that came after its chunk ``after_seq`` (``floor``):
+    it got the ones before with the chunks that followed them."""
+
+    after_seq: int = -1
+    tools_seen: int | None = None
+    floor: int = -1
+
+    def __post_init__(self):
+        if self.tools_seen is None:
+            self.tools_seen, self.floor = 0, self.after_seq
+
+    def replay(self, listener: "Listener", chunks: list[Chunk], marks: list[ToolMark]) -> None:
+        """Give the listener the chunks and marks it lacks, in the order they
+        came. ``chunks`` ascending by seq and ``marks`` must be one snapshot
+        (no mark that came after the last chunk's successor)."""
+        todo = [m for m in marks[self.tools_seen:] if m.follows >= self.floor]
+        at = 0
+        for chunk in chunks:
+            if chunk.seq <= self.after_seq:
+                continue
+            while at < len(todo) and todo[at].follows < chunk.seq:
+                listener.put(todo[at].event)
+                at += 1
+            listener.put(chunk)
+            self.after_seq = chunk.seq
+        for mark in todo[at:]:
+            listener.put(mark.event)
+        self.tools_seen = max(self.tools_seen, len(marks))
 
 
 class Listener:
@@ -115,7 +183,9 @@ class LiveReply:
         self.conversation_id = conversation_id
         self.message_row_id = message_row_id
         self.reply = Reply()
+        self.marks: list[ToolMark] = []  # its tool events, in order
         self.flushed = 0  # pieces saved so far
+        self.marks_flushed = 0  # tool marks saved so far
         self.saved_any = False  # whether any chunk row was written
         self.flushing = False  # a flush with some of its chunks is under way
         self.listeners: set[Listener] = set()
@@ -139,17 +209,20 @@ class LiveReply:
         for listener in self.listeners:
             listener.put(chunk)
 
-    def tool_event(self, event) -> None:
-        """A tool call starting or ending (tool_loop.ToolEvent): only for the
-        listeners of this process, live (a resume gets the text alone)."""
+    def tool_event(self, event: ToolEvent) -> None:
+        """A tool call starting or ending: kept in place among the chunks (for
+        a resume) and passed to every listener."""
+        self.marks.append(ToolMark(len(self.marks), self.last_seq, event))
         for listener in self.listeners:
             listener.put(event)
 
-    def listen(self, after_seq: int = -1) -> Listener:
-        """A new listener, given the chunks after ``after_seq`` so far."""
+    def listen(self, after_seq: int = -1, tools_seen: int | None = None) -> Listener:
+        """A new listener, given the chunks after ``after_seq`` so far and the
+        tool events it lacks among them (Cursor)."""
         listener = Listener(self.reply_id, self.message_id, self.listeners.discard)
-        for seq in range(max(after_seq + 1, 0), len(self.reply.pieces)):
-            listener.put(Chunk(seq, self.reply.pieces[seq]))
+        chunks = [Chunk(seq, self.reply.pieces[seq])
+                  for seq in range(max(after_seq + 1, 0), len(self.reply.pieces))]
+        Cursor(after_seq, tools_seen).replay(listener, chunks, self.marks)
         if self.ending is not None:
             listener.put(self.ending)
         else:
@@ -224,39 +297,50 @@ class Replies:
 
     # Resume and cancel by id, for any socket of the user
 
-    async def listen(self, reply_id: str, user_id: int, after_seq: int) -> Listener | None:
+    async def listen(self, reply_id: str, user_id: int, after_seq: int,
+                     tools_seen: int | None = None) -> Listener | None:
         """A listener for the user's reply, wherever it is generated or saved;
         None if there is no such reply of that user."""
         live = self.live.get(reply_id)
         if live is not None:
-            return live.listen(after_seq) if live.user_id == user_id else None
+            return live.listen(after_seq, tools_seen) if live.user_id == user_id else None
         state = await self.store.reply_state(reply_id)
         if state is None:
-            return await self._listen_saved(reply_id, user_id, after_seq)
+            return await self._listen_saved(reply_id, user_id, after_seq, tools_seen)
         if state.user_id != user_id:
             return None
         if state.finished_at is not None and state.status is not None:
             listener = Listener(reply_id, state.message_id)
-            _replay(listener, cut(state.content, state.chunk_lengths), after_seq)
+            Cursor(after_seq, tools_seen).replay(
+                listener, _chunks(cut(state.content, state.chunk_lengths)),
+                marks_from_json(state.tool_events))
             listener.put(_ending(state))
             return listener
         watch = self._watches.get(reply_id)
         if watch is None:
             watch = self._watches[reply_id] = _Watch(reply_id)
         listener = Listener(reply_id, state.message_id, watch.listeners.pop_listener)
-        watch.add(listener, after_seq)
+        watch.add(listener, Cursor(after_seq, tools_seen))
         self._wake.set()
         return listener
 
-    async def _listen_saved(self, reply_id: str, user_id: int, after_seq: int):
-        """A reply saved so long ago that its stream is gone: its whole text
-        comes as one chunk (its old boundaries are forgotten), then the end."""
+    async def _listen_saved(self, reply_id: str, user_id: int, after_seq: int,
+                            tools_seen: int | None = None):
+        """A reply saved so long ago that its stream is gone: its tool events
+        (from its saved steps), then its whole text as one chunk (its old
+        boundaries are forgotten), then the end."""
         saved = await self.store.saved_reply(reply_id)
         if saved is None or saved.user_id != user_id:
             return None
         listener = Listener(reply_id, saved.message_id)
-        if after_seq < 0 and saved.content:
-            listener.put(Chunk(0, saved.content))
+        marks = []
+        for step in await self.store.reply_tool_steps(saved.id):
+            arguments = json.loads(step.arguments)
+            marks += [ToolMark(len(marks), -1, ToolEvent(step.name, step.call_id, arguments)),
+                      ToolMark(len(marks) + 1, -1, ToolEvent(step.name, step.call_id, arguments,
+                                                             step.status == STATUS_OK))]
+        Cursor(after_seq, tools_seen).replay(
+            listener, [Chunk(0, saved.content)] if saved.content else [], marks)
         listener.put(_ending(saved))
         return listener
 
@@ -312,7 +396,7 @@ class Replies:
 
     async def flush(self) -> None:
         """Save the new chunks of this process's replies; act on cancel requests."""
-        new_chunks, last_seqs, taken = [], [], []
+        new_chunks, last_seqs, taken, tool_events = [], [], [], []
         # A reply younger than one interval waits for the next tick: most replies
         # end before it and so cost no database work, even when every tick finds
         # some just begun (a busy server). Its chunks are saved at most two
@@ -321,24 +405,30 @@ class Replies:
         for live in list(self.live.values()):
             if live.born > young:
                 continue
-            pieces = live.reply.pieces
-            if len(pieces) > live.flushed:
+            pieces, marks = live.reply.pieces, len(live.marks)
+            if len(pieces) > live.flushed or marks > live.marks_flushed:
                 new_chunks += [{"reply_id": live.reply_id, "seq": seq, "text": pieces[seq]}
                                for seq in range(live.flushed, len(pieces))]
-                last_seqs.append({"which": live.reply_id, "seq": len(pieces) - 1})
-                taken.append((live, len(pieces)))
+                if len(pieces) > live.flushed:
+                    last_seqs.append({"which": live.reply_id, "seq": len(pieces) - 1})
+                if marks > live.marks_flushed:  # the whole list: a few small items
+                    tool_events.append({"which": live.reply_id,
+                                        "events": marks_json(live.marks)})
+                taken.append((live, len(pieces), marks))
         if not self.live:
             return
-        if new_chunks:
-            for live, _count in taken:
+        if taken:
+            for live, _count, _marks in taken:
                 live.flushing = True
             try:
-                cancels = await self.store.flush_chunks(new_chunks, last_seqs, self.instance)
+                cancels = await self.store.flush_chunks(new_chunks, last_seqs, self.instance,
+                                                        tool_events)
             finally:
-                for live, _count in taken:
+                for live, _count, _marks in taken:
                     live.flushing = False
-            for live, count in taken:
+            for live, count, marks in taken:
                 live.flushed, live.saved_any = max(live.flushed, count), True
+                live.marks_flushed = max(live.marks_flushed, marks)
         else:
             cancels = await self.store.cancel_requests(self.instance)
         for reply_id in cancels:
@@ -358,11 +448,18 @@ class Replies:
                           Ending(STATUS_ERROR, "", INTERRUPTED.format(ref="-")), [])
                 del self._watches[reply_id]
             elif state.finished_at is not None and state.status is not None:
-                watch.end(_ending(state), cut(state.content, state.chunk_lengths))
+                watch.end(_ending(state), _chunks(cut(state.content, state.chunk_lengths)),
+                          marks_from_json(state.tool_events))
                 del self._watches[reply_id]
-            elif state.last_seq > watch.seen:
-                for row in await self.store.reply_chunks_after(reply_id, watch.seen):
-                    watch.chunk(Chunk(row.seq, row.text))
+            else:
+                chunks = []
+                if state.last_seq > watch.seen:
+                    # Only up to the state's last seq: its tool events are of
+                    # that moment, and a later chunk could follow a later event.
+                    chunks = [Chunk(row.seq, row.text)
+                              for row in await self.store.reply_chunks_after(reply_id, watch.seen)
+                              if row.seq <= state.last_seq]
+                watch.deliver(chunks, marks_from_json(state.tool_events))
 
     async def sweep(self) -> None:
         """Save the replies of stopped instances as interrupted (their leases
@@ -401,52 +498,49 @@ class _Watch:
         self.listeners = _Listeners()
         self.seen = -1  # the highest seq delivered from the database
 
-    def add(self, listener: Listener, after_seq: int) -> None:
-        self.listeners.add(listener, after_seq)
+    def add(self, listener: Listener, cursor: Cursor) -> None:
+        self.listeners.add(listener, cursor)
+        after_seq = cursor.after_seq
         self.seen = min(self.seen, after_seq) if self.listeners.count > 1 else after_seq
 
-    def chunk(self, chunk: Chunk) -> None:
-        for listener, after in self.listeners.items():
-            if chunk.seq > after:
-                listener.put(chunk)
-                self.listeners.advance(listener, chunk.seq)
-        self.seen = max(self.seen, chunk.seq)
+    def deliver(self, chunks: list[Chunk], marks: list[ToolMark]) -> None:
+        """New chunks (ascending) and the tool marks of the same moment."""
+        for listener, cursor in self.listeners.items():
+            cursor.replay(listener, chunks, marks)
+        if chunks:
+            self.seen = max(self.seen, chunks[-1].seq)
 
-    def end(self, ending: Ending, pieces: list[str]) -> None:
-        for listener, after in self.listeners.items():
-            _replay(listener, pieces, after)
+    def end(self, ending: Ending, chunks: list[Chunk], marks: list[ToolMark]) -> None:
+        for listener, cursor in self.listeners.items():
+            cursor.replay(listener, chunks, marks)
             listener.put(ending)
 
 
 class _Listeners:
-    """Listeners with the last seq each has been given."""
+    """Listeners with how far each has got (Cursor)."""
 
     def __init__(self):
-        self._after: dict[Listener, int] = {}
+        self._cursors: dict[Listener, Cursor] = {}
 
-    def add(self, listener: Listener, after_seq: int) -> None:
-        self._after[listener] = after_seq
-
-    def advance(self, listener: Listener, seq: int) -> None:
-        self._after[listener] = seq
+    def add(self, listener: Listener, cursor: Cursor) -> None:
+        self._cursors[listener] = cursor
 
     def pop_listener(self, listener: Listener) -> None:
-        self._after.pop(listener, None)
+        self._cursors.pop(listener, None)
 
-    def items(self) -> list[tuple[Listener, int]]:
-        return list(self._after.items())
+    def items(self) -> list[tuple[Listener, Cursor]]:
+        return list(self._cursors.items())
 
     @property
     def count(self) -> int:
-        return len(self._after)
+        return len(self._cursors)
 
     def __bool__(self) -> bool:
-        return bool(self._after)
+        return bool(self._cursors)
 
 
-def _replay(listener: Listener, pieces: list[str], after_seq: int) -> None:
-    for seq in range(max(after_seq + 1, 0), len(pieces)):
-        listener.put(Chunk(seq, pieces[seq]))
+def _chunks(pieces: list[str]) -> list[Chunk]:
+    return [Chunk(seq, piece) for seq, piece in enumerate(pieces)]
 
 
 def _ending(row) -> Ending:

@@ -164,7 +164,7 @@ class ChatSocket(WebSocketHandler):
             else:
                 self._extra(self._cancel_by_id(parsed.reply_id))
         elif isinstance(parsed, Resume):
-            self._extra(self._resume(parsed.reply_id, parsed.after_seq))
+            self._extra(self._resume(parsed.reply_id, parsed.after_seq, parsed.tools_seen))
         elif isinstance(parsed, Feedback):
             self._extra(self._feedback(parsed))
         elif len(self.pending) + self.busy >= self.chat.settings.chat.max_pending:
@@ -222,10 +222,11 @@ class ChatSocket(WebSocketHandler):
         if listener is not None:
             await self._forward(listener, stream=False)
 
-    async def _resume(self, reply_id: str, after_seq: int) -> None:
-        """v2 ``{"action": "resume", ...}``: the chunks after ``after_seq``, the
-        live ones, then the end, of any reply of the user on any instance."""
-        listener = await self.chat.replies.listen(reply_id, self.user.id, after_seq)
+    async def _resume(self, reply_id: str, after_seq: int, tools_seen: int | None = None) -> None:
+        """v2 ``{"action": "resume", ...}``: the chunks after ``after_seq`` (and
+        the tool frames among them), the live ones, then the end, of any reply
+        of the user on any instance."""
+        listener = await self.chat.replies.listen(reply_id, self.user.id, after_seq, tools_seen)
         if listener is None:
             await self._send(frames.frame(frames.ERROR, UNKNOWN_REPLY))
             return

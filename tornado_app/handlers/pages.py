@@ -7,7 +7,7 @@
   messages of that conversation, oldest first, for the page to show the
   history when it is reopened: the active branch's path, or with ``?all=1``
   the whole tree; each message with its parent, its siblings and its
-  feedback. The token comes from ``Authorization: Bearer`` or the
+  feedback, each reply with its tool steps (never their results). The token comes from ``Authorization: Bearer`` or the
   ``access_token`` cookie, never the query; no valid token: 401.
 - ``PUT /api/replies/{reply_id}/feedback``: the signed-in user's feedback on
   a reply of theirs (JSON ``{"rating": 1 | -1 | 0, "comment": ...}``).
@@ -23,7 +23,7 @@ from pathlib import Path
 from tornado.web import StaticFileHandler
 
 from ..frames import MAX_ID_CHARS, FrameError, parse_feedback, valid_client_id
-from ..store.models import ROLE_ASSISTANT, STATUS_ERROR
+from ..store.models import ROLE_ASSISTANT, STATUS_ERROR, STATUS_OK
 from .base import BaseHandler
 
 STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
@@ -71,9 +71,10 @@ class ConversationMessagesHandler(UserApiHandler):
                                   "error_description": "Invalid client_id."})
             return
         leaf, rows = await self.store.conversation_tree(user.id, client_id)
+        steps = await self.store.conversation_tool_steps(user.id, client_id)
         whole = self.get_query_argument("all", "0") not in ("0", "", "false")
         self.write_json(200, {"client_id": client_id,
-                              "messages": tree_messages(rows, leaf, whole)})
+                              "messages": tree_messages(rows, leaf, whole, steps)})
 
 
 class ReplyFeedbackHandler(UserApiHandler):
@@ -99,11 +100,14 @@ class ReplyFeedbackHandler(UserApiHandler):
                               "comment": feedback.comment if feedback.rating else None})
 
 
-def tree_messages(rows: list, leaf: int | None, whole: bool) -> list[dict]:
+def tree_messages(rows: list, leaf: int | None, whole: bool,
+                  steps: dict[int, list] | None = None) -> list[dict]:
     """The history API's messages: the active path from the root to ``leaf``
     (or, ``whole``, every message), oldest first. A message whose parent was
     purged counts as a root; ``siblings`` are the ids of its parent's
-    children (itself included), oldest first."""
+    children (itself included), oldest first; a reply has its ``tool_steps``
+    (``steps``: by message row id)."""
+    steps = steps or {}
     by_id = {row.id: row for row in rows}
     children = defaultdict(list)
     for row in rows:
@@ -126,9 +130,19 @@ def tree_messages(rows: list, leaf: int | None, whole: bool) -> list[dict]:
          "created_at": iso_utc(row.created_at),
          "siblings": children[row.parent_id if row.parent_id in by_id else None],
          "feedback": None if row.rating is None else {"rating": row.rating,
-                                                      "comment": row.comment}}
+                                                      "comment": row.comment},
+         **({"tool_steps": [tool_step(step) for step in steps.get(row.id, ())]}
+            if row.role == ROLE_ASSISTANT else {})}
         for row in chosen
     ]
+
+
+def tool_step(row) -> dict:
+    """One tool call of a reply as the history API gives it: what was called
+    and how it went, never its result (as the v2 frames)."""
+    return {"call_id": row.call_id, "name": row.name, "arguments": json.loads(row.arguments),
+            "ok": row.status == STATUS_OK, "status": row.status, "turn": row.turn,
+            "latency_ms": round(row.latency_ms, 1)}
 
 
 def iso_utc(value: datetime) -> str:

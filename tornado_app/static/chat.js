@@ -181,8 +181,11 @@
 
   // v2: one quiet line per tool call under the reply ("Used clock"),
   // expandable to the arguments the model gave. Results are never sent.
+  // A resume may send again a call this page has shown: it is shown once.
+  // ``toolFrames`` counts the tool frames shown, for a resume's tools_seen.
   function showToolCall(reply, frame) {
-    if (!reply) return;
+    if (!reply || (reply.tools && reply.tools.has(String(frame.call_id)))) return;
+    reply.toolFrames = (reply.toolFrames || 0) + 1;
     let list = reply.item.querySelector(".msg-tools");
     if (!list) {
       list = document.createElement("div");
@@ -204,9 +207,19 @@
 
   function showToolResult(reply, frame) {
     const tool = reply && reply.tools && reply.tools.get(String(frame.call_id));
-    if (!tool) return;
+    if (!tool || tool.step.dataset.ok !== undefined) return;
+    reply.toolFrames += 1;
     tool.step.dataset.ok = String(frame.ok === true);
     tool.step.querySelector("summary").textContent = toolLine(tool.name, tool.args, frame.ok === true);
+  }
+
+  // A saved reply's tool steps (the history API), as they were shown live.
+  function showToolSteps(item, steps) {
+    const reply = {item};
+    for (const step of steps) {
+      showToolCall(reply, step);
+      showToolResult(reply, step);
+    }
   }
 
   function toolLine(name, args, ok) {
@@ -243,7 +256,8 @@
   function resumeReplies() {
     for (const reply of state.pending) {
       state.socket.send(JSON.stringify({action: "resume", reply_id: reply.id,
-                                        after_seq: reply.seq}));
+                                        after_seq: reply.seq,
+                                        tools_seen: reply.toolFrames || 0}));
     }
   }
 
@@ -449,6 +463,7 @@
         setMeta(item, "Stopped", row.created_at);
       }
       if (row.status !== "error") addControls(item, row);
+      showToolSteps(item, row.tool_steps || []);
     }
     markLastReply();
     if (!body.messages.length) {

@@ -81,7 +81,8 @@ class Message(Base):
     __tablename__ = "messages"
     __table_args__ = (
         Index("ix_messages_conversation_id", "conversation_id", "id"),
-        Index("ix_messages_user_created", "user_id", "created_at"),
+        # With id: a user's newest messages in recall's order (migration 0010).
+        Index("ix_messages_user_created", "user_id", "created_at", "id"),
         Index("ix_messages_created", "created_at"),
         Index("ix_messages_public_id", "public_id", unique=True),
     )
@@ -150,6 +151,9 @@ class ReplyStream(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)
     chunk_lengths: Mapped[str | None] = mapped_column(Text)  # "12,5,9": set when finished
+    # The reply's tool_call / tool_result events so far, JSON (replies.py,
+    # ToolMark): kept with the chunks so that a resume replays them in place.
+    tool_events: Mapped[str | None] = mapped_column(Text)
 
 
 # Partial indexes hold only replies in flight (and cancel requests): opening a

@@ -103,7 +103,8 @@ def _finish():
     ).values(active_leaf_id=select(saved.c.id).scalar_subquery()).cte("leaf")
     closed = update(streams).where(streams.c.reply_id == _PUBLIC_ID).values(
         finished_at=bindparam("ended", type_=DateTime), last_seq=bindparam("seq", type_=Integer),
-        chunk_lengths=bindparam("lengths", type_=Text)).cte("closed")
+        chunk_lengths=bindparam("lengths", type_=Text),
+        tool_events=bindparam("events", type_=Text)).cte("closed")
     dropped = chunks.delete().where(chunks.c.reply_id == _PUBLIC_ID).cte("dropped")
     released = reservations.delete().where(reservations.c.reply_id == _PUBLIC_ID).cte("released")
     spent = bindparam("spent", type_=Float)
@@ -159,11 +160,13 @@ def open_exchange(db, row: dict, reply_id: str, instance: str, lease_until: floa
                              "lease_until": lease_until}).scalar()
 
 
-def finish_reply(db, row: dict, pieces: list[str], tokens: int, cost: float) -> int:
+def finish_reply(db, row: dict, pieces: list[str], tokens: int, cost: float,
+                 tool_events: str | None) -> int:
     """Save the reply ``row`` (messages.reply_row; its ``public_id`` is the
-    reply's id) and close its stream, replace its quota reservation by the
-    ``tokens`` and ``cost`` it spent, notify the watchers; its row id."""
+    reply's id) and close its stream (keeping its ``tool_events``), replace its
+    quota reservation by the ``tokens`` and ``cost`` it spent, notify the
+    watchers; its row id."""
     created: datetime = row["created_at"]
     values = {**row, "ended": utcnow(), "seq": len(pieces) - 1, "lengths": lengths_text(pieces),
-              "today": created.date(), "tokens": tokens, "spent": cost}
+              "events": tool_events, "today": created.date(), "tokens": tokens, "spent": cost}
     return db.execute(FINISH, values).scalar()

@@ -224,6 +224,12 @@ class Store:
         comment), oldest first."""
         return await self.reader.run(branches.tree, user_id, client_id, write=False)
 
+    async def conversation_tool_steps(self, user_id: int, client_id: str) -> dict[int, list]:
+        """The tool steps of a user's conversation, by reply (messages.id):
+        (turn, call_id, name, arguments, status, latency_ms), in order."""
+        return await self.reader.run(tool_steps.of_conversation, user_id, client_id,
+                                     write=False)
+
     async def set_conversation_agent(self, conversation_id: int, name: str | None) -> None:
         await self.writer.run(branches.set_agent, conversation_id, name)
 
@@ -239,11 +245,12 @@ class Store:
 
     async def finish_reply(self, reply_id: str, conversation_id: int, user_id: int,
                            reply_to_id: int, pieces: list[str], flushed: bool,
-                           steps=(), **columns) -> int:
+                           steps=(), tool_events: str | None = None, **columns) -> int:
         """Save a reply (or the record of a failed or cancelled one) and close
         its stream, in one transaction. ``pieces`` are its chunks (for a later
         resume); ``flushed``: whether any of them were saved on the way;
-        ``steps`` its tool calls (tool_loop.Step).
+        ``steps`` its tool calls (tool_loop.Step); ``tool_events`` their
+        events as a resume replays them (JSON, replies.py).
 
         ``columns`` are Message columns: content, status, agent, model,
         tokens_in, tokens_out, latency_ms, ttft_ms, error_ref, error_kind,
@@ -251,15 +258,16 @@ class Store:
         """
         row = messages.reply_row(conversation_id, user_id, reply_to_id, reply_id, **columns)
         return await self.writer.run(_finish_reply, reply_id, row, pieces, flushed, list(steps),
-                                     lock_key=user_id)
+                                     tool_events, lock_key=user_id)
 
     # Replies in flight (streams.py; the design is in tornado_app/replies.py)
 
     async def flush_chunks(self, new_chunks: list[dict], last_seqs: list[dict],
-                           instance: str) -> list[str]:
-        """Save chunks of replies in flight; the ids of this instance's
-        replies someone asked to cancel."""
-        return await self.writer.run(streams.flush, new_chunks, last_seqs, instance)
+                           instance: str, tool_events: list[dict] = ()) -> list[str]:
+        """Save chunks (and tool events) of replies in flight; the ids of this
+        instance's replies someone asked to cancel."""
+        return await self.writer.run(streams.flush, new_chunks, last_seqs, instance,
+                                     list(tool_events))
 
     async def cancel_requests(self, instance: str) -> list[str]:
         return await self.reader.run(streams.cancel_requests, instance, write=False)
@@ -281,6 +289,10 @@ class Store:
         """A saved reply's row (user_id, content, status, error_ref, error_kind,
         message_id), or None."""
         return await self.reader.run(streams.saved_reply, reply_id, write=False)
+
+    async def reply_tool_steps(self, message_id: int) -> list:
+        """A saved reply's tool steps (call_id, name, arguments, status), in order."""
+        return await self.reader.run(tool_steps.of_reply, message_id, write=False)
 
     async def reply_chunks_after(self, reply_id: str, after: int) -> list:
         return await self.reader.run(streams.chunks_after, reply_id, after, write=False)
@@ -470,12 +482,12 @@ def _branch_target(db, conversation_id, leaf_id, branching: Branching):
 
 
 def _finish_reply(db, reply_id: str, row: dict, pieces: list[str], flushed: bool,
-                  steps: list) -> int:
+                  steps: list, tool_events: str | None = None) -> int:
     tokens, cost = (row["tokens_in"] or 0) + (row["tokens_out"] or 0), row["cost"] or 0.0
     if db.dialect == "postgresql":  # one round trip (pg_exchange.py)
-        reply_row_id = pg_exchange.finish_reply(db, row, pieces, tokens, cost)
+        reply_row_id = pg_exchange.finish_reply(db, row, pieces, tokens, cost, tool_events)
     else:
-        reply_row_id = streams.finish(db, reply_id, row, pieces, flushed)
+        reply_row_id = streams.finish(db, reply_id, row, pieces, flushed, tool_events)
         quotas.settle(db, reply_id, row["user_id"], row["created_at"].date(), tokens, cost)
     tool_steps.save(db, reply_row_id, row["conversation_id"], row["user_id"], row["agent"], steps)
     return reply_row_id

@@ -57,6 +57,10 @@ _INSERT_CHUNK = chunks.insert().values(
     reply_id=_REPLY_ID, seq=bindparam("seq", type_=Integer), text=bindparam("text", type_=Text))
 _SET_LAST_SEQ = update(streams).where(streams.c.reply_id == _WHICH).values(
     last_seq=bindparam("seq", type_=Integer))
+# Not once the reply is saved: its save wrote the whole list.
+_SET_TOOL_EVENTS = update(streams).where(
+    streams.c.reply_id == _WHICH, streams.c.finished_at.is_(None),
+).values(tool_events=bindparam("events", type_=Text))
 _CANCELS = select(streams.c.reply_id).where(
     streams.c.instance == bindparam("instance", type_=String),
     streams.c.finished_at.is_(None),
@@ -66,6 +70,7 @@ _FINISH = update(streams).where(streams.c.reply_id == _WHICH).values(
     finished_at=bindparam("now", type_=DateTime),
     last_seq=bindparam("seq", type_=Integer),
     chunk_lengths=bindparam("lengths", type_=Text),
+    tool_events=bindparam("events", type_=Text),
 )
 _DROP_CHUNKS = delete(chunks).where(chunks.c.reply_id == _REPLY_ID)
 _REQUEST_CANCEL = update(streams).where(
@@ -101,7 +106,7 @@ _answer = messages.alias("answer")
 # answers, how far it got, and (once saved) its row.
 _STATE = (
     select(streams.c.reply_id, streams.c.user_id, streams.c.instance, streams.c.last_seq,
-           streams.c.finished_at, streams.c.chunk_lengths,
+           streams.c.finished_at, streams.c.chunk_lengths, streams.c.tool_events,
            _asked.c.public_id.label("message_id"),
            _answer.c.content, _answer.c.status, _answer.c.error_ref, _answer.c.error_kind)
     .join(_asked, _asked.c.id == streams.c.message_id)
@@ -114,7 +119,7 @@ LIVE_IN_CONVERSATION = _STATE.where(
 ).order_by(streams.c.created_at)
 # A reply whose stream row is gone (past the resume window): its saved row.
 SAVED_REPLY = select(
-    messages.c.user_id, messages.c.content, messages.c.status, messages.c.error_ref,
+    messages.c.id, messages.c.user_id, messages.c.content, messages.c.status, messages.c.error_ref,
     messages.c.error_kind, _asked.c.public_id.label("message_id"),
 ).join(_asked, _asked.c.id == messages.c.reply_to_id).where(messages.c.public_id == _REPLY_ID)
 
@@ -156,13 +161,17 @@ def open_stream(db, reply_id: str, conversation_id: int, user_id: int, message_i
                        "lease_until": lease_until, "created_at": utcnow()})
 
 
-def flush(db, new_chunks: list[dict], last_seqs: list[dict], instance: str) -> list[str]:
-    """Save chunks (reply_id, seq, text) and each reply's last seq; returns
-    the ids of this instance's replies that someone asked to cancel."""
+def flush(db, new_chunks: list[dict], last_seqs: list[dict], instance: str,
+          tool_events: list[dict] = ()) -> list[str]:
+    """Save chunks (reply_id, seq, text), each reply's last seq and the tool
+    events (which, events) of replies that have new ones; returns the ids of
+    this instance's replies that someone asked to cancel."""
     if new_chunks:
         db.execute(_INSERT_CHUNK, new_chunks)
         db.execute(_SET_LAST_SEQ, last_seqs)
-        notify(db, [row["which"] for row in last_seqs])
+    if tool_events:
+        db.execute(_SET_TOOL_EVENTS, list(tool_events))
+    notify(db, list(dict.fromkeys(row["which"] for row in [*last_seqs, *tool_events])))
     return db.execute(_CANCELS, {"instance": instance}).scalars()
 
 
@@ -170,12 +179,14 @@ def cancel_requests(db, instance: str) -> list[str]:
     return db.execute(_CANCELS, {"instance": instance}).scalars()
 
 
-def finish(db, reply_id: str, row: dict, pieces: list[str], flushed: bool) -> int:
-    """Save the reply's row and close its stream, in one transaction."""
+def finish(db, reply_id: str, row: dict, pieces: list[str], flushed: bool,
+           tool_events: str | None = None) -> int:
+    """Save the reply's row and close its stream (keeping where its chunks
+    began, and its tool events), in one transaction."""
     reply_row_id = db.execute(INSERT_MESSAGE, row).scalar()
     branches.advance_leaf(db, row["conversation_id"], row["reply_to_id"], reply_row_id)
     db.execute(_FINISH, {"which": reply_id, "now": utcnow(), "seq": len(pieces) - 1,
-                         "lengths": lengths_text(pieces)})
+                         "lengths": lengths_text(pieces), "events": tool_events})
     if flushed:
         db.execute(_DROP_CHUNKS, {"reply_id": reply_id})
     notify(db, [reply_id])
