@@ -52,7 +52,9 @@ def measure(kind: str, count: int, mode: str, workdir: Path, size: dict,
             variant: tuple[str, Path] | None = None) -> dict:
     tag = f"{kind}-{mode}-{count}" + (f"-{variant[0]}" if variant else "")
     with harness.database(kind, workdir / tag) as db:
-        tokens = harness.prepare_users(db.url, size["clients"])
+        # A variant's own code makes its schema (its revision may differ).
+        tokens = harness.prepare_users(db.url, size["clients"],
+                                       app_dir=variant[1] if variant else None)
         config = harness.write_config(workdir, db.url, {"backend": "echo"})
         if variant is not None:
             servers = start_instances(config, count, workdir, tag, variant[1])
