@@ -181,3 +181,19 @@ async def test_group_commit_keeps_the_rate_limit_exact_across_four_processes(pg_
     assert [await _committed_count(store, c) for c in conversations] == [LIMIT] * 3
     batches, units = sum(o[1] for o in outcomes), sum(o[2] for o in outcomes)
     assert units >= 4 * 3 * SENDS and batches < units  # the admits were group-committed
+
+
+@pytest.mark.gen_test
+async def test_a_unit_queued_as_the_last_lane_leaves_still_runs(pg_store):
+    """The caller of one unit resumes before the lane's task is done: its next
+    unit must start a lane of its own, not wait for one that has left."""
+    store = pg_store
+    store.writer.batcher.lanes = 1
+    conversation = await store.open_conversation(1, "c")
+
+    async def one_after_another():  # in one task: no loop turn between the units
+        for n in range(3):
+            await add_user_message(store, conversation, 1, f"message {n}")
+
+    await asyncio.wait_for(one_after_another(), 10)
+    assert await _committed_count(store, conversation) == 3

@@ -86,6 +86,10 @@ class PgBatcher:
         self.as_error = as_error
         self._queue: list[_Unit] = []
         self._running: set[asyncio.Task] = set()
+        # Lanes still in their loop: counted down by the lane itself as it
+        # leaves (not by the task's done callback, which runs later), so
+        # that a unit queued in between always finds a lane.
+        self._busy = 0
         # What tests and figures read: batches committed, units in them, reruns.
         self.batches = 0
         self.units = 0
@@ -95,7 +99,8 @@ class PgBatcher:
         """Queue ``work(db, *args)``; the future resolves after its batch commits."""
         future = asyncio.get_running_loop().create_future()
         self._queue.append(_Unit(work, args, key, future))
-        if len(self._running) < self.lanes:
+        if self._busy < self.lanes:
+            self._busy += 1
             task = asyncio.create_task(self._lane())
             self._running.add(task)
             task.add_done_callback(self._running.discard)
@@ -107,15 +112,18 @@ class PgBatcher:
             await asyncio.gather(*self._running, return_exceptions=True)
 
     async def _lane(self) -> None:
-        while self._queue:
-            batch = self._queue[:self.max_batch]
-            del self._queue[:self.max_batch]
-            batch.sort(key=_key)  # stable: one user's units keep their order
-            try:
-                await self._commit(batch)
-            except BaseException as exc:  # cancelled at shutdown, or a bug here
-                _fail(batch, StoreUnavailable(f"database unavailable ({type(exc).__name__})"))
-                raise
+        try:
+            while self._queue:
+                batch = self._queue[:self.max_batch]
+                del self._queue[:self.max_batch]
+                batch.sort(key=_key)  # stable: one user's units keep their order
+                try:
+                    await self._commit(batch)
+                except BaseException as exc:  # cancelled at shutdown, or a bug here
+                    _fail(batch, StoreUnavailable(f"database unavailable ({type(exc).__name__})"))
+                    raise
+        finally:
+            self._busy -= 1
 
     async def _commit(self, batch: list[_Unit]) -> None:
         attempts = 0
