@@ -8,7 +8,7 @@ on 2 cores); ``make bench-quick`` (or ``BENCH_SIZE=quick``) a shorter one;
 
 Figures: overhead (1), connections (2), model (3), scaleout (4).
 ``--variant NAME=DIR`` measures another copy of the service (a proposed
-change) in figure 1's rounds, side by side with this one, and in figure 2
+change) in figure 1's rounds, side by side with this one, and in figures 2 and 4
 right after this one; ``DIR`` may be this tree (``.``) and
 ``--variant-config NAME=FILE`` lays a YAML file's config sections over that
 variant's (``make bench-quotas``: quotas on against off).
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="do not touch docs/benchmarks.md")
     parser.add_argument("--json", type=Path, help="also save the raw results here")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=DIR",
-                        help="another copy of the service to measure in figures 1 and 2")
+                        help="another copy of the service to measure in figures 1, 2 and 4")
     parser.add_argument("--variant-config", action="append", default=[], metavar="NAME=FILE",
                         help="YAML config sections laid over variant NAME's config")
     args = parser.parse_args(argv)
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             (workdir / name).mkdir(parents=True)
             if name == "overhead":
                 result = module.run(workdir / name, size, variants, configs)
-            elif name == "connections":
+            elif name in ("connections", "scaleout"):
                 result = module.run(workdir / name, size, variants)
             else:
                 result = module.run(workdir / name, size)

@@ -10,6 +10,11 @@ in the same run.
 When the service has ``--processes N`` (one port, N workers), that form is
 measured too (``mode = "processes"``); until then only separate instances,
 which is also how instances on several machines share one PostgreSQL.
+
+``variants`` (``--variant NAME=DIR``): other copies of the service, each
+measured as one process on each database right after this tree's one
+process, so that a change is compared with the tree before it in one run.
+The PostgreSQL to SQLite ratio (one process) is reported for each copy.
 """
 
 from __future__ import annotations
@@ -30,9 +35,11 @@ def supports_processes_flag() -> bool:
     return "--processes" in out
 
 
-def start_instances(config: Path, count: int, workdir: Path, tag: str) -> list[ServerProcess]:
+def start_instances(config: Path, count: int, workdir: Path, tag: str,
+                    app_dir: Path | None = None) -> list[ServerProcess]:
     return ServerProcess.start_all(
-        [ServerProcess.service(config, workdir / f"{tag}-{index}.log") for index in range(count)])
+        [ServerProcess.service(config, workdir / f"{tag}-{index}.log", app_dir)
+         for index in range(count)])
 
 
 def start_workers(config: Path, count: int, workdir: Path, tag: str) -> list[ServerProcess]:
@@ -41,13 +48,19 @@ def start_workers(config: Path, count: int, workdir: Path, tag: str) -> list[Ser
     return [server.start()]
 
 
-def measure(kind: str, count: int, mode: str, workdir: Path, size: dict) -> dict:
-    tag = f"{kind}-{mode}-{count}"
+def measure(kind: str, count: int, mode: str, workdir: Path, size: dict,
+            variant: tuple[str, Path] | None = None) -> dict:
+    tag = f"{kind}-{mode}-{count}" + (f"-{variant[0]}" if variant else "")
     with harness.database(kind, workdir / tag) as db:
-        tokens = harness.prepare_users(db.url, size["clients"])
+        # A variant's own code makes its schema (its revision may differ).
+        tokens = harness.prepare_users(db.url, size["clients"],
+                                       app_dir=variant[1] if variant else None)
         config = harness.write_config(workdir, db.url, {"backend": "echo"})
-        start = start_instances if mode == "instances" else start_workers
-        servers = start(config, count, workdir, tag)
+        if variant is not None:
+            servers = start_instances(config, count, workdir, tag, variant[1])
+        else:
+            start = start_instances if mode == "instances" else start_workers
+            servers = start(config, count, workdir, tag)
         try:
             targets = [{"port": servers[n % len(servers)].port,
                         "path": chat_path(f"s{n}", token)} for n, token in enumerate(tokens)]
@@ -59,7 +72,7 @@ def measure(kind: str, count: int, mode: str, workdir: Path, size: dict) -> dict
     return result
 
 
-def run(workdir: Path, size: dict) -> dict:
+def run(workdir: Path, size: dict, variants: dict[str, Path] | None = None) -> dict:
     kinds = ["sqlite"]
     skipped = []
     if size.get("postgresql", True):
@@ -71,18 +84,36 @@ def run(workdir: Path, size: dict) -> dict:
     if "processes" in size.get("modes", ["processes"]) and supports_processes_flag():
         modes.append("processes")
     table = {}
+    others = {name: {} for name in variants or {}}
     for kind in kinds:
         for mode in modes:
             rows = {}
             for count in size["processes"]:
                 rows[count] = measure(kind, count, mode, workdir, size)
+                if mode == "instances" and count == 1:
+                    for name, app_dir in (variants or {}).items():
+                        others[name][kind] = _row(
+                            measure(kind, 1, mode, workdir, size, (name, app_dir)),
+                            rows[count]["msgs_per_s"])
             base = rows[size["processes"][0]]["msgs_per_s"]
-            table[f"{kind}/{mode}"] = {
-                str(count): {"msgs_per_s": r["msgs_per_s"], "ratio": r["msgs_per_s"] / base,
-                             "p99_ms": r["p99_ms"], "errors": r["errors"] + r["broken_clients"]}
-                for count, r in rows.items()}
+            table[f"{kind}/{mode}"] = {str(count): _row(r, base) for count, r in rows.items()}
     return {"clients": size["clients"], "duration_s": size["duration"], "table": table,
+            "variants": others, "pg_to_sqlite": _pg_to_sqlite(table, others),
             "skipped": skipped}
+
+
+def _row(result: dict, base: float) -> dict:
+    return {"msgs_per_s": result["msgs_per_s"], "ratio": result["msgs_per_s"] / base,
+            "p99_ms": result["p99_ms"], "errors": result["errors"] + result["broken_clients"]}
+
+
+def _pg_to_sqlite(table: dict, others: dict) -> dict:
+    """PostgreSQL's one process against SQLite's, for this tree and each variant."""
+    copies = {"service": {kind: table[f"{kind}/instances"]["1"]
+                          for kind in ("sqlite", "postgresql") if f"{kind}/instances" in table},
+              **others}
+    return {name: rows["postgresql"]["msgs_per_s"] / rows["sqlite"]["msgs_per_s"]
+            for name, rows in copies.items() if {"sqlite", "postgresql"} <= rows.keys()}
 
 
 def report(result: dict) -> list[tuple[str, str, str]]:
@@ -91,6 +122,13 @@ def report(result: dict) -> list[tuple[str, str, str]]:
         cells = ", ".join(f"{count}: {row['msgs_per_s']:.0f} msg/s ({row['ratio']:.2f}x)"
                           for count, row in rows.items())
         out.append((f"Scale-out, {name} (processes: msg/s, ratio to 1)", cells, "-"))
+    for name, rows in result.get("variants", {}).items():
+        cells = ", ".join(f"{kind}: {row['msgs_per_s']:.0f} msg/s ({row['ratio']:.2f}x this "
+                          f"tree), p99 {row['p99_ms']:.0f} ms" for kind, row in rows.items())
+        out.append((f"Scale-out, variant `{name}`, 1 process", cells, "-"))
+    for name, ratio in result.get("pg_to_sqlite", {}).items():
+        out.append((f"Scale-out, PostgreSQL / SQLite, 1 process ({name})", f"{ratio:.2f}x",
+                    ">= 0.6x"))
     for why in result["skipped"]:
         out.append(("Scale-out, PostgreSQL", f"not measured: {why}", "-"))
     return out

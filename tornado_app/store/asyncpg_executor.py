@@ -10,6 +10,11 @@ asyncpg pool. The unit of work stays a plain function: it runs in a greenlet
 unit, so the Store's code is the same on both databases
 (docs/benchmarks.md has the measurements).
 
+The exchange's writes (those given a ``lock_key``: the user's id) are
+group-committed by :class:`~tornado_app.store.pg_batcher.PgBatcher`, many
+units in one transaction; the other writes run one transaction each, run
+again if PostgreSQL rolled them back to break a deadlock.
+
 Reads stay on the engine (they are few per exchange, and some use SQLAlchemy
 features this path does not have, such as expanding ``IN`` lists).
 """
@@ -27,6 +32,7 @@ from sqlalchemy.util import await_only, greenlet_spawn
 
 from .compiled import StatementCache
 from .executor import Conflict, Rows, StoreError, StoreUnavailable, Work
+from .pg_batcher import ATTEMPTS, RETRYABLE, PgBatcher
 
 # Connections of this pool per process (the engine keeps its own for reads).
 POOL_SIZE = 10
@@ -88,20 +94,35 @@ class AsyncpgExecutor:
         self._statements = StatementCache(_dialect(), native_results=True)
         self._pool: asyncpg.Pool | None = None
         self._opening: asyncio.Lock | None = None
+        self.batcher = PgBatcher(self._acquire, self._database, as_store_error)
 
     async def run(self, work: Work, *args: Any, write: bool = True,
                   lock_key: int | None = None) -> Any:
-        try:
-            pool = self._pool or await self._open()
-            async with pool.acquire(timeout=self.timeout) as conn:
-                async with conn.transaction(readonly=not write):
-                    return await greenlet_spawn(work, _Connection(conn, self._statements),
-                                                *args)
-        except Exception as exc:
-            error = as_store_error(exc)
-            if error is exc:
-                raise
-            raise error from exc
+        """Run ``work(db, *args)`` in a transaction; with a ``lock_key`` (a
+        write of one user's rows), group-committed with others."""
+        if self._pool is None:
+            await self._open()
+        if write and lock_key is not None:
+            return await self.batcher.run(work, args, lock_key)
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                async with self._acquire() as conn:
+                    async with conn.transaction(readonly=not write):
+                        return await greenlet_spawn(work, self._database(conn), *args)
+            except RETRYABLE as exc:
+                if attempt == ATTEMPTS:
+                    raise as_store_error(exc) from exc
+            except Exception as exc:
+                error = as_store_error(exc)
+                if error is exc:
+                    raise
+                raise error from exc
+
+    def _acquire(self):
+        return self._pool.acquire(timeout=self.timeout)
+
+    def _database(self, conn: asyncpg.Connection) -> _Connection:
+        return _Connection(conn, self._statements)
 
     async def _open(self) -> asyncpg.Pool:
         if self._opening is None:
@@ -114,6 +135,7 @@ class AsyncpgExecutor:
         return self._pool
 
     async def close(self) -> None:
+        await self.batcher.close()
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close()

@@ -47,12 +47,13 @@ MESSAGE_BY_ID = select(*_MESSAGE_COLUMNS).where(
     messages.c.id == bindparam("id", type_=Integer))
 
 
-def _path_up():
-    """The path from message ``start`` up to (not including) ``after_id``, or
-    to the root, or ``limit`` messages long; oldest first."""
+def path_cte(start=None):
+    """The path from message ``start`` (a bind parameter, or an expression)
+    up to (not including) ``after_id``, or to the root, or ``limit``
+    messages long, as a CTE with each row's ``depth`` (1 at ``start``)."""
     up = messages.alias("up")
     base = select(*_MESSAGE_COLUMNS, literal(1, Integer).label("depth")).where(
-        messages.c.id == bindparam("start", type_=Integer),
+        messages.c.id == (bindparam("start", type_=Integer) if start is None else start),
         messages.c.id != bindparam("after_id", type_=Integer),
     ).cte("path", recursive=True)
     step = select(up.c.id, up.c.public_id, up.c.parent_id, up.c.role, up.c.content,
@@ -61,7 +62,12 @@ def _path_up():
         base.c.parent_id != bindparam("after_id", type_=Integer),
         base.c.depth < bindparam("limit", type_=Integer),
     )
-    path = base.union_all(step)
+    return base.union_all(step)
+
+
+def _path_up():
+    """The path from message ``start`` (path_cte), oldest first."""
+    path = path_cte()
     return select(path).order_by(path.c.depth.desc())
 
 

@@ -84,8 +84,11 @@ Work = Callable[..., T]
 class Executor(Protocol):
     dialect: str
 
-    async def run(self, work: Work, *args: Any, write: bool = True) -> Any:
-        """Run ``work(db, *args)`` in one transaction (committed when ``write``)."""
+    async def run(self, work: Work, *args: Any, write: bool = True,
+                  lock_key: int | None = None) -> Any:
+        """Run ``work(db, *args)`` in one transaction (committed when ``write``).
+        ``lock_key``: the user whose rows a write locks, for executors that
+        commit several units together (pg_batcher.py)."""
 
     async def close(self) -> None: ...
 
@@ -111,7 +114,8 @@ class EngineExecutor:
         self.engine = engine
         self.dialect = engine.dialect.name
 
-    async def run(self, work: Work, *args: Any, write: bool = True) -> Any:
+    async def run(self, work: Work, *args: Any, write: bool = True,
+                  lock_key: int | None = None) -> Any:
         dialect = self.dialect
         # begin() commits at the end; connect() rolls the reads' implicit
         # transaction back.

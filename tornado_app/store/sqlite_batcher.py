@@ -72,7 +72,8 @@ class SqliteBatcher:
         # Used on the batcher's thread only.
         self._statements = StatementCache(pysqlite.dialect())
 
-    def run(self, work: Work, *args: Any, write: bool = True) -> asyncio.Future:
+    def run(self, work: Work, *args: Any, write: bool = True,
+            lock_key: int | None = None) -> asyncio.Future:
         """Queue ``work(db, *args)``; the future resolves after its batch commits."""
         if self._thread is None:
             self._start()

@@ -22,8 +22,8 @@ from typing import Callable
 
 from sqlalchemy import select
 
-from . import (branches, feedback, leases, memories, message_search, messages, quotas,
-               ratelimit, revocations, schema, streams, tool_steps, users)
+from . import (branches, feedback, leases, memories, message_search, messages, pg_exchange,
+               quotas, ratelimit, revocations, schema, streams, tool_steps, users)
 from .engine import DEFAULT_TIMEOUT, create_engine, probe_sqlite_write_lock, sqlite_file
 from .executor import Conflict, EngineExecutor, Executor, store_errors
 from .models import ROLE_USER, STATUS_ERROR, utcnow
@@ -209,7 +209,7 @@ class Store:
         """
         return await self.writer.run(_admit, conversation_id, user_id, content, now, messages,
                                      per_seconds, after_id, history_limit, instance,
-                                     now + lease_seconds, quota, branching)
+                                     now + lease_seconds, quota, branching, lock_key=user_id)
 
     # Branches, the agent per conversation, feedback (branches.py, feedback.py)
 
@@ -260,7 +260,7 @@ class Store:
         """
         row = messages.reply_row(conversation_id, user_id, reply_to_id, reply_id, **columns)
         return await self.writer.run(_finish_reply, reply_id, row, pieces, flushed, list(steps),
-                                     tool_events, reserved)
+                                     tool_events, reserved, lock_key=user_id)
 
     # Replies in flight (streams.py; the design is in tornado_app/replies.py)
 
@@ -416,24 +416,31 @@ def _open_conversation(db, user_id: int, client_id: str) -> int:
 def _admit(db, conversation_id, user_id, content, now, limit, per_seconds, after_id,
            history_limit, instance, lease_until, quota, branching) -> Admission:
     # No such conversation: its message's foreign key fails below (Conflict).
-    leaf, agent = branches.state(db, conversation_id) or (None, None)
-    parent, existing = leaf, None
-    if branching is not None:
-        target = _branch_target(db, conversation_id, leaf, branching)
-        if target is None:
-            return Admission(None)  # checked before the rate limit: nothing is taken
-        parent = target.parent_id
-        if branching.kind == "regenerate":
-            existing, content = target, target.content
-    decision = ratelimit.take(db, user_id, now, limit, per_seconds)
+    path = saved = None
+    if branching is None and db.dialect == "postgresql":  # one round trip (pg_exchange.py)
+        (leaf, agent), decision, path, saved = pg_exchange.take(
+            db, conversation_id, user_id, now, limit, per_seconds, after_id, history_limit)
+        parent, existing = leaf, None
+    else:
+        leaf, agent = branches.state(db, conversation_id) or (None, None)
+        parent, existing = leaf, None
+        if branching is not None:
+            target = _branch_target(db, conversation_id, leaf, branching)
+            if target is None:
+                return Admission(None)  # checked before the rate limit: nothing is taken
+            parent = target.parent_id
+            if branching.kind == "regenerate":
+                existing, content = target, target.content
+        decision = ratelimit.take(db, user_id, now, limit, per_seconds)
     if not decision.allowed:
         return Admission(decision)
     reply_id = messages.new_public_id()
-    rows, continues = branches.path_up(db, parent, after_id, history_limit)
+    rows, continues = path or branches.path_up(db, parent, after_id, history_limit)
     turns = branches.prompt_turns(rows)
     # In the same transaction: the prompt needs them (and so does the quota's
     # bound), and a read of its own would cost every exchange another round trip.
-    saved = db.execute(memories.LIST, {"user_id": user_id}).all()
+    if saved is None:
+        saved = db.execute(memories.LIST, {"user_id": user_id}).all()
     bound = None
     if quota is not None:
         bound = quota.bound_of(turns, saved)
@@ -441,15 +448,20 @@ def _admit(db, conversation_id, user_id, content, now, limit, per_seconds, after
                                  quota.today, lease_until)
         if refused is not None:
             return Admission(decision, reserved=bound, over_quota=refused)
-    if existing is None:
+    if existing is None and db.dialect == "postgresql":  # one round trip (pg_exchange.py)
         public_id = messages.new_public_id()
         row = messages.user_message(conversation_id, user_id, content, public_id, parent)
-        message_id = db.execute(messages.INSERT_MESSAGE, row).scalar()
+        message_id = pg_exchange.open_exchange(db, row, reply_id, instance, lease_until)
     else:
-        message_id, public_id = existing.id, existing.public_id
-    branches.set_leaf(db, conversation_id, message_id)
-    streams.open_stream(db, reply_id, conversation_id, user_id, message_id, instance,
-                        lease_until)
+        if existing is None:
+            public_id = messages.new_public_id()
+            row = messages.user_message(conversation_id, user_id, content, public_id, parent)
+            message_id = db.execute(messages.INSERT_MESSAGE, row).scalar()
+        else:
+            message_id, public_id = existing.id, existing.public_id
+        branches.set_leaf(db, conversation_id, message_id)
+        streams.open_stream(db, reply_id, conversation_id, user_id, message_id, instance,
+                            lease_until)
     steps = {}
     if any(turn.role != ROLE_USER for turn in turns):
         steps = tool_steps.between(db, conversation_id, turns[0].id - 1, message_id)
@@ -473,11 +485,13 @@ def _branch_target(db, conversation_id, leaf_id, branching: Branching):
 
 def _finish_reply(db, reply_id: str, row: dict, pieces: list[str], flushed: bool,
                   steps: list, tool_events: str | None, reserved: bool) -> int:
-    reply_row_id = streams.finish(db, reply_id, row, pieces, flushed, tool_events)
+    tokens, cost = (row["tokens_in"] or 0) + (row["tokens_out"] or 0), row["cost"] or 0.0
+    if db.dialect == "postgresql":  # one round trip, the reservation's release included (pg_exchange.py)
+        reply_row_id = pg_exchange.finish_reply(db, row, pieces, tokens, cost, tool_events)
+    else:
+        reply_row_id = streams.finish(db, reply_id, row, pieces, flushed, tool_events)
+        quotas.settle(db, reply_id, row["user_id"], row["created_at"].date(), tokens, cost, reserved)
     tool_steps.save(db, reply_row_id, row["conversation_id"], row["user_id"], row["agent"], steps)
-    tokens = (row["tokens_in"] or 0) + (row["tokens_out"] or 0)
-    quotas.settle(db, reply_id, row["user_id"], row["created_at"].date(), tokens,
-                  row["cost"] or 0.0, reserved)
     return reply_row_id
 
 
