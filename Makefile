@@ -25,12 +25,18 @@ run: install
 	$(PY) -m tornado_app --config $(CONFIG) db upgrade
 	$(PY) -m tornado_app --config $(CONFIG)
 
+# Test files are shared out over TEST_WORKERS processes (pytest-xdist); a file
+# stays in one process, so its module-scoped servers are started once.
+# TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= 2
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS) --dist loadfile)
+
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # Everything but the tests marked slow (a real model, several processes).
 test-fast: install
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 # The benchmark suite (docs/benchmarks.md): prints each figure as a ratio
 # against its same-run baseline and rewrites the generated part of

@@ -269,7 +269,7 @@ def test_serve_on_env_port_and_flag_port_then_sigterm(tmp_path, servers):
     for server in (from_env, from_flag):
         started = time.monotonic()
         assert server.wait(10) == 0, server.log()
-        assert time.monotonic() - started < 5
+        assert time.monotonic() - started < 8  # a bound, not a speed: the suite runs in parallel
         assert "Traceback" not in server.log()
 
 
