@@ -50,12 +50,11 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from tornado.testing import bind_unused_port
 
 from tornado_app import auth
-from tornado_app.agents import get_plugin_manager
 from tornado_app.app import Service
 from tornado_app.config import load_settings
 from tornado_app.store import Store
 
-from .helpers import BROWSER_TIMEOUT_MS, Client, FakeAgent, FakePlugin, connect_ws, run_async
+from .helpers import BROWSER_TIMEOUT_MS, Client, FakeAgent, connect_ws, offering, run_async
 from .servers import ROOT, serving
 
 TEST_SECRET = "test-secret-" + "x" * 40
@@ -167,13 +166,8 @@ def limiter_store(io_loop, db_store):
 @contextlib.contextmanager
 def offered(name: str, agent: FakeAgent):
     """Offer ``agent`` under ``name`` through the real plugin manager, for one test."""
-    plugin = FakePlugin({name: agent})
-    manager = get_plugin_manager()
-    manager.register(plugin, name=f"{name}-{id(plugin)}")
-    try:
+    with offering(agents={name: agent}):
         yield agent
-    finally:
-        manager.unregister(plugin)
 
 
 @pytest.fixture
