@@ -81,6 +81,8 @@ def details(name: str, result: dict) -> list[str]:
     if name == "model":
         peer = (f"peer 1 client {result['peer_single_tok_s']:.1f} tok/s"
                 if result["peer_single_tok_s"] else "peer not measured")
+        if result.get("llama_single_tok_s"):
+            peer += f"; llama-server 1 client {result['llama_single_tok_s']:.1f} tok/s"
         notes = f" Notes: {'; '.join(result['notes'])}." if result["notes"] else ""
         return [f"- Figure 3: {result['users']} users, {result['max_new_tokens']} new tokens "
                 f"at most, {result['rounds']} rounds; all three sides in {result['dtype']} (the "
