@@ -355,3 +355,68 @@ def test_dtype_sets_the_weights_and_the_float32_layouts_only_in_float32(tiny_mod
             assert request.usage.tokens_out == 4
 
     run(body)
+
+
+def test_int8_quantizes_the_linear_layers_but_the_output_layer(tiny_model_dir, tmp_path):
+    from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
+
+    from plugins.transformers_batching import DecodeLinear
+
+    prompts = ["one", "a longer second prompt", "3"]
+
+    async def body():
+        async with started_agent(tiny_model_dir, tmp_path, dtype="float32", quantize="int8",
+                                 max_new_tokens=12) as agent:
+            model = agent.engine.model
+            quantized = [name for name, m in model.named_modules() if isinstance(m, Int8Linear)]
+            assert len(quantized) == 2 * 7  # 2 layers: q, k, v, o, gate, up, down
+            assert isinstance(model.lm_head, DecodeLinear)
+            alone = [await collect(agent, ask(p)) for p in prompts]
+            together = await asyncio.gather(*(collect(agent, ask(p)) for p in prompts))
+            assert agent.engine.stats.max_batch == 3
+            # The tiny model's choices are decisive: int8 rounding, even with the
+            # activations' scale taken over the whole batch, keeps them.
+            assert together == alone
+
+    run(body)
+
+
+def test_int8_survives_a_cancel_in_the_middle_of_a_batch(tiny_model_dir, tmp_path):
+    budget = 60
+
+    async def body():
+        async with started_agent(tiny_model_dir, tmp_path, quantize="int8",
+                                 max_new_tokens=budget) as agent:
+            requests = [ask(f"question {i}") for i in range(3)]
+            first_piece = asyncio.Event()
+
+            async def consume(request, signal=None):
+                async for _ in agent.stream(request):
+                    if signal is not None:
+                        signal.set()
+
+            tasks = [asyncio.create_task(consume(requests[0], first_piece)),
+                     *(asyncio.create_task(consume(r)) for r in requests[1:])]
+            await first_piece.wait()
+            tasks[0].cancel()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            assert isinstance(results[0], asyncio.CancelledError)
+            assert results[1:] == [None, None]
+            assert [r.usage.tokens_out for r in requests[1:]] == [budget, budget]
+            assert agent.engine.stats.cancelled == 1
+
+    run(body)
+
+
+def test_int8_is_ignored_in_bfloat16(tiny_model_dir, tmp_path):
+    from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
+
+    async def body():
+        async with started_agent(tiny_model_dir, tmp_path, dtype="bfloat16", quantize="int8",
+                                 max_new_tokens=4) as agent:
+            assert not any(isinstance(m, Int8Linear) for m in agent.engine.model.modules())
+            request = ask("hello")
+            await collect(agent, request)
+            assert request.usage.tokens_out == 4
+
+    run(body)
