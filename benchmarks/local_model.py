@@ -25,6 +25,7 @@ output) over the wall time from the request to its last token.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -188,8 +189,47 @@ class ServiceClient:
         return rows[0].id
 
 
-def run(workdir: Path, size: dict) -> dict:
+def start_variants(stack: contextlib.ExitStack, workdir: Path, variants: dict[str, Path],
+                   agent: dict, data_dir: Path, count: int) -> dict[str, "ServiceClient"]:
+    """Other copies of the service (name -> folder), each with its own database,
+    started at once (their model loads overlap) and stopped by ``stack``."""
+    servers, clients = [], {}
+    for name, app_dir in variants.items():
+        db = stack.enter_context(harness.database("sqlite", workdir / name))
+        tokens = harness.prepare_users(db.url, count, app_dir=app_dir)
+        config = harness.write_config(workdir / name, db.url, agent, data_dir=data_dir)
+        server = ServerProcess.service(config, workdir / f"{name}.log", app_dir,
+                                       ready_path="/readyz")
+        servers.append(server)
+        clients[name] = ServiceClient(server, db.url, tokens, workdir)
+    for server in ServerProcess.start_all(servers, timeout=900):
+        stack.callback(server.stop)
+    return clients
+
+
+def variant_results(rows: dict[str, list], singles: list[float],
+                    batches: list[float]) -> dict:
+    """Each variant's rates and its per-round ratios to this tree."""
+    out = {}
+    for name, measured in rows.items():
+        single = [r["tok_s"] for r in measured["single"]]
+        batch = [r["tok_s"] for r in measured["batch"]]
+        out[name] = {
+            "single_tok_s": median(single), "batch_tok_s": median(batch),
+            "single_vs_service": median([v / s for v, s in zip(single, singles)]),
+            "batch_vs_service": median([v / b for v, b in zip(batch, batches)]),
+            "batch_round_ratios": [v / b for v, b in zip(batch, batches)],
+            "ttft_ms": median(measured["ttft"]),
+            "replies_not_ok": sum(r["not_ok"] for r in measured["batch"]),
+        }
+    return out
+
+
+def run(workdir: Path, size: dict, variants: dict[str, Path] | None = None) -> dict:
+    """``variants``: other copies of the service (name -> folder), each asked
+    the same questions in the same rounds, right after this tree."""
     users, rounds = size["users"], size["rounds"]
+    variants = variants or {}
     max_new = size["max_new_tokens"]
     folder = Path(size.get("hf_folder") or ensure_hf_folder())
     prompts = (PROMPTS * (users // len(PROMPTS) + 1))[:users]
@@ -203,10 +243,12 @@ def run(workdir: Path, size: dict) -> dict:
     rows: dict[str, list] = {k: [] for k in ("raw", "single", "batch", "peer_batch",
                                              "peer_single", "llama_batch", "llama_single",
                                              "ttft", "connect")}
-    with harness.database("sqlite", workdir) as db:
+    variant_rows = {name: {"single": [], "batch": [], "ttft": []} for name in variants}
+    with harness.database("sqlite", workdir) as db, contextlib.ExitStack() as stack:
         tokens = harness.prepare_users(db.url, users + size["probes"])
-        config = harness.write_config(workdir, db.url, agent,
-                                      data_dir=Path(size.get("data_dir", CACHE / "service")))
+        data_dir = Path(size.get("data_dir", CACHE / "service"))
+        config = harness.write_config(workdir, db.url, agent, data_dir=data_dir)
+        others = start_variants(stack, workdir, variants, agent, data_dir, users)
         started = time.perf_counter()
         service = ServerProcess.service(config, workdir / "model-service.log",
                                         ready_path="/readyz")
@@ -239,6 +281,8 @@ def run(workdir: Path, size: dict) -> dict:
                     # First calls pay for lazy initialisation everywhere.
                     raw.generate(one[0])
                     client.ask([SHORT_PROMPT])
+                    for other in others.values():
+                        other.ask([SHORT_PROMPT])
                     if peer is not None:
                         peer_run(peer, folder, one, workdir, 8)
                     if llama is not None:
@@ -258,6 +302,10 @@ def run(workdir: Path, size: dict) -> dict:
                         rows["llama_batch"].append(peer_run(llama, folder, many, workdir, max_new))
                         rows["llama_single"].append(peer_run(llama, folder, one, workdir, max_new))
                     rows["ttft"].append(client.ask([SHORT_PROMPT])["first_ms"])
+                    for name, other in others.items():
+                        variant_rows[name]["single"].append(other.ask(prompts[:1]))
+                        variant_rows[name]["batch"].append(other.ask(prompts))
+                        variant_rows[name]["ttft"].append(other.ask([SHORT_PROMPT])["first_ms"])
             finally:
                 raw.close()
                 for server in (peer, llama):
@@ -297,6 +345,7 @@ def run(workdir: Path, size: dict) -> dict:
         "tokens_per_reply": [r["tokens"] for r in rows["raw"]],
         "batch_replies_not_ok": sum(r["not_ok"] for r in rows["batch"]),
         "notes": notes,
+        "variants": variant_results(variant_rows, singles, batches),
         "rounds_detail": rows,
     }
 
