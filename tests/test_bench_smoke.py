@@ -73,3 +73,16 @@ def test_model_figure_on_the_tiny_model(workdir):
     assert result["connect_probes"] == size["probes"]
     assert any("skipped" in note for note in result["notes"])
     assert [row[0] for row in local_model.report(result)]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_model_figure_measures_a_variant(workdir):
+    """--variant for figure 3: this tree again, as another copy, in the same rounds."""
+    folder = save_tiny_model(workdir / "tiny-model")
+    size = {**SMOKE["model"], "hf_folder": str(folder), "data_dir": str(workdir / "data"),
+            "agent_options": {"model_path": str(folder), "cache_dir": None}}
+    result = local_model.run(workdir, size, {"again": harness.REPO})
+    again = result["variants"]["again"]
+    assert again["replies_not_ok"] == 0 and finite(again["batch_vs_service"])
+    assert any("variant `again`" in line for line in bench_main.details("model", result))
