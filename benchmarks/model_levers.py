@@ -111,6 +111,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--users", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--base", default="{}", metavar="JSON",
+                        help="options of the baseline variant `current` (default: none)")
     args = parser.parse_args()
     if args.mode == "worker":
         folder, options, mode, users, max_new = args.rest
@@ -118,7 +120,7 @@ def main() -> None:
         sys.stdout.write(json.dumps(result) + "\n")
         return
     folder = ensure_hf_folder()
-    variants = {"current": {}}
+    variants = {"current": json.loads(args.base)}
     for item in args.variant:
         name, _, options = item.partition("=")
         variants[name] = json.loads(options)
