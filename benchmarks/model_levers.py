@@ -8,7 +8,7 @@ the variants within every round; it prints tokens/s for 1 request and for
 ``answers`` prints each variant's greedy answers to the 20 prompts below, for
 checking that a lever keeps the model's quality.
 
-A variant is agent options as JSON, e.g. ``int8='{"quantize": "int8"}'``.
+A variant is agent options as JSON, e.g. ``f32='{"dtype": "float32"}'``.
 The weights are figure 3's Hugging Face copy of the bundled GGUF.
 """
 

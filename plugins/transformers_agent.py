@@ -79,9 +79,6 @@ class TransformersOptions(BaseModel):
         True, description="float32 only: a second copy of the weights packed for full "
         "batches: ~14% more tokens/s near max_batch_size, twice the weight memory")
     threads: int | None = Field(None, ge=1, description="torch threads; empty: torch's default")
-    quantize: Literal["none", "int8"] = Field(
-        "none", description="int8: int8 weights (per output channel) for the linear layers "
-        "but the output layer, float32 only; see docs/agents/transformers.md")
     context_tokens: int | None = Field(
         None, ge=64, description="cap on prompt + reply tokens; empty: the model's maximum")
     cache_dir: str | None = Field(
@@ -301,12 +298,6 @@ class TransformersAgent(Agent):
         self.tokenizer = loaded.tokenizer
         eos_ids = _eos_ids(loaded.model, loaded.tokenizer)
         model = loaded.model
-        if dtype == torch.float32 and self.options.quantize == "int8":
-            from plugins.transformers_batching import quantize_int8
-
-            if not quantize_int8(model):
-                logger.warning("quantize: int8 needs torch's fbgemm/x86 engine, absent here; "
-                               "the weights stay float32")
         if dtype == torch.float32:
             # MKL's float32 layouts; in bfloat16 the model's own nn.Linear (oneDNN)
             # was as fast or faster, in steps of 1 and of 8 rows.

@@ -214,32 +214,6 @@ def prepare_for_decoding(model: nn.Module, packed_rows: int | None = None) -> nn
     return model
 
 
-def quantize_int8(model: nn.Module, keep: tuple[str, ...] = ("lm_head",)) -> bool:
-    """Give the linear layers int8 weights, one scale per output channel (CPU only).
-
-    Activations are quantized on the fly at every call (torch's dynamic
-    quantization, fbgemm/x86 kernels): a decode step then reads a quarter of
-    the float32 bytes. Per-channel scales, not torch's default per-tensor one:
-    with a single scale the bundled model's answers degrade ("France is
-    France."). Layers named in ``keep`` stay float (the output layer decides
-    every token). False, and the model unchanged, where torch has no int8
-    engine; the caller then logs it.
-    """
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-    if next(model.parameters()).device.type != "cpu":
-        return False
-    engines = set(torch.backends.quantized.supported_engines) & {"x86", "fbgemm"}
-    if not engines:
-        return False
-    if torch.backends.quantized.engine not in engines:
-        torch.backends.quantized.engine = sorted(engines)[-1]
-    names = {name: per_channel_dynamic_qconfig for name, module in model.named_modules()
-             if type(module) is nn.Linear and name.rsplit(".", 1)[-1] not in keep}
-    quantize_dynamic(model, names, dtype=torch.qint8, inplace=True)
-    return True
-
-
 class IncrementalDecoder:
     """Turns token ids, one at a time, into text deltas that join up exactly.
 
