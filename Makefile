@@ -42,7 +42,7 @@ test-fast: install
 # against its same-run baseline and rewrites the generated part of
 # docs/benchmarks.md. About 10 minutes; bench-quick about 3 (or BENCH_SIZE=quick).
 # BENCH_ONLY=overhead,connections,model,scaleout picks figures; BENCH_PEER=0
-# skips the `transformers serve` peer; BENCH_ARGS="--no-write" leaves the doc alone.
+# skips both peers of figure 3 (`transformers serve`, llama-server); BENCH_ARGS="--no-write" leaves the doc alone.
 BENCH_STAMP := $(VENV)/.bench-installed
 
 $(BENCH_STAMP): $(STAMP)

@@ -8,8 +8,8 @@ on 2 cores); ``make bench-quick`` (or ``BENCH_SIZE=quick``) a shorter one;
 
 Figures: overhead (1), connections (2), model (3), scaleout (4).
 ``--variant NAME=DIR`` measures another copy of the service (a proposed
-change) in figure 1's rounds, side by side with this one, and in figures 2 and 4
-right after this one; ``DIR`` may be this tree (``.``) and
+change) beside this one: in the same rounds in figures 1 and 3, right after
+this one in figures 2 and 4; ``DIR`` may be this tree (``.``) and
 ``--variant-config NAME=FILE`` lays a YAML file's config sections over that
 variant's (``make bench-quotas``: quotas on against off).
 """
@@ -92,14 +92,25 @@ def details(name: str, result: dict) -> list[str]:
     if name == "model":
         peer = (f"peer 1 client {result['peer_single_tok_s']:.1f} tok/s"
                 if result["peer_single_tok_s"] else "peer not measured")
+        if result.get("llama_single_tok_s"):
+            peer += f"; llama-server 1 client {result['llama_single_tok_s']:.1f} tok/s"
         notes = f" Notes: {'; '.join(result['notes'])}." if result["notes"] else ""
-        return [f"- Figure 3: {result['users']} users, {result['max_new_tokens']} new tokens "
+        out = [f"- Figure 3: {result['users']} users, {result['max_new_tokens']} new tokens "
                 f"at most, {result['rounds']} rounds; all three sides in {result['dtype']} (the "
                 f"agent's `dtype: auto` here); raw `generate()` "
                 f"{result['raw_tok_s']:.1f} tok/s; agent {result['batch_vs_raw']:.2f}x raw at "
                 f"{result['users']} users; {peer}; service started (model loaded) in "
                 f"{result['service_start_seconds']:.0f} s, RSS {result['service_rss_mib']:.0f} "
                 f"MiB; replies not ok: {result['batch_replies_not_ok']}.{notes}"]
+        for variant, row in result.get("variants", {}).items():
+            out.append(f"  - variant `{variant}`: "
+                       f"1 user {row['single_tok_s']:.1f} tok/s ({row['single_vs_service']:.2f}x "
+                       f"this tree), {result['users']} users {row['batch_tok_s']:.1f} tok/s "
+                       f"({row['batch_vs_service']:.2f}x this tree; rounds "
+                       + ", ".join(f"{r:.2f}" for r in row["batch_round_ratios"])
+                       + f"), TTFT {row['ttft_ms']:.0f} ms, replies not ok "
+                       f"{row['replies_not_ok']}")
+        return out
     if name == "scaleout":
         return [f"- Figure 4: {result['clients']} clients spread over the processes, "
                 f"{result['duration_s']:.0f} s each; p99 latency per row: "
@@ -117,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="do not touch docs/benchmarks.md")
     parser.add_argument("--json", type=Path, help="also save the raw results here")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=DIR",
-                        help="another copy of the service to measure in figures 1, 2 and 4")
+                        help="another copy of the service to measure in every figure")
     parser.add_argument("--variant-config", action="append", default=[], metavar="NAME=FILE",
                         help="YAML config sections laid over variant NAME's config")
     args = parser.parse_args(argv)
@@ -150,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             (workdir / name).mkdir(parents=True)
             if name == "overhead":
                 result = module.run(workdir / name, size, variants, configs)
-            elif name in ("connections", "scaleout"):
+            elif name in ("connections", "model", "scaleout"):
                 result = module.run(workdir / name, size, variants)
             else:
                 result = module.run(workdir / name, size)

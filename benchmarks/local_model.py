@@ -12,6 +12,9 @@ Side by side, in interleaved rounds of one run:
 - **peer**: ``transformers serve --continuous-batching`` serving the Hugging
   Face folder on loopback to ``users`` concurrent OpenAI-API clients (and to
   one), the server a user would otherwise pick;
+- **llama-server**: llama.cpp's own server (``benchmarks.llama_server``, built
+  once from source) on the bundled GGUF file itself, with the agent's thread
+  count and ``users`` slots, asked by the same clients as the peer;
 - **TTFT**: a short prompt to the idle service, time to its first chunk.
 
 Every side generates greedily, at most ``max_new_tokens`` tokens, stopping
@@ -22,6 +25,7 @@ output) over the wall time from the request to its last token.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -29,11 +33,13 @@ import subprocess
 import time
 from pathlib import Path
 
-from . import harness
+from . import harness, llama_server
 from .harness import PYTHON, REPO, ServerProcess, chat_path, median, percentile
 
 TARGETS = {"batch_vs_single": 5.0, "batch_vs_peer": 1.2, "single_vs_raw": 0.9,
-           "ttft_ms": 300.0, "p99_connect_ms": 50.0}
+           "ttft_ms": 300.0, "p99_connect_ms": 50.0,
+           # issue 17, target 1
+           "batch_vs_llama": 1.0, "single_vs_llama": 0.5}
 CACHE = REPO / "data" / "bench"
 HF_FOLDER = CACHE / "SmolLM2-135M-Instruct-hf"
 SYSTEM_PROMPT = "You are a helpful assistant. The user's name is {username}."
@@ -183,8 +189,47 @@ class ServiceClient:
         return rows[0].id
 
 
-def run(workdir: Path, size: dict) -> dict:
+def start_variants(stack: contextlib.ExitStack, workdir: Path, variants: dict[str, Path],
+                   agent: dict, data_dir: Path, count: int) -> dict[str, "ServiceClient"]:
+    """Other copies of the service (name -> folder), each with its own database,
+    started at once (their model loads overlap) and stopped by ``stack``."""
+    servers, clients = [], {}
+    for name, app_dir in variants.items():
+        db = stack.enter_context(harness.database("sqlite", workdir / name))
+        tokens = harness.prepare_users(db.url, count, app_dir=app_dir)
+        config = harness.write_config(workdir / name, db.url, agent, data_dir=data_dir)
+        server = ServerProcess.service(config, workdir / f"{name}.log", app_dir,
+                                       ready_path="/readyz")
+        servers.append(server)
+        clients[name] = ServiceClient(server, db.url, tokens, workdir)
+    for server in ServerProcess.start_all(servers, timeout=900):
+        stack.callback(server.stop)
+    return clients
+
+
+def variant_results(rows: dict[str, list], singles: list[float],
+                    batches: list[float]) -> dict:
+    """Each variant's rates and its per-round ratios to this tree."""
+    out = {}
+    for name, measured in rows.items():
+        single = [r["tok_s"] for r in measured["single"]]
+        batch = [r["tok_s"] for r in measured["batch"]]
+        out[name] = {
+            "single_tok_s": median(single), "batch_tok_s": median(batch),
+            "single_vs_service": median([v / s for v, s in zip(single, singles)]),
+            "batch_vs_service": median([v / b for v, b in zip(batch, batches)]),
+            "batch_round_ratios": [v / b for v, b in zip(batch, batches)],
+            "ttft_ms": median(measured["ttft"]),
+            "replies_not_ok": sum(r["not_ok"] for r in measured["batch"]),
+        }
+    return out
+
+
+def run(workdir: Path, size: dict, variants: dict[str, Path] | None = None) -> dict:
+    """``variants``: other copies of the service (name -> folder), each asked
+    the same questions in the same rounds, right after this tree."""
     users, rounds = size["users"], size["rounds"]
+    variants = variants or {}
     max_new = size["max_new_tokens"]
     folder = Path(size.get("hf_folder") or ensure_hf_folder())
     prompts = (PROMPTS * (users // len(PROMPTS) + 1))[:users]
@@ -196,11 +241,14 @@ def run(workdir: Path, size: dict) -> dict:
         "context_tokens": 2048, **size.get("agent_options", {})}}
     notes: list[str] = []
     rows: dict[str, list] = {k: [] for k in ("raw", "single", "batch", "peer_batch",
-                                             "peer_single", "ttft", "connect")}
-    with harness.database("sqlite", workdir) as db:
+                                             "peer_single", "llama_batch", "llama_single",
+                                             "ttft", "connect")}
+    variant_rows = {name: {"single": [], "batch": [], "ttft": []} for name in variants}
+    with harness.database("sqlite", workdir) as db, contextlib.ExitStack() as stack:
         tokens = harness.prepare_users(db.url, users + size["probes"])
-        config = harness.write_config(workdir, db.url, agent,
-                                      data_dir=Path(size.get("data_dir", CACHE / "service")))
+        data_dir = Path(size.get("data_dir", CACHE / "service"))
+        config = harness.write_config(workdir, db.url, agent, data_dir=data_dir)
+        others = start_variants(stack, workdir, variants, agent, data_dir, users)
         started = time.perf_counter()
         service = ServerProcess.service(config, workdir / "model-service.log",
                                         ready_path="/readyz")
@@ -213,7 +261,7 @@ def run(workdir: Path, size: dict) -> dict:
         with service:
             load_seconds = time.perf_counter() - started
             client = ServiceClient(service, db.url, tokens, workdir)
-            peer = None
+            peer = llama = None
             try:
                 raw.wait_ready()
                 why = "peer skipped (BENCH_PEER=0 or smoke size)"
@@ -221,6 +269,11 @@ def run(workdir: Path, size: dict) -> dict:
                     peer, why = start_peer(workdir, folder, size, dtype)
                 if why:
                     notes.append(why)
+                if size.get("peer", True):
+                    threads = size.get("model_threads") or _torch_threads()
+                    llama, why = llama_server.start(workdir, users, threads)
+                    if why:
+                        notes.append(why)
                 username = "bench00000"  # the first user; its system prompt
                 one = [messages_for(username, prompts[0])]
                 many = [messages_for(f"bench{n:05d}", p) for n, p in enumerate(prompts)]
@@ -228,8 +281,12 @@ def run(workdir: Path, size: dict) -> dict:
                     # First calls pay for lazy initialisation everywhere.
                     raw.generate(one[0])
                     client.ask([SHORT_PROMPT])
+                    for other in others.values():
+                        other.ask([SHORT_PROMPT])
                     if peer is not None:
                         peer_run(peer, folder, one, workdir, 8)
+                    if llama is not None:
+                        peer_run(llama, folder, one, workdir, 8)
                 for index in range(rounds):
                     rows["raw"].append(raw.generate(one[0]))
                     rows["single"].append(client.ask(prompts[:1]))
@@ -241,17 +298,27 @@ def run(workdir: Path, size: dict) -> dict:
                         rows["peer_batch"].append(peer_run(peer, folder, many, workdir, max_new))
                         if index == 0:
                             rows["peer_single"].append(peer_run(peer, folder, one, workdir, max_new))
+                    if llama is not None:
+                        rows["llama_batch"].append(peer_run(llama, folder, many, workdir, max_new))
+                        rows["llama_single"].append(peer_run(llama, folder, one, workdir, max_new))
                     rows["ttft"].append(client.ask([SHORT_PROMPT])["first_ms"])
+                    for name, other in others.items():
+                        variant_rows[name]["single"].append(other.ask(prompts[:1]))
+                        variant_rows[name]["batch"].append(other.ask(prompts))
+                        variant_rows[name]["ttft"].append(other.ask([SHORT_PROMPT])["first_ms"])
             finally:
                 raw.close()
-                if peer is not None:
-                    peer.stop()
+                for server in (peer, llama):
+                    if server is not None:
+                        server.stop()
             service_rss = harness.rss_kib(service.pid)
     raw_rates = [r["tokens"] / r["seconds"] for r in rows["raw"]]
     singles = [r["tok_s"] for r in rows["single"]]
     batches = [r["tok_s"] for r in rows["batch"]]
     peers = [r["tok_s"] for r in rows["peer_batch"]]
     peer_single = median([r["tok_s"] for r in rows["peer_single"]]) if rows["peer_single"] else None
+    llamas = [r["tok_s"] for r in rows["llama_batch"]]
+    llama_singles = [r["tok_s"] for r in rows["llama_single"]]
     # Ratios are taken within each round (measured minutes apart at most), then
     # the median over rounds: slow changes in the machine's load cancel out.
     return {
@@ -264,6 +331,11 @@ def run(workdir: Path, size: dict) -> dict:
         "batch_vs_single": median([b / s for b, s in zip(batches, singles)]),
         "batch_vs_raw": median([b / r for b, r in zip(batches, raw_rates)]),
         "batch_vs_peer": median([b / p for b, p in zip(batches, peers)]) if peers else None,
+        "llama_batch_tok_s": median(llamas) if llamas else None,
+        "llama_single_tok_s": median(llama_singles) if llamas else None,
+        "batch_vs_llama": median([b / p for b, p in zip(batches, llamas)]) if llamas else None,
+        "single_vs_llama": (median([s / p for s, p in zip(singles, llama_singles)])
+                            if llamas else None),
         "round_ratios": [{"single_vs_raw": s / r, "batch_vs_single": b / s}
                          for s, r, b in zip(singles, raw_rates, batches)],
         "ttft_ms": median(rows["ttft"]),
@@ -273,6 +345,7 @@ def run(workdir: Path, size: dict) -> dict:
         "tokens_per_reply": [r["tokens"] for r in rows["raw"]],
         "batch_replies_not_ok": sum(r["not_ok"] for r in rows["batch"]),
         "notes": notes,
+        "variants": variant_results(variant_rows, singles, batches),
         "rounds_detail": rows,
     }
 
@@ -288,6 +361,7 @@ def report(result: dict) -> list[tuple[str, str, str]]:
          f"{result['single_tok_s']:.1f} tok/s)", f">= {TARGETS['batch_vs_single']:.0f}x"),
         (f"Agent, {users} users / `transformers serve --continuous-batching`, {users} clients",
          peer, f">= {TARGETS['batch_vs_peer']}x"),
+        *_llama_rows(result),
         ("Agent, 1 user / raw `generate()`",
          f"**{result['single_vs_raw']:.2f}x** ({result['single_tok_s']:.1f} vs "
          f"{result['raw_tok_s']:.1f} tok/s)", f">= {TARGETS['single_vs_raw']}x"),
@@ -297,3 +371,25 @@ def report(result: dict) -> list[tuple[str, str, str]]:
          f"**{result['p99_connect_ms']:.1f} ms** (p50 {result['p50_connect_ms']:.1f} ms, "
          f"{result['connect_probes']} clients)", f"<= {TARGETS['p99_connect_ms']:.0f} ms"),
     ]
+
+
+def _llama_rows(result: dict) -> list[tuple[str, str, str]]:
+    users = result["users"]
+    if not result.get("batch_vs_llama"):
+        return [(f"Agent / `llama-server` (same GGUF, {users} slots)",
+                 "not measured: " + "; ".join(result["notes"]), ">= 1.0x")]
+    return [
+        (f"Agent, {users} users / `llama-server`, {users} clients (same GGUF and threads)",
+         f"**{result['batch_vs_llama']:.2f}x** ({result['batch_tok_s']:.1f} vs "
+         f"{result['llama_batch_tok_s']:.1f} tok/s)", f">= {TARGETS['batch_vs_llama']}x"),
+        ("Agent, 1 user / `llama-server`, 1 client",
+         f"**{result['single_vs_llama']:.2f}x** ({result['single_tok_s']:.1f} vs "
+         f"{result['llama_single_tok_s']:.1f} tok/s)", f">= {TARGETS['single_vs_llama']}x"),
+    ]
+
+
+def _torch_threads() -> int:
+    """The agent's default thread count (torch's: one per physical core)."""
+    import torch
+
+    return torch.get_num_threads()

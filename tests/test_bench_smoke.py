@@ -75,15 +75,20 @@ def test_scaleout_on_sqlite(workdir):
 
 
 def test_model_figure_on_the_tiny_model(workdir):
+    """Figure 3, with --variant: this tree again, as another copy, in the same rounds
+    (one run for both: loading models is the slow part)."""
     folder = save_tiny_model(workdir / "tiny-model")
     size = {**SMOKE["model"], "hf_folder": str(folder), "data_dir": str(workdir / "data"),
             "agent_options": {"model_path": str(folder), "cache_dir": None}}
-    result = local_model.run(workdir, size)
+    result = local_model.run(workdir, size, {"again": harness.REPO})
     assert result["batch_replies_not_ok"] == 0
     assert finite(result["raw_tok_s"], result["single_tok_s"], result["batch_tok_s"])
     assert result["connect_probes"] == size["probes"]
     assert any("skipped" in note for note in result["notes"])
     assert [row[0] for row in local_model.report(result)]
+    again = result["variants"]["again"]
+    assert again["replies_not_ok"] == 0 and finite(again["batch_vs_service"])
+    assert any("variant `again`" in line for line in bench_main.details("model", result))
 
 
 def test_overhead_variant_with_a_config_overlay(workdir):
