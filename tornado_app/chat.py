@@ -262,7 +262,7 @@ class ChatService:
             await save
             asyncio.current_task().uncancel()
 
-    async def _save_and_end(self, live: LiveReply, history: History | None = None) -> None:
+    async def _save_and_end(self, live: LiveReply, history: History) -> None:
         reply = live.reply
         columns = reply.columns()
         columns["cost"] = self.pricing.cost(reply.agent, reply.model, reply.tokens_in,
@@ -284,7 +284,7 @@ class ChatService:
             metrics.errors.labels("database").inc()
             live.end(Ending(STATUS_ERROR, reply.text, STORE_UNAVAILABLE))
             return
-        if history is not None and not reply.steps:
+        if not reply.steps:
             # The socket's copy takes the reply as saved (steps are read back
             # from the database instead): its next message reads no turn.
             history.add_reply(live.message_row_id, reply_row_id, columns["content"],

@@ -29,8 +29,8 @@ then on (docs/architecture.md, "Durable replies"):
   this process is cancelled at once; another's gets a cancel request in its
   stream row, which its process reads at its next flush or poll.
 - **Tool events** (the v2 ``tool_call`` / ``tool_result`` frames) are kept
-  with the chunks, each as a :class:`ToolMark`: its place among the reply's
-  tool events (``index``) and the chunk it came after (``follows``). They are
+  with the chunks, in order, each as a :class:`ToolMark`: the event and the
+  chunk it came after (``follows``). They are
   saved with the chunks' flush (the stream row's ``tool_events``, JSON, kept
   for the resume window like the chunk lengths), and a resume replays them
   in place among the chunks (:class:`Cursor`).
@@ -85,10 +85,9 @@ class Chunk:
 
 @dataclass(frozen=True)
 class ToolMark:
-    """A tool event of a reply: the ``index``-th (from 0), which came after
-    the chunk of seq ``follows`` (-1: before any chunk)."""
+    """A tool event of a reply, which came after the chunk of seq ``follows``
+    (-1: before any chunk). A reply keeps its marks in a list, in order."""
 
-    index: int
     follows: int
     event: ToolEvent
 
@@ -103,9 +102,9 @@ def marks_json(marks: list[ToolMark]) -> str | None:
 
 
 def marks_from_json(text: str | None) -> list[ToolMark]:
-    return [ToolMark(index, item["follows"], ToolEvent(item["name"], item["call_id"],
-                                                       item["arguments"], item["ok"]))
-            for index, item in enumerate(json.loads(text) if text else [])]
+    return [ToolMark(item["follows"], ToolEvent(item["name"], item["call_id"], item["arguments"],
+                                                item["ok"]))
+            for item in (json.loads(text) if text else [])]
 
 
 @dataclass
@@ -229,7 +228,7 @@ class LiveReply:
     def tool_event(self, event: ToolEvent) -> None:
         """A tool call starting or ending: kept in place among the chunks (for
         a resume) and passed to every listener."""
-        self.marks.append(ToolMark(len(self.marks), self.last_seq, event))
+        self.marks.append(ToolMark(self.last_seq, event))
         for listener in self.listeners:
             listener.put(event)
 
@@ -355,9 +354,9 @@ class Replies:
         marks = []
         for step in await self.store.reply_tool_steps(saved.id):
             arguments = json.loads(step.arguments)
-            marks += [ToolMark(len(marks), -1, ToolEvent(step.name, step.call_id, arguments)),
-                      ToolMark(len(marks) + 1, -1, ToolEvent(step.name, step.call_id, arguments,
-                                                             step.status == STATUS_OK))]
+            marks += [ToolMark(-1, ToolEvent(step.name, step.call_id, arguments)),
+                      ToolMark(-1, ToolEvent(step.name, step.call_id, arguments,
+                                             step.status == STATUS_OK))]
         Cursor(after_seq, tools_seen).replay(
             listener, [Chunk(0, saved.content)] if saved.content else [], marks)
         listener.put(_ending(saved))

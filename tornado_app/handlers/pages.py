@@ -101,13 +101,12 @@ class ReplyFeedbackHandler(UserApiHandler):
 
 
 def tree_messages(rows: list, leaf: int | None, whole: bool,
-                  steps: dict[int, list] | None = None) -> list[dict]:
+                  steps: dict[int, list]) -> list[dict]:
     """The history API's messages: the active path from the root to ``leaf``
     (or, ``whole``, every message), oldest first. A message whose parent was
     purged counts as a root; ``siblings`` are the ids of its parent's
     children (itself included), oldest first; a reply has its ``tool_steps``
     (``steps``: by message row id)."""
-    steps = steps or {}
     by_id = {row.id: row for row in rows}
     children = defaultdict(list)
     for row in rows:
