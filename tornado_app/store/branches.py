@@ -143,14 +143,20 @@ def path_up(db, start: int | None, after_id: int, limit: int) -> tuple[list, boo
     """The messages from ``start`` up its branch, oldest first, stopping
     before ``after_id``; and whether they continue ``after_id`` (so a copy
     that ends there needs only them)."""
-    if start is None:
-        return [], False
-    if start == after_id:  # the copy ends at the leaf: nothing to read
-        return [], True
+    if start is None or start == after_id:  # nothing to read (the copy ends at the leaf)
+        return [], continues(start, after_id, [])
     rows = db.execute(PATH_UP, {"start": start, "after_id": after_id, "limit": limit}).all()
+    return rows, continues(start, after_id, rows)
+
+
+def continues(start: int | None, after_id: int, rows: list) -> bool:
+    """Whether ``rows``, the path read up from ``start`` (PATH_UP, oldest
+    first), continues ``after_id``: the copy that ends there needs only them."""
+    if start is None:
+        return False
     if not rows:
-        return [], start == after_id
-    return rows, after_id != 0 and rows[0].parent_id == after_id
+        return start == after_id
+    return after_id != 0 and rows[0].parent_id == after_id
 
 
 def prompt_turns(rows: list) -> list:

@@ -77,7 +77,9 @@ _PATH_COLUMNS = [column.name for column in branches.PATH_UP.selected_columns
 _PATH_ROW = namedtuple("Row", _PATH_COLUMNS)._make
 _MEMORY_COLUMNS = [column.name for column in memory_rows.LIST.selected_columns]
 _MEMORY_ROW = namedtuple("Row", _MEMORY_COLUMNS)._make
-_PATH_START = 4 + len(_MEMORY_COLUMNS)  # where a TAKE row's path columns begin
+# A TAKE row: tat, granted, leaf, agent, then the memory arrays, then the path.
+_MEMORY_START = 4
+_PATH_START = _MEMORY_START + len(_MEMORY_COLUMNS)
 
 
 def _open():
@@ -142,14 +144,10 @@ def take(db, conversation_id: int, user_id: int, now: float, messages: int,
     decision = ratelimit.decision(first.tat, first.granted, tolerance, now)
     leaf = first.active_leaf_id
     path = [_PATH_ROW(row[_PATH_START:]) for row in rows if row.id is not None]
-    saved = [_MEMORY_ROW(values) for values in zip(*(first[4 + index] or ()
-                                                     for index in range(len(_MEMORY_COLUMNS))))]
-    if leaf is None:
-        continues = False
-    elif not path:
-        continues = leaf == after_id
-    else:
-        continues = after_id != 0 and path[0].parent_id == after_id
+    saved = [_MEMORY_ROW(values) for values in zip(*(first[index] or ()
+                                                     for index in range(_MEMORY_START,
+                                                                        _PATH_START)))]
+    continues = branches.continues(leaf, after_id, path)
     return (leaf, first.agent), decision, (path, continues), saved
 
 
