@@ -67,6 +67,28 @@ async def test_concurrent_exchanges_share_one_commit_and_are_committed_when_answ
 
 
 @pytest.mark.gen_test
+async def test_a_batch_holds_one_unit_per_user(pg_store):
+    """Two units of one user in a batch could lock that user's rows in another
+    order than a batch of another process (pg_batcher.py, "Deadlocks")."""
+    store, batcher = pg_store, pg_store.writer.batcher
+    conversations = [await store.open_conversation(user, "c") for user in (1, 2, 3)]
+    keys_of_batches = []
+    attempt = batcher._attempt
+
+    async def recorded(batch):
+        keys_of_batches.append([unit.key for unit in batch])
+        return await attempt(batch)
+
+    batcher._attempt = recorded
+    ids = await asyncio.gather(*(add_user_message(store, conversations[n % 3], n % 3 + 1,
+                                                  f"message {n}") for n in range(30)))
+    assert all(ids)
+    assert all(len(set(keys)) == len(keys) for keys in keys_of_batches), keys_of_batches
+    assert any(len(keys) > 1 for keys in keys_of_batches)  # still shared commits
+    assert [await _committed_count(store, c) for c in conversations] == [10, 10, 10]
+
+
+@pytest.mark.gen_test
 async def test_a_failing_unit_fails_only_its_caller(pg_store):
     store = pg_store
     first, second = [await store.open_conversation(user, "c") for user in (1, 2)]

@@ -14,9 +14,14 @@ one transaction and resolves the futures only after the ``COMMIT``. So a
 caller never sees a write that is not committed.
 
 Deadlocks. The units lock their user's rows (the rate limit's, the user row
-for quotas and slots, the conversation's). A batch runs its units sorted by
-lock key, so that batches of any process take those locks in one order and
-cannot wait on each other in a cycle. What still can (a unit that locks
+for quotas and slots, the conversation's). A batch holds at most one unit per
+lock key and runs them sorted by key, so that batches of any process take
+those locks in one order and cannot wait on each other in a cycle. Two units
+of one user in a batch did not: a saved reply's foreign key takes a share
+lock on the user's row, then the next admit wants the rate limit's row, while
+another batch's admit held that row and wanted the user's row for its quota
+(tests/test_quota_scale_out.py found it). A user's further units wait for the
+next batch. What still can (a unit that locks
 rows of several users, an outside transaction) PostgreSQL breaks by failing
 one transaction with a deadlock or serialization failure: then the whole batch
 is rolled back and run again, up to :data:`ATTEMPTS` times.
@@ -114,9 +119,8 @@ class PgBatcher:
     async def _lane(self) -> None:
         try:
             while self._queue:
-                batch = self._queue[:self.max_batch]
-                del self._queue[:self.max_batch]
-                batch.sort(key=_key)  # stable: one user's units keep their order
+                batch = self._take_batch()
+                batch.sort(key=_key)
                 try:
                     await self._commit(batch)
                 except BaseException as exc:  # cancelled at shutdown, or a bug here
@@ -124,6 +128,19 @@ class PgBatcher:
                     raise
         finally:
             self._busy -= 1
+
+    def _take_batch(self) -> list[_Unit]:
+        """The oldest queued units, up to ``max_batch``, one per lock key; the
+        others stay queued in their order."""
+        batch, keys, rest = [], set(), []
+        for unit in self._queue:
+            if len(batch) < self.max_batch and unit.key not in keys:
+                keys.add(unit.key)
+                batch.append(unit)
+            else:
+                rest.append(unit)
+        self._queue[:] = rest
+        return batch
 
     async def _commit(self, batch: list[_Unit]) -> None:
         attempts = 0
