@@ -70,8 +70,7 @@ class ConversationMessagesHandler(UserApiHandler):
             self.write_json(400, {"error": "invalid_request",
                                   "error_description": "Invalid client_id."})
             return
-        leaf, rows = await self.store.conversation_tree(user.id, client_id)
-        steps = await self.store.conversation_tool_steps(user.id, client_id)
+        leaf, rows, steps = await self.store.conversation_tree(user.id, client_id)
         whole = self.get_query_argument("all", "0") not in ("0", "", "false")
         self.write_json(200, {"client_id": client_id,
                               "messages": tree_messages(rows, leaf, whole, steps)})

@@ -32,7 +32,7 @@ from sqlalchemy.util import await_only, greenlet_spawn
 
 from .compiled import StatementCache
 from .executor import Conflict, Rows, StoreError, StoreUnavailable, Work
-from .pg_batcher import ATTEMPTS, RETRYABLE, PgBatcher
+from .pg_batcher import PgBatcher, retrying
 
 # Connections of this pool per process (the engine keeps its own for reads).
 POOL_SIZE = 10
@@ -104,19 +104,19 @@ class AsyncpgExecutor:
             await self._open()
         if write and lock_key is not None:
             return await self.batcher.run(work, args, lock_key)
-        for attempt in range(1, ATTEMPTS + 1):
-            try:
-                async with self._acquire() as conn:
-                    async with conn.transaction(readonly=not write):
-                        return await greenlet_spawn(work, self._database(conn), *args)
-            except RETRYABLE as exc:
-                if attempt == ATTEMPTS:
-                    raise as_store_error(exc) from exc
-            except Exception as exc:
-                error = as_store_error(exc)
-                if error is exc:
-                    raise
-                raise error from exc
+
+        async def attempt():
+            async with self._acquire() as conn:
+                async with conn.transaction(readonly=not write):
+                    return await greenlet_spawn(work, self._database(conn), *args)
+
+        try:
+            return await retrying(attempt)
+        except Exception as exc:
+            error = as_store_error(exc)
+            if error is exc:
+                raise
+            raise error from exc
 
     def _acquire(self):
         return self._pool.acquire(timeout=self.timeout)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from sqlalchemy import Integer, String, bindparam, func, literal, select, update
 
+from . import tool_steps
 from .feedback import feedback
 from .messages import conversations, messages
 from .models import ROLE_ASSISTANT, ROLE_USER, STATUS_OK
@@ -177,14 +178,18 @@ def switch(db, conversation_id: int, public_id: str) -> list[str] | None:
     return [row.public_id for row in rows]
 
 
-def tree(db, user_id: int, client_id: str) -> tuple[int | None, list]:
-    """A conversation's active leaf and all its messages (oldest first)."""
+def tree(db, user_id: int, client_id: str) -> tuple[int | None, list, dict[int, list]]:
+    """A conversation's active leaf, all its messages (oldest first) and their
+    tool steps by reply (tool_steps.of_conversation). The steps are read after
+    the messages: a step is saved with its reply, so every reply read has its
+    steps, even where each statement sees its own snapshot (PostgreSQL's read
+    committed)."""
     conversation = db.execute(CONVERSATION_BY_CLIENT, {"user_id": user_id,
                                                        "client_id": client_id}).first()
     if conversation is None:
-        return None, []
+        return None, [], {}
     rows = db.execute(TREE, {"conversation_id": conversation.id}).all()
-    return conversation.active_leaf_id, rows
+    return conversation.active_leaf_id, rows, tool_steps.of_conversation(db, conversation.id)
 
 
 def is_reply(row) -> bool:

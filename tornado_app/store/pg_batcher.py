@@ -143,25 +143,14 @@ class PgBatcher:
         return batch
 
     async def _commit(self, batch: list[_Unit]) -> None:
-        attempts = 0
         while batch:
             try:
-                results = await self._attempt(batch)
+                results = await retrying(lambda: self._attempt(batch), self._count_retry)
             except _UnitFailed as failed:
                 unit = batch.pop(failed.index)
                 _settle(unit, None, self.as_error(failed.error))
                 continue
-            except RETRYABLE as exc:
-                attempts += 1
-                self.retries += 1
-                if attempts >= ATTEMPTS:
-                    _fail(batch, self.as_error(exc))
-                    return
-                logger.info("group commit of %d units rolled back (%s); running it again",
-                            len(batch), type(exc).__name__)
-                await asyncio.sleep(random.uniform(0, 0.005 * attempts))
-                continue
-            except Exception as exc:  # the connection or the commit failed
+            except Exception as exc:  # the connection or the commit failed, or deadlocks
                 _fail(batch, self.as_error(exc))
                 return
             self.batches += 1
@@ -169,6 +158,9 @@ class PgBatcher:
             for unit, result in zip(batch, results):
                 _settle(unit, result, None)
             return
+
+    def _count_retry(self) -> None:
+        self.retries += 1
 
     async def _attempt(self, batch: list[_Unit]) -> list:
         """Run the batch in one transaction; its results once committed."""
@@ -186,6 +178,25 @@ class PgBatcher:
                     except Exception as exc:
                         raise _UnitFailed(index, exc) from exc
             return results
+
+
+async def retrying(attempt: Callable[[], Awaitable], on_retry: Callable[[], None] | None = None):
+    """``await attempt()``, again when PostgreSQL rolled its transaction back
+    to break a deadlock or a serialization conflict, up to :data:`ATTEMPTS`
+    times (after a short random pause, so that the same two do not meet again
+    at once); the last failure is raised. Shared by the batches here and the
+    executor's other writes (asyncpg_executor.py)."""
+    for attempt_number in range(1, ATTEMPTS + 1):
+        try:
+            return await attempt()
+        except RETRYABLE as exc:
+            if attempt_number == ATTEMPTS:
+                raise
+            if on_retry is not None:
+                on_retry()
+            logger.info("transaction rolled back by PostgreSQL (%s); running it again",
+                        type(exc).__name__)
+            await asyncio.sleep(random.uniform(0, 0.005 * attempt_number))
 
 
 def _key(unit: _Unit) -> int:

@@ -218,17 +218,14 @@ class Store:
         oldest first (None: no such message in the conversation)."""
         return await self.writer.run(branches.switch, conversation_id, message_id)
 
-    async def conversation_tree(self, user_id: int, client_id: str) -> tuple[int | None, list]:
-        """A user's conversation: its active leaf's row id and every message
-        (id, public_id, parent_id, role, content, status, created_at, rating,
-        comment), oldest first."""
+    async def conversation_tree(self, user_id: int, client_id: str
+                                ) -> tuple[int | None, list, dict[int, list]]:
+        """A user's conversation, in one read: its active leaf's row id, every
+        message (id, public_id, parent_id, role, content, status, created_at,
+        rating, comment), oldest first, and the tool steps of its replies by
+        messages.id ((turn, call_id, name, arguments, status, latency_ms), in
+        order)."""
         return await self.reader.run(branches.tree, user_id, client_id, write=False)
-
-    async def conversation_tool_steps(self, user_id: int, client_id: str) -> dict[int, list]:
-        """The tool steps of a user's conversation, by reply (messages.id):
-        (turn, call_id, name, arguments, status, latency_ms), in order."""
-        return await self.reader.run(tool_steps.of_conversation, user_id, client_id,
-                                     write=False)
 
     async def set_conversation_agent(self, conversation_id: int, name: str | None) -> None:
         await self.writer.run(branches.set_agent, conversation_id, name)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 
-from sqlalchemy import Integer, String, bindparam, select
+from sqlalchemy import Integer, bindparam, select
 
-from .models import Conversation, ToolStep, utcnow
+from .models import ToolStep, utcnow
 
 tool_steps = ToolStep.__table__
 
@@ -36,14 +36,11 @@ BETWEEN = (
 
 # The steps of a user's conversation, for the history API: what was called and
 # how it went, never the result (it may hold what the page should not show).
-_conversations = Conversation.__table__
 OF_CONVERSATION = (
     select(tool_steps.c.message_id, tool_steps.c.turn, tool_steps.c.call_id,
            tool_steps.c.tool.label("name"), tool_steps.c.arguments, tool_steps.c.status,
            tool_steps.c.latency_ms)
-    .join(_conversations, _conversations.c.id == tool_steps.c.conversation_id)
-    .where(_conversations.c.user_id == bindparam("user_id", type_=Integer),
-           _conversations.c.client_id == bindparam("client_id", type_=String))
+    .where(tool_steps.c.conversation_id == bindparam("conversation_id", type_=Integer))
     .order_by(tool_steps.c.message_id, tool_steps.c.id)
 )
 
@@ -77,11 +74,10 @@ def save(db, message_id: int, conversation_id: int, user_id: int, agent: str | N
         db.execute(INSERT, rows(message_id, conversation_id, user_id, agent, steps))
 
 
-def of_conversation(db, user_id: int, client_id: str) -> dict[int, list]:
+def of_conversation(db, conversation_id: int) -> dict[int, list]:
     """{reply id: its steps (turn, call_id, name, arguments, status, latency_ms)}."""
     found: dict[int, list] = {}
-    values = {"user_id": user_id, "client_id": client_id}
-    for row in db.execute(OF_CONVERSATION, values).all():
+    for row in db.execute(OF_CONVERSATION, {"conversation_id": conversation_id}).all():
         found.setdefault(row.message_id, []).append(row)
     return found
 
