@@ -1,23 +1,28 @@
-"""recall's full-text index on SQLite fills in bulk, off the exchange
+"""cheaper message inserts: recall's index on SQLite filled in bulk; no parent_id index
 
 Revision ID: 0011
 Revises: 0010
 Create Date: 2026-11-28 16:10:00.000000
 
-Migration 0006's insert trigger indexed each message in the exchange's own
-transaction: 35-40 us of the batcher thread's CPU per message (a fifth of
-the exchange's write cost, docs/benchmarks.md), where one INSERT .. SELECT of
-the new messages costs 2-3 us each. So on SQLite the trigger goes, and
-``messages_fts_state.indexed_id`` says up to which message id the index is
-filled: the Store fills it up before every search, in the same transaction
-(a search sees every message saved before it), and every lease renewal
-(store/message_search.py), so a search never waits for a long backlog.
+Both for the exchange's cost (docs/benchmarks.md, "Figure 1: the exchange's
+cost on the SQLite path").
 
-The delete and update triggers act only on indexed messages (the others are
-not in the index). Deleting the newest messages lowers ``indexed_id`` to the
-newest left: SQLite gives a new message the next id after the largest, and
-that id must be indexed again. PostgreSQL is unchanged (its GIN index is
-kept by the database).
+- ``ix_messages_parent_id`` goes (both databases): only a switch walked down
+  through it, and it now reads the conversation's later messages instead
+  (store/branches.py, newest_descendant); every insert paid 5 us for it.
+- Migration 0006's insert trigger indexed each message in the exchange's
+  own transaction: 35-40 us of the batcher thread's CPU per message (a fifth
+  of the exchange's write cost), where one INSERT .. SELECT of the new
+  messages costs 2-3 us each. So on SQLite the trigger goes, and
+  ``messages_fts_state.indexed_id`` says up to which message id the index
+  is filled: the Store fills it up before every search, in the same
+  transaction (a search sees every message saved before it), and on every
+  lease renewal (store/message_search.py), so a search never waits for a
+  long backlog. The delete and update triggers act only on indexed
+  messages (the others are not in the index). Deleting the newest messages
+  lowers ``indexed_id`` to the newest left: SQLite gives a new message the
+  next id after the largest, and that id must be indexed again.
+  PostgreSQL's GIN index is unchanged (the database keeps it).
 """
 
 from alembic import op
@@ -68,6 +73,7 @@ DOWNGRADE = [
 
 
 def upgrade() -> None:
+    op.drop_index('ix_messages_parent_id', table_name='messages')
     if op.get_bind().dialect.name == "sqlite":
         for statement in UPGRADE:
             op.execute(statement)
@@ -77,3 +83,4 @@ def downgrade() -> None:
     if op.get_bind().dialect.name == "sqlite":
         for statement in DOWNGRADE:
             op.execute(statement)
+    op.create_index('ix_messages_parent_id', 'messages', ['parent_id'])
