@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from tornado_app.store.models import ConnectionLease
 
@@ -198,3 +198,20 @@ async def test_an_idle_socket_holds_no_worker_task(connect, service):
     assert sock.worker.done() and not sock.pending
     await client.send({"content": "three"})
     assert (await client.receive())["message"] == "fake reply to: three"
+
+
+@pytest.mark.gen_test
+async def test_the_lease_renewal_fills_the_search_index(service, make_user):
+    from .helpers import add_user_message
+
+    store = service.store
+    if not store.sqlite_file:
+        pytest.skip("PostgreSQL's full-text index is kept by the database")
+    user = await make_user("alice")
+    conversation = await store.open_conversation(user.id, "c")
+    message_id = await add_user_message(store, conversation, user.id, "zebra crossing")
+    await service.connections.renew()  # the FTS5 index fills in bulk (migration 0011)
+    async with store.engine.connect() as conn:
+        found = await conn.execute(text(
+            "SELECT rowid FROM messages_fts WHERE messages_fts MATCH 'zebra'"))
+    assert found.scalars().all() == [message_id]

@@ -23,6 +23,7 @@ from tornado_app.memory import (
     snippet,
     system_prompt,
 )
+from tornado_app.store import Store
 from tornado_app.store.schema import downgrade, upgrade
 
 from .helpers import add_reply, add_user_message, seed_old_schema
@@ -205,6 +206,78 @@ async def test_recall_finds_the_users_own_messages_newest_first(db_store):
     assert len(await search.search("15", 5)) == 2
 
 
+async def indexed(store, word: str) -> list[int]:
+    """The message ids SQLite's full-text index holds for a word, as it is now."""
+    async with store.engine.connect() as conn:
+        return (await conn.execute(text(
+            "SELECT rowid FROM messages_fts WHERE messages_fts MATCH :word ORDER BY rowid"),
+            {"word": f'content : "{word}"'})).scalars().all()
+
+
+async def fts_intact(store) -> None:
+    async with store.engine.begin() as conn:  # raises if the index and the rows disagree
+        await conn.execute(text(
+            "INSERT INTO messages_fts(messages_fts) VALUES ('integrity-check')"))
+
+
+@pytest.fixture
+def sqlite_store(io_loop, tmp_path):
+    """A Store on an empty SQLite file (the full-text index's own behaviour)."""
+    store = Store.from_url(f"sqlite+aiosqlite:///{tmp_path / 'recall.db'}")
+    yield store
+    io_loop.run_sync(store.close)
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_sqlite_indexes_messages_in_bulk_and_a_search_sees_every_one(sqlite_store):
+    (alice,) = await users_of(sqlite_store, "alice")
+    conversation = await sqlite_store.open_conversation(alice, "c")
+    first = await add_user_message(sqlite_store, conversation, alice, "apple one")
+    # Not indexed in the exchange's transaction (migration 0011)...
+    assert await indexed(sqlite_store, "apple") == []
+    await sqlite_store.fill_search_index()  # ...but on the lease renewal's fill
+    assert await indexed(sqlite_store, "apple") == [first]
+    # A search indexes what was saved since, before it reads.
+    second = await add_user_message(sqlite_store, conversation, alice, "apple two")
+    search = Memories(sqlite_store, MemoryCipher("s" * 40), 10).messages_of(alice)
+    assert [m["content"] for m in await search.search("apple", 5)] == [
+        "apple two", "apple one"]
+    assert await indexed(sqlite_store, "apple") == [first, second]
+    # Deleting the newest messages, indexed (second) and not yet (third):
+    # the index stays intact, and SQLite gives their ids to the next
+    # messages, which must be indexed again.
+    await add_user_message(sqlite_store, conversation, alice, "apple three")
+    async with sqlite_store.engine.begin() as conn:
+        await conn.execute(text("DELETE FROM messages WHERE id >= :id"), {"id": second})
+    await fts_intact(sqlite_store)
+    again = await add_user_message(sqlite_store, conversation, alice, "banana")
+    assert again == second
+    assert [m["content"] for m in await search.search("banana", 5)] == ["banana"]
+    assert [m["content"] for m in await search.search("apple", 5)] == ["apple one"]
+    # An edited message is indexed under its new words once indexed.
+    async with sqlite_store.engine.begin() as conn:
+        await conn.execute(text("UPDATE messages SET content = 'cherry' WHERE id = :id"),
+                           {"id": first})
+    assert [m["content"] for m in await search.search("cherry", 5)] == ["cherry"]
+    assert await search.search("apple", 5) == []
+    await fts_intact(sqlite_store)
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_migration_0011_down_indexes_what_was_left_and_up_again(sqlite_store):
+    (alice,) = await users_of(sqlite_store, "alice")
+    conversation = await sqlite_store.open_conversation(alice, "c")
+    left = await add_user_message(sqlite_store, conversation, alice, "apple left")
+    await downgrade(sqlite_store.engine, "0010")  # 0006's triggers again, the index filled
+    assert await indexed(sqlite_store, "apple") == [left]
+    await insert_message(sqlite_store.engine, alice, "apple by trigger")
+    await upgrade(sqlite_store.engine, "head")
+    search = Memories(sqlite_store, MemoryCipher("s" * 40), 10).messages_of(alice)
+    assert [m["content"] for m in await search.search("apple", 5)] == [
+        "apple by trigger", "apple left"]
+    await fts_intact(sqlite_store)
+
+
 def test_snippets_are_whole_or_300_characters_around_the_words():
     assert snippet("short", "x") == "short"
     text_ = "a" * 1000 + " needle " + "b" * 1000
@@ -253,7 +326,7 @@ async def test_migration_0006_up_and_down_with_data(db_store):
         await seed_old_schema(conn, "alice", ["before"])
     alice = 1
     await insert_message(engine, alice, "saved before the search existed")
-    await upgrade(engine, "0006")
+    await upgrade(engine, "head")  # the Store's search needs the newest schema
     memories = Memories(db_store, MemoryCipher("s" * 40), 10)
     # Messages saved before the migration are searchable (the index was built).
     assert len(await memories.messages_of(alice).search("existed", 5)) == 1
@@ -271,7 +344,7 @@ async def test_migration_0006_up_and_down_with_data(db_store):
     assert count == 2
     # Messages can still be saved without the triggers' table.
     await insert_message(engine, alice, "after the downgrade")
-    await upgrade(engine, "0006")
+    await upgrade(engine, "head")
     assert len(await memories.messages_of(alice).search("downgrade", 5)) == 1
 
 

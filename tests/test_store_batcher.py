@@ -143,3 +143,53 @@ async def test_a_value_the_driver_cannot_bind_fails_only_its_caller(sqlite_store
     assert isinstance(results[0], int) and isinstance(results[2], int)
     rows = await saved_messages(store, conversation)
     assert [row.content for row in rows] == ["before", "after"]
+
+
+@pytest.mark.gen_test
+async def test_units_share_the_transaction_without_savepoints_until_one_fails(
+        sqlite_store, monkeypatch):
+    store = sqlite_store
+    conversation = await store.open_conversation(1, "c1")
+    statements = []
+    connect = SqliteBatcher._connect
+
+    def traced(batcher):
+        conn = connect(batcher)
+        conn.set_trace_callback(statements.append)
+        return conn
+
+    monkeypatch.setattr(SqliteBatcher, "_connect", traced)
+    await store.writer.close()  # the next unit connects again, traced
+    await asyncio.gather(*(add_user_message(store, conversation, 1, f"m{n}") for n in range(5)))
+    assert statements.count("BEGIN IMMEDIATE") == statements.count("COMMIT") >= 1
+    assert not [sql for sql in statements if "SAVEPOINT" in sql]
+    # A failing unit: the batch runs again, each unit in its own savepoint.
+    statements.clear()
+    results = await asyncio.gather(
+        add_user_message(store, conversation, 1, "fine"),
+        add_user_message(store, 999, 1, "no such conversation"),  # foreign key
+        add_user_message(store, conversation, 1, "fine too"),
+        return_exceptions=True,
+    )
+    assert isinstance(results[1], Conflict) and all(isinstance(r, int) for r in results[::2])
+    assert "ROLLBACK" in statements and "SAVEPOINT unit" in statements
+    assert [row.content for row in await saved_messages(store, conversation)][-2:] == [
+        "fine", "fine too"]
+
+
+def test_compiled_parameters_take_given_values_defaults_and_processors():
+    from sqlalchemy import DateTime, Integer, bindparam, select
+    from sqlalchemy.dialects.sqlite import pysqlite
+
+    from tornado_app.store.compiled import Compiled
+
+    dialect = pysqlite.dialect()
+    when = datetime.datetime(2026, 11, 28, 16, 0, 0)
+    two = Compiled(select(bindparam("a", type_=Integer), bindparam("at", type_=DateTime),
+                          bindparam("b", 7, type_=Integer)), dialect)
+    assert list(two.parameters({"a": 1, "at": when, "b": 2})) == [
+        1, "2026-11-28 16:00:00.000000", 2]
+    assert list(two.parameters({"a": 1, "at": when})) == [1, "2026-11-28 16:00:00.000000", 7]
+    assert tuple(Compiled(select(bindparam("a", type_=Integer)), dialect).parameters(
+        {"a": 5})) == (5,)
+    assert tuple(Compiled(select(1), dialect).parameters(None)) == ()

@@ -350,6 +350,11 @@ class ChatService:
         if reserved is not None and reserved.prompt_tokens:
             budget = min(budget, reserved.prompt_tokens)
         start = len(turns)
+        # Up to HISTORY_LIMIT turns per message, on the loop: first whether
+        # they all fit (the common case), by list comprehensions.
+        whole = used + sum([turn.tokens for turn in turns]) + TOKENS_PER_MESSAGE * start
+        if whole <= budget:
+            start, used = 0, whole
         while start > 0 and used + turns[start - 1].tokens + TOKENS_PER_MESSAGE <= budget:
             start -= 1
             used += turns[start].tokens + TOKENS_PER_MESSAGE
@@ -359,9 +364,13 @@ class ChatService:
             start += 1
         # The turns' own dicts: agents read a request's messages, never change them.
         messages = [{"role": "system", "content": system}]
-        for turn in turns[start:]:
-            if turn.steps:  # the reply's tool calls and results, before its text
-                messages += turn.steps
-            messages.append(turn.message)
+        kept = turns[start:] if start else turns
+        if any([turn.steps for turn in kept]):
+            for turn in kept:
+                if turn.steps:  # the reply's tool calls and results, before its text
+                    messages += turn.steps
+                messages.append(turn.message)
+        else:
+            messages += [turn.message for turn in kept]
         messages.append({"role": "user", "content": content})
         return messages, used

@@ -117,6 +117,9 @@ class Connections:
             self.instance, time.time(), self.settings.limits.lease_seconds,
             list(self.replies.live))
         await self.replies.sweep()
+        # Here too, so that a search finds little left to index (recall's
+        # index fills in bulk, store/message_search.py).
+        await self.store.fill_search_index()
 
     async def recheck(self) -> None:
         """Close sockets whose user was disabled or whose token was revoked."""

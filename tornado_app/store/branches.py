@@ -12,7 +12,7 @@ Statements with bind parameters, and units of work (store/executor.py).
 
 from __future__ import annotations
 
-from sqlalchemy import Integer, String, bindparam, func, literal, select, update
+from sqlalchemy import Integer, String, bindparam, literal, select, update
 
 from . import tool_steps
 from .feedback import feedback
@@ -75,17 +75,12 @@ def _path_up():
 PATH_UP = _path_up()
 
 
-def _newest_descendant():
-    """The newest message under ``start`` (itself if it has none): children
-    are newer than their parents, so it is a leaf."""
-    down = messages.alias("down")
-    base = select(messages.c.id).where(
-        messages.c.id == bindparam("start", type_=Integer)).cte("tree", recursive=True)
-    tree = base.union_all(select(down.c.id).where(down.c.parent_id == base.c.id))
-    return select(func.max(tree.c.id))
-
-
-NEWEST_DESCENDANT = _newest_descendant()
+# A conversation's messages from ``start`` on, oldest first: among them are
+# all of its descendants (children are newer than their parents).
+LATER_MESSAGES = select(messages.c.id, messages.c.parent_id).where(
+    messages.c.conversation_id == _CONVERSATION,
+    messages.c.id >= bindparam("start", type_=Integer),
+).order_by(messages.c.id)
 
 # The whole tree of a conversation, for the history API, with the feedback.
 TREE = (
@@ -166,13 +161,25 @@ def prompt_turns(rows: list) -> list:
     return [row for row in rows if row.role == ROLE_USER or row.status == STATUS_OK]
 
 
+def newest_descendant(db, conversation_id: int, start: int) -> int:
+    """The newest message under ``start`` (itself if it has none), a leaf:
+    one pass over the conversation's later messages, through its index
+    (messages have no index on parent_id, which each insert would pay for)."""
+    under = {start}
+    for row in db.execute(LATER_MESSAGES, {"conversation_id": conversation_id,
+                                           "start": start}).all():
+        if row.parent_id in under:
+            under.add(row.id)
+    return max(under)
+
+
 def switch(db, conversation_id: int, public_id: str) -> list[str] | None:
     """Make the branch through a message active (its newest descendant the
     leaf); the active path's public ids, oldest first. None: no such message."""
     target = find(db, conversation_id, public_id)
     if target is None:
         return None
-    leaf = db.execute(NEWEST_DESCENDANT, {"start": target.id}).scalar()
+    leaf = newest_descendant(db, conversation_id, target.id)
     set_leaf(db, conversation_id, leaf)
     rows, _ = path_up(db, leaf, 0, PATH_LIMIT)
     return [row.public_id for row in rows]

@@ -12,6 +12,7 @@ every executor.
 from __future__ import annotations
 
 from collections import namedtuple
+from operator import itemgetter
 
 
 class Compiled:
@@ -30,6 +31,11 @@ class Compiled:
             compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect)
             for name in self.names
         ]
+        # The values in order by one C call (the caller gave them all, the
+        # common case), then the few that need processing.
+        self._pick = _picker(self.names)
+        self._process = [(index, process) for index, process in enumerate(self.processors)
+                         if process is not None]
         columns = compiled._result_columns
         results = [] if native_results else [
             column.type.dialect_impl(dialect).result_processor(dialect, None) for column in columns]
@@ -38,14 +44,18 @@ class Compiled:
         # Rows with the columns' names, as the engine's Rows have them.
         self.row = namedtuple("Row", [column.keyname for column in columns], rename=True)._make
 
-    def parameters(self, values: dict | None) -> tuple:
-        values = values or {}
-        defaults = self.defaults
-        return tuple(
-            (values[name] if name in values else defaults[name]) if process is None
-            else process(values[name] if name in values else defaults[name])
-            for name, process in zip(self.names, self.processors)
-        )
+    def parameters(self, values: dict | None) -> tuple | list:
+        try:
+            picked = self._pick(values or {})
+        except KeyError:  # a bind parameter's own value stands in
+            defaults = self.defaults
+            picked = [values[name] if name in values else defaults[name] for name in self.names]
+        if not self._process:
+            return picked
+        picked = list(picked)
+        for index, process in self._process:
+            picked[index] = process(picked[index])
+        return picked
 
     def rows(self, raw_rows) -> list:
         """The driver's rows as named tuples of processed values."""
@@ -53,6 +63,16 @@ class Compiled:
             raw_rows = [[value if process is None else process(value)
                          for value, process in zip(row, self.results)] for row in raw_rows]
         return list(map(self.row, raw_rows))
+
+
+def _picker(names: list[str]):
+    """A function of a dict: its values of ``names``, in order, as a tuple."""
+    if len(names) > 1:
+        return itemgetter(*names)
+    if names:
+        one = itemgetter(names[0])
+        return lambda values: (one(values),)
+    return lambda values: ()
 
 
 class StatementCache:

@@ -333,9 +333,9 @@ _ok_reply_index("ix_messages_ok_agent_ttft", "agent", "model", "ttft_ms", "creat
 _ok_reply_index("ix_messages_ok_user", "user_id", "created_at", "agent", "model", "latency_ms",
                 "ttft_ms")
 
-
-# A message's children (regenerated replies, edited messages): siblings, switch.
-Index("ix_messages_parent_id", Message.parent_id)
+# No index on messages.parent_id: every message insert would pay for it, and
+# the one query that walks down to children (a switch) reads the
+# conversation's later messages instead (branches.newest_descendant; 0011).
 
 
 class Feedback(Base):

@@ -336,7 +336,14 @@ class Store:
     async def search_messages(self, user_id: int, query: str, limit: int) -> list:
         """A user's messages holding every word of ``query``, newest first:
         (conversation, role, content, created_at) rows."""
+        if self.reader.dialect == "sqlite":  # it fills the index first (message_search.py)
+            return await self.writer.run(message_search.search, user_id, query, limit)
         return await self.reader.run(message_search.search, user_id, query, limit, write=False)
+
+    async def fill_search_index(self) -> None:
+        """Index the messages saved since the last fill, for recall (SQLite)."""
+        if self.reader.dialect == "sqlite":
+            await self.writer.run(message_search.fill)
 
     # Connection slots (leases.py)
 
