@@ -275,8 +275,7 @@ class ChatService:
             reply_row_id = await self.store.finish_reply(
                 live.reply_id, live.conversation_id, live.user_id, live.message_row_id,
                 reply.pieces, live.saved_any or live.flushing, steps=reply.steps,
-                tool_events=marks_json(live.marks), reserved=live.reserved is not None,
-                **columns)
+                tool_events=marks_json(live.marks), **columns)
         except StoreError:
             # Not saved: its stream is no longer renewed, so the sweep saves it
             # as interrupted with the chunks saved so far once the database is back.
