@@ -229,6 +229,33 @@ async def replies_of(store, client_id="client-1"):
     return [row for row in await saved_messages(store, conversation) if row.role == "assistant"]
 
 
+def test_the_bound_counts_the_copys_turns_and_the_bytes_of_rows_read_anew(settings, fake_agent):
+    from types import SimpleNamespace
+
+    from tornado_app.chat import ChatService
+    from tornado_app.history import History
+
+    def row(row_id, role, content):
+        return SimpleNamespace(id=row_id, role=role, content=content)
+
+    pool = SimpleNamespace(every_agent=lambda: (fake_agent,))
+    chat = ChatService(settings, None, pool, None, None)
+    history = History(1)
+    history.add([row(1, "user", "one two"), row(2, "assistant", "three four five")], 3, "six")
+    user = SimpleNamespace(id=1, username="u1", quota_unlimited=None)
+    request = chat._quota_request(user, history, "seven", NOW, None)
+    copy = request.bound_of([], []).prompt_tokens
+    first = fake_agent.count_tokens("one two") + quotas.TOKENS_PER_MESSAGE
+    anew = row(4, "assistant", "h\u00e9llo")  # never counted: its 6 UTF-8 bytes
+    assert request.bound_of([anew], []).prompt_tokens == copy + 6 + quotas.TOKENS_PER_MESSAGE
+    # The copy read again in full (read_from): its rows count once, as counted.
+    again = [row(1, "user", "one two"), row(2, "assistant", "three four five"),
+             row(3, "user", "six"), anew]
+    assert request.bound_of(again, []).prompt_tokens == copy + 6 + quotas.TOKENS_PER_MESSAGE
+    # ... and a turn no longer on the branch (purged) no longer counts.
+    assert request.bound_of(again[1:3], []).prompt_tokens == copy - first
+
+
 @pytest.mark.gen_test(timeout=30)
 async def test_a_message_over_the_quota_is_refused_with_its_reset(connect, fake_agent, store):
     client = await connect()
