@@ -24,8 +24,10 @@ replies as interrupted).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import date
+from typing import NamedTuple
 
 from sqlalchemy import Boolean, Date, Float, Integer, String, bindparam, case, func, select, update
 
@@ -116,9 +118,9 @@ class Limits:
                 "default_cost": self.cost_per_month}
 
 
-@dataclass(frozen=True)
-class Bound:
-    """What one reply may spend at most: tokens and cost."""
+class Bound(NamedTuple):
+    """What one reply may spend at most: tokens and cost. (A tuple: one is
+    made per message, on the batcher's thread; a frozen dataclass costs more.)"""
 
     tokens: int
     cost: float = 0.0
@@ -126,7 +128,9 @@ class Bound:
     prompt_tokens: int = 0
 
 
+@functools.lru_cache(maxsize=4)
 def _windows(today: date) -> dict:
+    """The windows' bind values (the caller copies them: ``**``)."""
     return {"today": today, "month_start": today.replace(day=1)}
 
 
