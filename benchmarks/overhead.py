@@ -62,8 +62,15 @@ def run(workdir: Path, size: dict, variants: dict[str, Path] | None = None,
             for name, server in order:
                 targets = [{"port": server.port, "path": chat_path(f"c{index}-{n}", token)}
                            for n, token in enumerate(tokens[name])]
-                rows[name].append(harness.chat_load(
-                    targets, workdir, duration, warmup, size.get("loadgen_processes", 1)))
+                cpu = harness.cpu_seconds(server.pid)
+                row = harness.chat_load(targets, workdir, duration, warmup,
+                                        size.get("loadgen_processes", 1))
+                # The server's CPU per message (the warm-up's messages included,
+                # uncounted: a slight overestimate, the same for every server):
+                # steadier than throughput on a machine others load.
+                row["cpu_us_per_msg"] = ((harness.cpu_seconds(server.pid) - cpu) * 1e6
+                                         / max(1.0, row["msgs_per_s"] * duration))
+                rows[name].append(row)
         service_rss = harness.rss_kib(servers["service"].pid)
     bare_tput = median([r["msgs_per_s"] for r in rows["bare"]])
     service_tput = median([r["msgs_per_s"] for r in rows["service"]])
@@ -93,6 +100,8 @@ def run(workdir: Path, size: dict, variants: dict[str, Path] | None = None,
             "round_ratios_to_service": [v["msgs_per_s"] / s["msgs_per_s"]
                                         for v, s in zip(rows[name], rows["service"])],
             "p99_ms": median([r["p99_ms"] for r in rows[name]]),
+            "round_cpu_ratios_to_service": [v["cpu_us_per_msg"] / s["cpu_us_per_msg"]
+                                            for v, s in zip(rows[name], rows["service"])],
         } for name in variants},
         "rounds_detail": rows,
     }

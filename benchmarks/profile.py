@@ -3,7 +3,9 @@
 It starts the service (echo agent, SQLite) and a load generator, records the
 server with py-spy for ``--seconds`` and prints where the time goes: the
 functions with the most samples (own time and total time), per thread. The
-raw collapsed stacks are kept for flame graphs (``--raw FILE``).
+raw collapsed stacks are kept for flame graphs (``--raw FILE``). ``--config
+FILE`` lays a YAML file's config sections over the service's (e.g.
+benchmarks/quotas.yaml, as ``--variant-config`` does for figure 1).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
+
+import yaml
 
 from . import harness, overhead
 from .harness import chat_path
@@ -65,12 +69,14 @@ def main() -> None:
     parser.add_argument("--raw", type=Path, help="keep the collapsed stacks here")
     parser.add_argument("--idle", action="store_true", help="include idle (waiting) samples")
     parser.add_argument("--database", choices=["sqlite", "postgresql"], default="sqlite")
+    parser.add_argument("--config", type=Path, help="YAML config sections laid over the service's")
     args = parser.parse_args()
+    sections = yaml.safe_load(args.config.read_text(encoding="utf-8")) if args.config else {}
     workdir = Path(tempfile.mkdtemp(prefix="tornado-app-profile-"))
     raw = args.raw or workdir / "profile.raw"
     with harness.database(args.database, workdir) as db:
         tokens = harness.prepare_users(db.url, args.clients)
-        with overhead.service_server(workdir, db.url) as service:
+        with overhead.service_server(workdir, db.url, **sections) as service:
             targets = [{"port": service.port, "path": chat_path(f"p{n}", token)}
                        for n, token in enumerate(tokens)]
             result = {}

@@ -103,6 +103,8 @@ def test_overhead_variant_with_a_config_overlay(workdir):
                           {"quotas": overlay})
     assert result["errors"] == 0
     assert finite(result["variants"]["quotas"]["ratio_to_service"])
+    # The servers' CPU per message, in the same rounds (steadier than throughput).
+    assert all(ratio > 0 for ratio in result["variants"]["quotas"]["round_cpu_ratios_to_service"])
 
     def priced(name: str) -> tuple:
         with sqlite3.connect(workdir / name / "bench.db") as db:

@@ -11,7 +11,7 @@ import time
 import pytest
 from sqlalchemy import func, select
 
-from tornado_app.store.models import Message, QuotaReservation, QuotaUsage, User
+from tornado_app.store.models import Message, QuotaUsage, ReplyStream, User
 
 from .helpers import on_engine
 from .servers import add_users, cli, ok, token, write_config
@@ -25,7 +25,7 @@ REFUSAL = re.compile(r"Token quota reached: \d+ of (\d+) tokens used today; "
 
 async def user_totals(engine, username: str) -> dict:
     """What the database holds of a user: messages, replies, their tokens,
-    the quota counter and reservations left."""
+    the quota counter and reservations left (on streams still open)."""
     m = Message.__table__
     async with engine.connect() as conn:
         user_id = (await conn.execute(select(User.id).where(User.username == username))).scalar()
@@ -36,8 +36,9 @@ async def user_totals(engine, username: str) -> dict:
             .where(mine, m.c.role == "assistant"))).one()
         counted = (await conn.execute(select(func.coalesce(func.sum(QuotaUsage.tokens), 0))
                                       .where(QuotaUsage.user_id == user_id))).scalar()
-        reserved = (await conn.execute(select(func.count()).select_from(QuotaReservation)
-                                       .where(QuotaReservation.user_id == user_id))).scalar()
+        reserved = (await conn.execute(select(func.count()).where(
+            ReplyStream.user_id == user_id, ReplyStream.finished_at.is_(None),
+            ReplyStream.reserved_tokens.is_not(None)))).scalar()
     return {"asked": asked, "replies": replies, "tokens": tokens, "counted": counted,
             "reserved": reserved}
 

@@ -15,7 +15,8 @@ from sqlalchemy import select
 
 from tornado_app import quotas
 from tornado_app.store import QuotaRequest
-from tornado_app.store.models import QuotaReservation
+from tornado_app.store.models import ReplyStream
+from tornado_app.store.quotas import _STANDING
 from tornado_app.store.quotas import Bound, Limits
 
 from .helpers import ADMIT, get, saved_messages, seed_old_schema
@@ -23,6 +24,7 @@ from .test_metrics import scrape, value
 
 # Replies are saved (and counted) at the real time: the tests' "now" is it too.
 NOW = time.time()
+NOW_DAY = datetime.fromtimestamp(NOW, timezone.utc).date()
 
 
 @pytest.fixture
@@ -101,16 +103,51 @@ async def test_expired_reservations_no_longer_count(quota_store):
 
 
 @pytest.mark.gen_test
-async def test_renewal_keeps_a_reservation_and_forgets_long_expired_ones(quota_store):
+async def test_renewal_keeps_a_reservation_and_its_reply_id_alone(quota_store):
     limits = Limits(tokens_per_day=100)
     held = await admit(quota_store, 1, (80,), limits, lease=10)
     await admit(quota_store, 2, (80,), limits, lease=10)
     await quota_store.renew_leases("test", NOW + 8, 10, [held.reply_id])
+    assert (await standing(quota_store, 1, now=NOW + 15)).reserved_tokens == 80
+    assert (await standing(quota_store, 2, now=NOW + 15)).reserved_tokens == 0  # not renewed
     assert (await admit(quota_store, 1, (80,), limits, now=NOW + 15)).over_quota is not None
-    await quota_store.renew_leases("test", NOW + 30, 10, [held.reply_id])
+    assert (await admit(quota_store, 2, (80,), limits, now=NOW + 15)).over_quota is None
+
+
+@pytest.mark.gen_test
+async def test_a_reservation_is_held_by_its_replys_stream(quota_store):
+    reserved = await admit(quota_store, 1, (40, 0.25), Limits(tokens_per_day=100))
+    conversation = await quota_store.open_conversation(2, "free")
+    free = await quota_store.admit(conversation, 2, "no quota", now=NOW, messages=1_000_000,
+                                   per_seconds=1.0, after_id=0, history_limit=10, **ADMIT)
     async with quota_store.engine.connect() as conn:
-        left = (await conn.execute(select(QuotaReservation.reply_id))).scalars().all()
-    assert left == [held.reply_id]  # u2's expired at NOW+10, forgotten at NOW+30
+        rows = (await conn.execute(select(ReplyStream.reply_id, ReplyStream.reserved_tokens,
+                                          ReplyStream.reserved_cost))).all()
+    rows = {row.reply_id: (row.reserved_tokens, row.reserved_cost) for row in rows}
+    assert rows == {reserved.reply_id: (40, 0.25), free.reply_id: (None, None)}
+    await settle(quota_store, reserved, 1, 10, 5)
+    assert (await standing(quota_store, 1)).reserved_tokens == 0  # ended with the stream
+
+
+@pytest.mark.gen_test
+async def test_live_reservations_are_summed_from_their_index(quota_store):
+    if quota_store.engine.dialect.name != "sqlite":
+        pytest.skip("SQLite's plan")
+    values = {"uid": 1, "now": NOW, "today": str(NOW_DAY),
+              "month_start": str(NOW_DAY.replace(day=1)), "default_day": 1,
+              "default_month": None, "default_cost": None}
+
+    def plan(sync):
+        compiled = _STANDING.compile(dialect=sync.dialect)
+        params = compiled.construct_params(values)
+        return sync.exec_driver_sql(f"EXPLAIN QUERY PLAN {compiled}",
+                                    tuple(params[name] for name in compiled.positiontup)).all()
+
+    async with quota_store.engine.connect() as conn:
+        plan = await conn.run_sync(plan)
+    details = " | ".join(row[-1] for row in plan)
+    reserved = "USING INDEX ix_reply_streams_live_reserved (user_id=? AND lease_until>?)"
+    assert details.count(reserved) == 2, details
 
 
 @pytest.mark.gen_test
@@ -190,6 +227,33 @@ def fake_agent(fake_agent):
 async def replies_of(store, client_id="client-1"):
     conversation = await store.open_conversation(1, client_id)
     return [row for row in await saved_messages(store, conversation) if row.role == "assistant"]
+
+
+def test_the_bound_counts_the_copys_turns_and_the_bytes_of_rows_read_anew(settings, fake_agent):
+    from types import SimpleNamespace
+
+    from tornado_app.chat import ChatService
+    from tornado_app.history import History
+
+    def row(row_id, role, content):
+        return SimpleNamespace(id=row_id, role=role, content=content)
+
+    pool = SimpleNamespace(every_agent=lambda: (fake_agent,))
+    chat = ChatService(settings, None, pool, None, None)
+    history = History(1)
+    history.add([row(1, "user", "one two"), row(2, "assistant", "three four five")], 3, "six")
+    user = SimpleNamespace(id=1, username="u1", quota_unlimited=None)
+    request = chat._quota_request(user, history, "seven", NOW, None)
+    copy = request.bound_of([], []).prompt_tokens
+    first = fake_agent.count_tokens("one two") + quotas.TOKENS_PER_MESSAGE
+    anew = row(4, "assistant", "h\u00e9llo")  # never counted: its 6 UTF-8 bytes
+    assert request.bound_of([anew], []).prompt_tokens == copy + 6 + quotas.TOKENS_PER_MESSAGE
+    # The copy read again in full (read_from): its rows count once, as counted.
+    again = [row(1, "user", "one two"), row(2, "assistant", "three four five"),
+             row(3, "user", "six"), anew]
+    assert request.bound_of(again, []).prompt_tokens == copy + 6 + quotas.TOKENS_PER_MESSAGE
+    # ... and a turn no longer on the branch (purged) no longer counts.
+    assert request.bound_of(again[1:3], []).prompt_tokens == copy - first
 
 
 @pytest.mark.gen_test(timeout=30)
@@ -325,6 +389,40 @@ async def test_migration_0007_counts_this_months_replies_and_goes_back(db_store)
     assert not any(c.startswith("quota_") for c in user_columns)
     assert "cost" not in message_columns
     assert kept == 2
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_migration_0012_moves_reservations_onto_their_streams_and_back(db_store):
+    from sqlalchemy import text
+
+    from tornado_app.store.schema import downgrade, upgrade
+
+    engine = db_store.engine
+    await upgrade(engine, "0011")
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    async with engine.begin() as conn:
+        await seed_old_schema(conn, "alice", at=now)
+        await conn.execute(text(
+            "INSERT INTO messages (id, public_id, conversation_id, user_id, role, content,"
+            " status, created_at) VALUES (1, 'p1', 1, 1, 'user', 'x', 'ok', :at)"), {"at": now})
+        for reply_id in ("held", "free"):
+            await conn.execute(text(
+                "INSERT INTO reply_streams (reply_id, conversation_id, user_id, message_id,"
+                " instance, lease_until, last_seq, cancel_requested, created_at) VALUES"
+                " (:rid, 1, 1, 1, 'i', :until, -1, false, :at)"),
+                {"rid": reply_id, "until": NOW + 60, "at": now})
+        await conn.execute(text(
+            "INSERT INTO quota_reservations (reply_id, user_id, tokens, cost, expires_at)"
+            " VALUES ('held', 1, 40, 0.5, :until)"), {"until": NOW + 60})
+    await upgrade(engine, "0012")
+    streams = "SELECT reply_id, reserved_tokens, reserved_cost FROM reply_streams ORDER BY 1"
+    async with engine.connect() as conn:
+        rows = (await conn.execute(text(streams))).all()
+    assert [tuple(row) for row in rows] == [("free", None, None), ("held", 40, 0.5)]
+    await downgrade(engine, "0011")
+    async with engine.connect() as conn:
+        rows = (await conn.execute(text("SELECT * FROM quota_reservations"))).all()
+    assert [tuple(row) for row in rows] == [("held", 1, 40, 0.5, NOW + 60)]
 
 
 async def put_json(url: str, body, token: str):

@@ -158,9 +158,10 @@ class ChatService:
         # A loading model's counts are estimates: never cached in the history.
         if agent.ready:
             history.count(agent, known)
-            counted = {turn.id: turn.tokens for turn in known}
+            counts = [turn.tokens for turn in known]
         else:
-            counted = {turn.id: agent.count_tokens(turn.content) for turn in known}
+            counts = [agent.count_tokens(turn.content) for turn in known]
+        known_tokens = sum(counts) + TOKENS_PER_MESSAGE * len(counts)
         system = system_prompt(self.settings.agent.system_prompt, user.username, "")
 
         def bound_of(rows: list, saved_memories: list) -> quotas.Bound:
@@ -173,12 +174,14 @@ class ChatService:
             # tokenizer here. Turns read now and never counted (normally just
             # the previous reply) count their UTF-8 bytes: a byte-level
             # tokenizer makes no token shorter than a byte.
-            # Rows already counted: the copy was read again in full (read_from).
-            reread = any(row.id in counted for row in rows)
-            turns = {} if reread else dict(counted)
-            for row in rows:
-                turns[row.id] = counted.get(row.id, len(row.content.encode()))
-            tokens = sum(turns.values()) + TOKENS_PER_MESSAGE * len(turns)
+            tokens = known_tokens
+            if rows:  # none, normally: the copy took the previous reply (add_reply)
+                counted = dict(zip([turn.id for turn in known], counts))
+                # Rows already counted: the copy was read again in full (read_from).
+                if any(row.id in counted for row in rows):
+                    tokens = 0
+                tokens += sum(counted.get(row.id, len(row.content.encode())) for row in rows)
+                tokens += TOKENS_PER_MESSAGE * len(rows)
             # The memory section (read in the same transaction), by its bytes
             # too, and never more than its share of the prompt.
             remembered = 0
@@ -275,8 +278,7 @@ class ChatService:
             reply_row_id = await self.store.finish_reply(
                 live.reply_id, live.conversation_id, live.user_id, live.message_row_id,
                 reply.pieces, live.saved_any or live.flushing, steps=reply.steps,
-                tool_events=marks_json(live.marks), reserved=live.reserved is not None,
-                **columns)
+                tool_events=marks_json(live.marks), **columns)
         except StoreError:
             # Not saved: its stream is no longer renewed, so the sweep saves it
             # as interrupted with the chunks saved so far once the database is back.

@@ -16,6 +16,7 @@ for the prompt) plus the largest reply any agent of the chain may write
 from __future__ import annotations
 
 import fnmatch
+import functools
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 
@@ -98,10 +99,18 @@ class Windows:
 
     @classmethod
     def at(cls, now: float) -> "Windows":
-        moment = datetime.fromtimestamp(now, timezone.utc)
-        today = moment.date()
-        next_month = (today.replace(day=28) + timedelta(days=4)).replace(day=1)
-        return cls(today, _midnight(today + timedelta(days=1)), _midnight(next_month))
+        return _windows_of(int(now // 86400))  # the UTC day's number since the epoch
+
+
+@functools.lru_cache(maxsize=4)
+def _windows_of(day_number: int) -> Windows:
+    """A day's windows, made once a day rather than for every message."""
+    today = _EPOCH + timedelta(days=day_number)
+    next_month = (today.replace(day=28) + timedelta(days=4)).replace(day=1)
+    return Windows(today, _midnight(today + timedelta(days=1)), _midnight(next_month))
+
+
+_EPOCH = date(1970, 1, 1)
 
 
 def _midnight(day: date) -> datetime:

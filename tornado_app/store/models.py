@@ -154,6 +154,11 @@ class ReplyStream(Base):
     # The reply's tool_call / tool_result events so far, JSON (replies.py,
     # ToolMark): kept with the chunks so that a resume replays them in place.
     tool_events: Mapped[str | None] = mapped_column(Text)
+    # The reply's quota reservation (store/quotas.py; NULL: no quota applied):
+    # held while the stream is live (unfinished, lease not run out), so it is
+    # renewed with the lease, and released by the finish that saves the reply.
+    reserved_tokens: Mapped[int | None] = mapped_column(Integer)
+    reserved_cost: Mapped[float | None] = mapped_column(Float)
 
 
 # Partial indexes hold only replies in flight (and cancel requests): opening a
@@ -167,6 +172,11 @@ Index("ix_reply_streams_live_lease", ReplyStream.lease_until,
 _cancel = _live & ReplyStream.cancel_requested.is_(True)
 Index("ix_reply_streams_cancel_requested", ReplyStream.instance,
       sqlite_where=_cancel, postgresql_where=_cancel)
+# A user's live quota reservations (store/quotas.py): the few rows to sum.
+# Replies without a quota have no entry, so they pay nothing for it.
+_reserved = _live & ReplyStream.reserved_tokens.is_not(None)
+Index("ix_reply_streams_live_reserved", ReplyStream.user_id, ReplyStream.lease_until,
+      sqlite_where=_reserved, postgresql_where=_reserved)
 # Streams are forgotten by age (set once, unlike finished_at).
 Index("ix_reply_streams_created", ReplyStream.created_at)
 
@@ -271,6 +281,8 @@ class Memory(Base):
 # (neither is a plain table or index); schema.include_object leaves them out
 # of comparisons with these models.
 FULL_TEXT_NAMES = ("messages_fts", "ix_messages_fts")
+
+
 class QuotaUsage(Base):
     """Tokens and cost of a user's saved replies per UTC day: what the quotas
     count (a month is the sum of its days). Added to in the transaction that
@@ -283,21 +295,6 @@ class QuotaUsage(Base):
     day: Mapped[date] = mapped_column(Date, primary_key=True)
     tokens: Mapped[int] = mapped_column(Integer)
     cost: Mapped[float] = mapped_column(Float)
-
-
-class QuotaReservation(Base):
-    """The upper bound of a reply in flight, held against the user's quotas
-    until the reply is saved. Renewed with the reply's lease: a killed
-    process's reservations expire like its connection leases."""
-
-    __tablename__ = "quota_reservations"
-    __table_args__ = (Index("ix_quota_reservations_user_expires", "user_id", "expires_at"),)
-
-    reply_id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
-    tokens: Mapped[int] = mapped_column(Integer)
-    cost: Mapped[float] = mapped_column(Float)
-    expires_at: Mapped[float] = mapped_column(Float)  # unix seconds
 
 
 # Analytics (tornado_app/analytics): indexes for the reports, and daily rollups

@@ -10,9 +10,9 @@ the same tables and bind names as the separate statements SQLite runs:
   of a new message; four statements elsewhere);
 - :data:`OPEN`: the user's message, the conversation's new leaf and the
   reply's stream (``Store.admit``; three statements elsewhere);
-- :data:`FINISH`: the reply's row, the leaf, the closed stream, its chunks
-  dropped, its quota reservation replaced by its usage, and the ``NOTIFY``
-  for other instances (``Store.finish_reply``; up to seven elsewhere).
+- :data:`FINISH`: the reply's row, the leaf, the closed stream (its quota
+  reservation ends with it), its chunks dropped, its usage added, and the
+  ``NOTIFY`` for other instances (``Store.finish_reply``; up to six elsewhere).
 
 The sub-statements touch different rows, and all see one snapshot, which is
 all these writes need (PostgreSQL runs every one, referenced or not).
@@ -29,16 +29,15 @@ from sqlalchemy import DateTime, Float, Integer, String, Text, bindparam, false,
 from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from . import branches, ratelimit
+from . import branches, quotas, ratelimit
 from . import memories as memory_rows
 from .messages import INSERT_MESSAGE, conversations
-from .models import QuotaReservation, QuotaUsage, ReplyChunk, ReplyStream, utcnow
+from .models import QuotaUsage, ReplyChunk, ReplyStream, utcnow
 from .streams import CHANNEL, lengths_text
 
 streams = ReplyStream.__table__
 chunks = ReplyChunk.__table__
 usage = QuotaUsage.__table__
-reservations = QuotaReservation.__table__
 memories = memory_rows.memories
 
 # Bind names of INSERT_MESSAGE (a column's name each), shared by the sub-statements.
@@ -88,10 +87,12 @@ def _open():
         active_leaf_id=select(saved.c.id).scalar_subquery()).cte("leaf")
     stream = streams.insert().from_select(
         ["reply_id", "conversation_id", "user_id", "message_id", "instance", "lease_until",
-         "last_seq", "cancel_requested", "created_at"],
+         "last_seq", "cancel_requested", "created_at", "reserved_tokens", "reserved_cost"],
         select(bindparam("reply_id", type_=String), _CONVERSATION, _USER, saved.c.id,
                bindparam("instance", type_=String), bindparam("lease_until", type_=Float),
-               literal(-1, Integer), false(), bindparam("created_at", type_=DateTime)),
+               literal(-1, Integer), false(), bindparam("created_at", type_=DateTime),
+               bindparam("reserved_tokens", type_=Integer),
+               bindparam("reserved_cost", type_=Float)),
     ).cte("stream")
     return select(saved.c.id).add_cte(leaf, stream)
 
@@ -108,7 +109,6 @@ def _finish():
         chunk_lengths=bindparam("lengths", type_=Text),
         tool_events=bindparam("events", type_=Text)).cte("closed")
     dropped = chunks.delete().where(chunks.c.reply_id == _PUBLIC_ID).cte("dropped")
-    released = reservations.delete().where(reservations.c.reply_id == _PUBLIC_ID).cte("released")
     spent = bindparam("spent", type_=Float)
     tokens = bindparam("tokens", type_=Integer)
     add = pg_insert(usage).from_select(
@@ -121,7 +121,7 @@ def _finish():
               "cost": usage.c.cost + add.excluded.cost}).cte("added")
     notified = func.pg_notify(literal(CHANNEL), _PUBLIC_ID)
     return select(saved.c.id, notified.label("notified")).add_cte(
-        leaf, closed, dropped, released, added)
+        leaf, closed, dropped, added)
 
 
 TAKE = _take()
@@ -151,19 +151,22 @@ def take(db, conversation_id: int, user_id: int, now: float, messages: int,
     return (leaf, first.agent), decision, (path, continues), saved
 
 
-def open_exchange(db, row: dict, reply_id: str, instance: str, lease_until: float) -> int:
+def open_exchange(db, row: dict, reply_id: str, instance: str, lease_until: float,
+                  reserved: quotas.Bound | None) -> int:
     """Save the user's message ``row`` (messages.user_message) as the leaf and
-    open its reply's stream; the message's row id."""
+    open its reply's stream, holding its quota reservation (streams.open_stream);
+    the message's row id."""
     return db.execute(OPEN, {**row, "reply_id": reply_id, "instance": instance,
-                             "lease_until": lease_until}).scalar()
+                             "lease_until": lease_until,
+                             **quotas.reservation(reserved)}).scalar()
 
 
 def finish_reply(db, row: dict, pieces: list[str], tokens: int, cost: float,
                  tool_events: str | None) -> int:
     """Save the reply ``row`` (messages.reply_row; its ``public_id`` is the
-    reply's id) and close its stream (keeping its ``tool_events``), replace its
-    quota reservation by the ``tokens`` and ``cost`` it spent, notify the
-    watchers; its row id."""
+    reply's id) and close its stream (keeping its ``tool_events``; its quota
+    reservation ends), add the ``tokens`` and ``cost`` it spent to the user's
+    usage, notify the watchers; its row id."""
     created: datetime = row["created_at"]
     values = {**row, "ended": utcnow(), "seq": len(pieces) - 1, "lengths": lengths_text(pieces),
               "events": tool_events, "today": created.date(), "tokens": tokens, "spent": cost}

@@ -1,51 +1,42 @@
 """Token and cost quotas: reserve, then settle (tornado_app/quotas.py has the rules).
 
-Before a reply is generated its upper bound is *reserved* with one
-``INSERT ... SELECT ... WHERE <it fits>``: a reservation row is written only
-if the user's saved usage of the window, plus the live reservations, plus this
-bound stays within every limit that applies. When the reply is saved, its
-reservation is deleted and its real tokens and cost are added to
-``quota_usage``, in the transaction that saves the reply. So at every
-moment ``used + reserved`` bounds what the saved replies will add up to, on
-every process and instance sharing the database.
+Before a reply is generated its upper bound is *reserved*: the user's saved
+usage of the window, plus the live reservations, plus this bound must stay
+within every limit that applies, and then the reply's stream row is written
+carrying the bound (``reply_streams.reserved_tokens`` and ``reserved_cost``,
+streams.py), in the admit transaction. When the reply is saved, the finish
+that closes its stream ends the reservation and its real tokens and cost are
+added to ``quota_usage``, in the transaction that saves the reply. So at
+every moment ``used + reserved`` bounds what the saved replies will add up
+to, on every process and instance sharing the database.
 
-Atomicity as for connection leases (leases.py): on SQLite the conditional
-INSERT is one write statement (inside the batcher's BEGIN IMMEDIATE), and
-SQLite runs writes one at a time; on PostgreSQL the user's row is locked
+Atomicity as for connection leases (leases.py): on SQLite the check and the
+stream's insert are in one unit of the batcher, inside its BEGIN IMMEDIATE,
+and SQLite runs writers one at a time; on PostgreSQL the user's row is locked
 first, so that two reservations of one user queue instead of both counting
 the same room. Other users never wait.
 
-A reservation lives as long as its reply's lease: renewed with it, ignored
-once expired (a killed process stops renewing), forgotten later.
+A reservation lives as long as its reply's stream is live: unfinished and
+its lease not run out. It is renewed with the lease, and a killed process's
+reservations stop counting when their leases do (the sweep then saves those
+replies as interrupted).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import date
+from typing import NamedTuple
 
-from sqlalchemy import (
-    Boolean,
-    Date,
-    Float,
-    Integer,
-    String,
-    bindparam,
-    case,
-    delete,
-    func,
-
-    or_,
-    select,
-    update,
-)
+from sqlalchemy import Boolean, Date, Float, Integer, String, bindparam, case, func, select, update
 
 from .dialects import dialect_insert
 from .leases import _LOCK_USER
-from .models import QuotaReservation, QuotaUsage, User
+from .models import QuotaUsage, ReplyStream, User
 
 usage = QuotaUsage.__table__
-reservations = QuotaReservation.__table__
+streams = ReplyStream.__table__
 users = User.__table__
 
 _USER = bindparam("uid", type_=Integer)
@@ -63,9 +54,11 @@ _USED_MONTH = _zero(select(func.sum(usage.c.tokens)).where(
     usage.c.user_id == _USER, usage.c.day >= _MONTH))
 _COST_MONTH = _zero(select(func.sum(usage.c.cost)).where(
     usage.c.user_id == _USER, usage.c.day >= _MONTH))
-_live = (reservations.c.user_id == _USER, reservations.c.expires_at > _NOW)
-_RESERVED = _zero(select(func.sum(reservations.c.tokens)).where(*_live))
-_RESERVED_COST = _zero(select(func.sum(reservations.c.cost)).where(*_live))
+# With the terms of ix_reply_streams_live_reserved's WHERE, so that SQLite uses it.
+_live = (streams.c.user_id == _USER, streams.c.finished_at.is_(None),
+         streams.c.reserved_tokens.is_not(None), streams.c.lease_until > _NOW)
+_RESERVED = _zero(select(func.sum(streams.c.reserved_tokens)).where(*_live))
+_RESERVED_COST = _zero(select(func.sum(streams.c.reserved_cost)).where(*_live))
 
 
 def _limit(column, default: str, type_):
@@ -77,23 +70,8 @@ def _limit(column, default: str, type_):
 _LIMIT_DAY = _limit(users.c.quota_tokens_per_day, "default_day", Integer)
 _LIMIT_MONTH = _limit(users.c.quota_tokens_per_month, "default_month", Integer)
 _LIMIT_COST = _limit(users.c.quota_cost_per_month, "default_cost", Float)
-_BOUND = bindparam("bound_tokens", type_=Integer)
-_BOUND_COST = bindparam("bound_cost", type_=Float)
 # Floating point slack for sums of prices.
 EPSILON = 1e-9
-
-_RESERVE = reservations.insert().from_select(
-    ["reply_id", "user_id", "tokens", "cost", "expires_at"],
-    select(bindparam("rid", type_=String), users.c.id, _BOUND, _BOUND_COST,
-           bindparam("until", type_=Float))
-    .where(
-        users.c.id == _USER,
-        or_(_LIMIT_DAY.is_(None), _USED_DAY + _RESERVED + _BOUND <= _LIMIT_DAY),
-        or_(_LIMIT_MONTH.is_(None), _USED_MONTH + _RESERVED + _BOUND <= _LIMIT_MONTH),
-        or_(_LIMIT_COST.is_(None),
-            _COST_MONTH + _RESERVED_COST + _BOUND_COST <= _LIMIT_COST + EPSILON),
-    ),
-).returning(reservations.c.reply_id)
 
 # A user's standing: usage, reservations in flight, and the limits that apply.
 _STANDING = select(
@@ -102,12 +80,6 @@ _STANDING = select(
     _RESERVED_COST.label("reserved_cost"), _LIMIT_DAY.label("tokens_per_day"),
     _LIMIT_MONTH.label("tokens_per_month"), _LIMIT_COST.label("cost_per_month"),
 ).where(users.c.id == _USER)
-
-_RELEASE = delete(reservations).where(reservations.c.reply_id == bindparam("rid", type_=String))
-_RENEW = update(reservations).where(
-    reservations.c.reply_id == bindparam("which", type_=String)).values(
-    expires_at=bindparam("until", type_=Float))
-_FORGET = delete(reservations).where(reservations.c.expires_at < bindparam("before", type_=Float))
 
 
 def _add_usage(dialect: str):
@@ -146,9 +118,9 @@ class Limits:
                 "default_cost": self.cost_per_month}
 
 
-@dataclass(frozen=True)
-class Bound:
-    """What one reply may spend at most: tokens and cost."""
+class Bound(NamedTuple):
+    """What one reply may spend at most: tokens and cost. (A tuple: one is
+    made per message, on the batcher's thread; a frozen dataclass costs more.)"""
 
     tokens: int
     cost: float = 0.0
@@ -156,46 +128,50 @@ class Bound:
     prompt_tokens: int = 0
 
 
+@functools.lru_cache(maxsize=4)
 def _windows(today: date) -> dict:
+    """The windows' bind values (the caller copies them: ``**``)."""
     return {"today": today, "month_start": today.replace(day=1)}
+
+
+def reservation(bound: Bound | None) -> dict:
+    """The stream row's reservation columns for a reply reserved ``bound``
+    (None: no quota applied)."""
+    if bound is None:
+        return {"reserved_tokens": None, "reserved_cost": None}
+    return {"reserved_tokens": bound.tokens, "reserved_cost": bound.cost}
+
+
+def fits(standing, bound: Bound) -> bool:
+    """Whether ``bound`` stays within every limit of the user's ``standing``
+    (a row of _STANDING), the live reservations counted."""
+    used_today = standing.tokens_today + standing.reserved_tokens + bound.tokens
+    used_month = standing.tokens_month + standing.reserved_tokens + bound.tokens
+    spent = standing.cost_month + standing.reserved_cost + bound.cost
+    return ((standing.tokens_per_day is None or used_today <= standing.tokens_per_day)
+            and (standing.tokens_per_month is None or used_month <= standing.tokens_per_month)
+            and (standing.cost_per_month is None or spent <= standing.cost_per_month + EPSILON))
 
 
 # Units of work (store/executor.py)
 
-def reserve(db, reply_id: str, user_id: int, bound: Bound, limits: Limits, now: float,
-            today: date, until: float):
-    """Reserve ``bound`` for the reply; None if it fits, else the user's
-    standing (a row of _STANDING) to say which limit it would pass."""
+def reserve(db, user_id: int, bound: Bound, limits: Limits, now: float, today: date):
+    """Whether ``bound`` may be reserved for a reply of the user: None if it
+    fits (the caller then opens the reply's stream with it, in the same
+    transaction), else the user's standing (a row of _STANDING) to say which
+    limit it would pass."""
     if db.dialect == "postgresql":
         db.execute(_LOCK_USER, {"user_id": user_id})
-    values = {"rid": reply_id, "uid": user_id, "bound_tokens": bound.tokens,
-              "bound_cost": bound.cost, "until": until, "now": now, **_windows(today),
-              **limits.values()}
-    if db.execute(_RESERVE, values).scalar() is not None:
-        return None
-    return db.execute(_STANDING, values).first()
+    found = standing(db, user_id, limits, now, today)
+    return None if found is None or fits(found, bound) else found
 
 
-def settle(db, reply_id: str, user_id: int, day: date, tokens: int, cost: float,
-           reserved: bool = True) -> None:
-    """Replace the reply's reservation (if it had one: ``reserved``) by what it spent."""
-    if reserved:
-        db.execute(_RELEASE, {"rid": reply_id})
+def settle(db, user_id: int, day: date, tokens: int, cost: float) -> None:
+    """Add what a saved reply spent to the user's usage (its reservation
+    ended with its stream)."""
     if tokens or cost:
         db.execute(_ADD_USAGE[db.dialect], {"uid": user_id, "today": day, "tokens": tokens,
                                             "spent": cost})
-
-
-def release(db, reply_id: str) -> None:
-    db.execute(_RELEASE, {"rid": reply_id})
-
-
-def renew(db, reply_ids: list[str], now: float, ttl: float) -> None:
-    """Extend the reservations of these replies (in flight here); forget
-    reservations of any instance that expired a while ago."""
-    if reply_ids:
-        db.execute(_RENEW, [{"which": reply_id, "until": now + ttl} for reply_id in reply_ids])
-    db.execute(_FORGET, {"before": now - ttl})
 
 
 def standing(db, user_id: int, limits: Limits, now: float, today: date):
@@ -211,6 +187,3 @@ def set_overrides(db, username: str, per_day, per_month, cost_month, unlimited) 
 
 def overrides(db, username: str):
     return db.execute(_OVERRIDES, {"name": username}).first()
-
-
-

@@ -242,22 +242,21 @@ class Store:
 
     async def finish_reply(self, reply_id: str, conversation_id: int, user_id: int,
                            reply_to_id: int, pieces: list[str], flushed: bool,
-                           steps=(), tool_events: str | None = None, reserved: bool = True,
-                           **columns) -> int:
+                           steps=(), tool_events: str | None = None, **columns) -> int:
         """Save a reply (or the record of a failed or cancelled one) and close
         its stream, in one transaction. ``pieces`` are its chunks (for a later
         resume); ``flushed``: whether any of them were saved on the way;
         ``steps`` its tool calls (tool_loop.Step); ``tool_events`` their
-        events as a resume replays them (JSON, replies.py); ``reserved``:
-        whether ``admit`` reserved quota for it (False spares a statement).
+        events as a resume replays them (JSON, replies.py).
 
         ``columns`` are Message columns: content, status, agent, model,
         tokens_in, tokens_out, latency_ms, ttft_ms, error_ref, error_kind,
-        cost. Its tokens and cost replace its quota reservation (quotas.py).
+        cost. Its tokens and cost are added to the user's usage; its quota
+        reservation ends with its stream (quotas.py).
         """
         row = messages.reply_row(conversation_id, user_id, reply_to_id, reply_id, **columns)
         return await self.writer.run(_finish_reply, reply_id, row, pieces, flushed, list(steps),
-                                     tool_events, reserved, lock_key=user_id)
+                                     tool_events, lock_key=user_id)
 
     # Replies in flight (streams.py; the design is in tornado_app/replies.py)
 
@@ -448,14 +447,14 @@ def _admit(db, conversation_id, user_id, content, now, limit, per_seconds, after
     bound = None
     if quota is not None:
         bound = quota.bound_of(turns, saved)
-        refused = quotas.reserve(db, reply_id, user_id, bound, quota.limits, now,
-                                 quota.today, lease_until)
+        # Checked here, held by the reply's stream (opened below with the bound).
+        refused = quotas.reserve(db, user_id, bound, quota.limits, now, quota.today)
         if refused is not None:
             return Admission(decision, reserved=bound, over_quota=refused)
     if existing is None and db.dialect == "postgresql":  # one round trip (pg_exchange.py)
         public_id = messages.new_public_id()
         row = messages.user_message(conversation_id, user_id, content, public_id, parent)
-        message_id = pg_exchange.open_exchange(db, row, reply_id, instance, lease_until)
+        message_id = pg_exchange.open_exchange(db, row, reply_id, instance, lease_until, bound)
     else:
         if existing is None:
             public_id = messages.new_public_id()
@@ -465,7 +464,7 @@ def _admit(db, conversation_id, user_id, content, now, limit, per_seconds, after
             message_id, public_id = existing.id, existing.public_id
         branches.set_leaf(db, conversation_id, message_id)
         streams.open_stream(db, reply_id, conversation_id, user_id, message_id, instance,
-                            lease_until)
+                            lease_until, bound)
     steps = {}
     if any(turn.role != ROLE_USER for turn in turns):
         steps = tool_steps.between(db, conversation_id, turns[0].id - 1, message_id)
@@ -488,21 +487,20 @@ def _branch_target(db, conversation_id, leaf_id, branching: Branching):
 
 
 def _finish_reply(db, reply_id: str, row: dict, pieces: list[str], flushed: bool,
-                  steps: list, tool_events: str | None, reserved: bool) -> int:
+                  steps: list, tool_events: str | None) -> int:
     tokens, cost = (row["tokens_in"] or 0) + (row["tokens_out"] or 0), row["cost"] or 0.0
-    if db.dialect == "postgresql":  # one round trip, the reservation's release included (pg_exchange.py)
+    if db.dialect == "postgresql":  # one round trip, the usage included (pg_exchange.py)
         reply_row_id = pg_exchange.finish_reply(db, row, pieces, tokens, cost, tool_events)
     else:
         reply_row_id = streams.finish(db, reply_id, row, pieces, flushed, tool_events)
-        quotas.settle(db, reply_id, row["user_id"], row["created_at"].date(), tokens, cost, reserved)
+        quotas.settle(db, row["user_id"], row["created_at"].date(), tokens, cost)
     tool_steps.save(db, reply_row_id, row["conversation_id"], row["user_id"], row["agent"], steps)
     return reply_row_id
 
 
 def _renew(db, instance: str, now: float, ttl: float, reply_ids: list[str]) -> None:
     leases.renew(db, instance, now, ttl)
-    streams.renew(db, reply_ids, now + ttl)
-    quotas.renew(db, reply_ids, now, ttl)
+    streams.renew(db, reply_ids, now + ttl)  # their quota reservations with them
 
 
 def _interrupted_row(expired, text: str) -> dict:

@@ -24,7 +24,7 @@ from sqlalchemy import (
     update,
 )
 
-from . import branches
+from . import branches, quotas
 from .messages import INSERT_MESSAGE, messages
 from .models import ReplyChunk, ReplyStream, utcnow
 
@@ -52,6 +52,8 @@ _OPEN = streams.insert().values(
     last_seq=-1,
     cancel_requested=False,
     created_at=bindparam("created_at", type_=DateTime),
+    reserved_tokens=bindparam("reserved_tokens", type_=Integer),
+    reserved_cost=bindparam("reserved_cost", type_=Float),
 )
 _INSERT_CHUNK = chunks.insert().values(
     reply_id=_REPLY_ID, seq=bindparam("seq", type_=Integer), text=bindparam("text", type_=Text))
@@ -155,10 +157,13 @@ def cut(text: str, lengths: str | None) -> list[str]:
 # Units of work
 
 def open_stream(db, reply_id: str, conversation_id: int, user_id: int, message_id: int,
-                instance: str, lease_until: float) -> None:
+                instance: str, lease_until: float, reserved: quotas.Bound | None) -> None:
+    """Open a reply's stream, leased to ``instance``, holding its quota
+    reservation (``reserved``, checked by quotas.reserve; None: no quota)."""
     db.execute(_OPEN, {"reply_id": reply_id, "conversation_id": conversation_id,
                        "user_id": user_id, "message_id": message_id, "instance": instance,
-                       "lease_until": lease_until, "created_at": utcnow()})
+                       "lease_until": lease_until, "created_at": utcnow(),
+                       **quotas.reservation(reserved)})
 
 
 def flush(db, new_chunks: list[dict], last_seqs: list[dict], instance: str,
@@ -182,7 +187,7 @@ def cancel_requests(db, instance: str) -> list[str]:
 def finish(db, reply_id: str, row: dict, pieces: list[str], flushed: bool,
            tool_events: str | None = None) -> int:
     """Save the reply's row and close its stream (keeping where its chunks
-    began, and its tool events), in one transaction."""
+    began, and its tool events; its quota reservation ends), in one transaction."""
     reply_row_id = db.execute(INSERT_MESSAGE, row).scalar()
     branches.advance_leaf(db, row["conversation_id"], row["reply_to_id"], reply_row_id)
     db.execute(_FINISH, {"which": reply_id, "now": utcnow(), "seq": len(pieces) - 1,
@@ -204,8 +209,9 @@ def request_cancel(db, reply_id: str, user_id: int) -> bool:
 
 
 def renew(db, reply_ids: list[str], lease_until: float) -> None:
-    """Extend the leases of these replies (this process's, in flight). By id,
-    not by instance: a reply whose save failed must stop being renewed."""
+    """Extend the leases of these replies (this process's, in flight), and so
+    their quota reservations. By id, not by instance: a reply whose save
+    failed must stop being renewed."""
     if reply_ids:
         db.execute(_RENEW, [{"which": reply_id, "until": lease_until}
                             for reply_id in reply_ids])
