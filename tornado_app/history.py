@@ -123,8 +123,13 @@ class History:
             for turn in self.turns:
                 turn.tokens = None
             self.counted_by = agent
-        for turn in turns:
-            if turn.tokens is None:
-                turn.tokens = agent.count_tokens(turn.content)
-                for message in turn.steps or ():
-                    turn.tokens += agent.count_tokens(result_text(message)) + TOKENS_PER_STEP
+        # Turns join the copy at its end, uncounted, and are counted in order:
+        # the uncounted ones are the last, so they are found from the end
+        # (per message: the new turns, not all 200).
+        start = len(turns)
+        while start and turns[start - 1].tokens is None:
+            start -= 1
+        for turn in turns[start:]:
+            turn.tokens = agent.count_tokens(turn.content)
+            for message in turn.steps or ():
+                turn.tokens += agent.count_tokens(result_text(message)) + TOKENS_PER_STEP
