@@ -320,6 +320,26 @@ def test_without_the_int4_kernel_the_weights_stay_as_they_are(tiny_four_bit_dir,
     run(body)
 
 
+def test_omp_wait_policy_is_set_before_torch_loads(monkeypatch, caplog):
+    import subprocess
+    import sys
+
+    script = ("import os, sys; from plugins.transformers_agent import set_omp_wait_policy; "
+              "set_omp_wait_policy(sys.argv[1] or None); "
+              "print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)")
+    root = Path(__file__).resolve().parent.parent
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    for policy, expected in (("passive", "PASSIVE False"), ("", "ACTIVE False")):
+        out = subprocess.run([sys.executable, "-c", script, policy], cwd=root, check=True,
+                             capture_output=True, text=True).stdout.split()
+        assert " ".join(out) == expected
+    # Here torch is loaded: too late to take effect, and the log says so.
+    import torch  # noqa: F401
+
+    transformers_agent.set_omp_wait_policy("passive")
+    assert "OMP_WAIT_POLICY=PASSIVE in the environment" in caplog.text
+
+
 def test_a_missing_model_path_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"agent\.transformers\.model_path: .*does not exist"):
         make_agent(tmp_path / "nowhere", tmp_path)
