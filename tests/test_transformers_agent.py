@@ -282,6 +282,8 @@ def test_int4_layers_compute_what_their_four_bit_weights_do():
         for rows in (1, 8, 40):
             hidden = torch.randn(rows, 1, 64)
             assert torch.allclose(int4(hidden), linear(hidden), atol=1e-4)
+        prompt = torch.randn(1, 40, 64)  # a prompt's many rows take the full weight
+        assert torch.equal(int4(prompt), linear(prompt))
     assert int4_codes(torch.nn.Linear(64, 40).weight) is None  # the kernel packs 16 outputs
 
 
