@@ -217,7 +217,8 @@ class Int4Linear(nn.Module):
         super().__init__()
         values, scales, zeros = codes
         self.out_features = linear.out_features
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 1))
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 1)
+        self.register_buffer("packed", packed)
         self.register_buffer("scales_and_zeros", torch.stack([scales, zeros], dim=-1).contiguous())
         self.weight, self.bias = linear.weight, linear.bias
 
