@@ -34,6 +34,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,7 +79,14 @@ class TransformersOptions(BaseModel):
     packed_weights: bool = Field(
         True, description="float32 only: a second copy of the weights packed for full "
         "batches: ~14% more tokens/s near max_batch_size, twice the weight memory")
+    int4_weights: bool = Field(
+        True, description="linear layers whose weights are 4-bit already (a Q4_1 GGUF's) "
+        "run on torch's int4 kernel: the same weights, a quarter of bfloat16's bytes")
     threads: int | None = Field(None, ge=1, description="torch threads; empty: torch's default")
+    omp_wait_policy: Literal["passive", "active"] | None = Field(
+        "passive", description="OMP_WAIT_POLICY for torch's threads, set before torch is "
+        "imported; passive: idle threads sleep instead of spinning (a shared machine); "
+        "empty: the environment's")
     context_tokens: int | None = Field(
         None, ge=64, description="cap on prompt + reply tokens; empty: the model's maximum")
     cache_dir: str | None = Field(
@@ -261,6 +269,7 @@ class TransformersAgent(Agent):
 
     async def start(self) -> None:
         logger.info("loading local model %s from %s", self.model, self.source.folder)
+        set_omp_wait_policy(self.options.omp_wait_policy)
         try:
             # Importing torch takes seconds: not on the event loop.
             batching = await asyncio.to_thread(
@@ -282,16 +291,19 @@ class TransformersAgent(Agent):
         """Runs on the engine's thread: load, size the context, prepare for decoding."""
         import torch
 
-        from plugins.transformers_batching import compute_dtype, prepare_for_decoding
+        from plugins.transformers_batching import (compute_dtype, prepare_for_decoding,
+                                                   use_int4_weights)
 
         if self.options.threads:
             torch.set_num_threads(self.options.threads)
         loaded = load_model(self.source, self.cache_root)
         dtype = compute_dtype(self.options.dtype)
+        int4, linears = use_int4_weights(loaded.model) if self.options.int4_weights else (0, 0)
         loaded.model.to(dtype)
-        logger.info("local model %s loaded in %.1f s (%s, %s, %d torch threads)", self.model,
-                    loaded.seconds, "converted copy" if loaded.from_cache else "original files",
-                    str(dtype).removeprefix("torch."), torch.get_num_threads())
+        logger.info("local model %s loaded in %.1f s (%s, %s, %d torch threads, "
+                    "%d of %d linear layers on int4 weights)", self.model, loaded.seconds,
+                    "converted copy" if loaded.from_cache else "original files",
+                    str(dtype).removeprefix("torch."), torch.get_num_threads(), int4, linears)
         limit = getattr(loaded.model.config, "max_position_embeddings", None) or self.context_tokens
         self.context_tokens = min(self.options.context_tokens or limit, limit)
         self.reply_tokens = min(self.options.max_new_tokens, self.context_tokens // 2)
@@ -390,6 +402,24 @@ class TransformersAgent(Agent):
         engine.model = engine.tokenizer = self.tokenizer = None
         gc.collect()
         logger.info("local model %s closed", self.model)
+
+
+def set_omp_wait_policy(policy: str | None) -> None:
+    """OMP_WAIT_POLICY for torch's OpenMP threads; read once, when torch loads.
+
+    OpenMP's threads spin at every parallel region by default. On 2 cores
+    shared with the event loop (or other processes) a spinning thread keeps
+    its partner off the CPU: one decode step took 0.7-1.8 s instead of 30 ms
+    on a loaded machine (docs/agents/transformers.md). Passive threads sleep.
+    """
+    if policy is None:
+        return
+    if "torch" in sys.modules:
+        if os.environ.get("OMP_WAIT_POLICY", "").lower() != policy:
+            logger.warning("agent.transformers.omp_wait_policy: torch is loaded already; "
+                           "set OMP_WAIT_POLICY=%s in the environment instead", policy.upper())
+        return
+    os.environ["OMP_WAIT_POLICY"] = policy.upper()
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:

@@ -172,6 +172,106 @@ def _packing_works(packed_rows: int) -> bool:
         return False
 
 
+# A 4-bit weight's group: GGUF's Q4 blocks are 32 weights along the input.
+INT4_GROUP = 32
+# Most rows that Int4Linear sends through the int4 kernel; prompts (more rows)
+# take the full weight, on which 30 to 120 rows ran 1.2-1.7x faster.
+INT4_MAX_ROWS = 16
+
+
+def int4_codes(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The 4-bit codes, scales and zeros of a weight that is 4-bit already, else None.
+
+    "4-bit already": every group of 32 inputs holds at most 16 evenly spaced
+    values from its minimum to its maximum, as a de-quantized Q4_1 block does
+    (llama.cpp maps a block's minimum to code 0 and its maximum to 15). Then
+    the codes give back the very weights; any other weight is left alone.
+    Codes are (out, in) in 0..15; weight = (code - 8) * scale + zero, per group,
+    the layout of torch's int4 kernel.
+    """
+    out_features, in_features = weight.shape
+    if in_features % INT4_GROUP or out_features % 16:  # the kernel's packing needs both
+        return None
+    groups = weight.detach().float().reshape(out_features, -1, INT4_GROUP)
+    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    scale = (high - low) / 15
+    codes = ((groups - low) / torch.where(scale > 0, scale, 1)).round().clamp(0, 15)
+    if ((codes * scale + low - groups).abs() > 0.01 * scale + 1e-7).any():
+        return None
+    return (codes.to(torch.int32).reshape(out_features, in_features),
+            scale.squeeze(-1).t(), (low + 8 * scale).squeeze(-1).t())
+
+
+class Int4Linear(nn.Module):
+    """``nn.Linear`` whose weight is 4-bit already, on torch's int4 CPU kernel.
+
+    A decode step reads every weight once, and on a few rows that reading is
+    the step (docs/agents/transformers.md): a quarter of bfloat16's bytes.
+    Prompts, many rows at once, are bound by arithmetic instead, where the
+    kernel's de-quantizing costs more than it saves: they use the full weight,
+    kept beside the codes. The scales, zeros and weight take the model's dtype
+    with ``model.to(dtype)``.
+    """
+
+    def __init__(self, linear: nn.Linear, codes: tuple[torch.Tensor, torch.Tensor, torch.Tensor]):
+        super().__init__()
+        values, scales, zeros = codes
+        self.out_features = linear.out_features
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 1)
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_and_zeros", torch.stack([scales, zeros], dim=-1).contiguous())
+        self.weight, self.bias = linear.weight, linear.bias
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        flat = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+        if flat.shape[0] > INT4_MAX_ROWS:
+            return nn.functional.linear(hidden, self.weight, self.bias)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            flat, self.packed, INT4_GROUP, self.scales_and_zeros)
+        out = out.reshape(*hidden.shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias
+
+
+def _int4_works() -> bool:
+    """torch's int4 CPU kernel is there and computes what the de-quantized weight does."""
+    try:
+        probe = nn.Linear(2 * INT4_GROUP, 16, bias=False)
+        with torch.no_grad():  # every group holds all 16 codes
+            codes = torch.arange(16 * 2 * INT4_GROUP).reshape(16, -1) * 7 % 16
+            probe.weight.copy_(codes * 0.01 - 0.05)
+        codes = int4_codes(probe.weight)
+        sample = torch.randn(3, 2 * INT4_GROUP)
+        return codes is not None and torch.allclose(Int4Linear(probe, codes)(sample),
+                                                    probe(sample), atol=1e-4)
+    except (AttributeError, RuntimeError, NotImplementedError) as exc:
+        logger.info("torch's int4 kernel unavailable (%s); keeping the weights as they are",
+                    type(exc).__name__)
+        return False
+
+
+def use_int4_weights(model: nn.Module) -> tuple[int, int]:
+    """Swap the linear layers whose weights are 4-bit already for :class:`Int4Linear`.
+
+    Call it before casting the model to its dtype (the grid is checked in
+    float32). Returns (layers swapped, linear layers in all); none are
+    swapped on another device or where the kernel is missing.
+    """
+    linears = [(module, name, child) for module in model.modules()
+               for name, child in module.named_children() if type(child) is nn.Linear]
+    if not linears or next(model.parameters()).device.type != "cpu":
+        return 0, len(linears)
+    with torch.inference_mode():
+        if not _int4_works():
+            return 0, len(linears)
+    swapped = 0
+    for module, name, child in linears:
+        codes = int4_codes(child.weight)
+        if codes is not None:
+            setattr(module, name, Int4Linear(child, codes))
+            swapped += 1
+    return swapped, len(linears)
+
+
 def compute_dtype(name: str) -> torch.dtype:
     """The dtype of the option ``dtype``. ``auto``: bfloat16 where the CPU has
     native bfloat16 arithmetic (AVX512-BF16, AMX), else float32.

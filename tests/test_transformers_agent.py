@@ -29,6 +29,12 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_four_bit_dir(tmp_path_factory) -> Path:
+    """The tiny model with its decoder layers' weights on a Q4_1 grid."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model") / "tiny-q4", four_bit=True)
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer():
     return build_tokenizer()
 
@@ -124,11 +130,15 @@ def test_concurrent_requests_share_decode_steps(tiny_model_dir, tmp_path):
     run(body)
 
 
-def test_cancel_stops_one_request_and_the_others_finish(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("four_bit", [False, True], ids=["plain", "int4"])
+def test_cancel_stops_one_request_and_the_others_finish(tiny_model_dir, tiny_four_bit_dir,
+                                                        tmp_path, four_bit):
     budget = 400
+    folder = tiny_four_bit_dir if four_bit else tiny_model_dir
 
     async def body():
-        async with started_agent(tiny_model_dir, tmp_path, max_new_tokens=budget) as agent:
+        async with started_agent(folder, tmp_path, max_new_tokens=budget) as agent:
+            assert int4_layers(agent) == (14 if four_bit else 0)
             requests = [ask(f"question {i}") for i in range(3)]
             first_piece = asyncio.Event()
 
@@ -251,6 +261,87 @@ def test_decode_linear_layers_compute_what_nn_linear_does():
             assert torch.allclose(packed(hidden), linear(hidden), atol=1e-5)
 
 
+def int4_layers(agent: TransformersAgent) -> int:
+    from plugins.transformers_batching import Int4Linear
+
+    return sum(isinstance(m, Int4Linear) for m in agent.engine.model.modules())
+
+
+def test_int4_layers_compute_what_their_four_bit_weights_do():
+    import torch
+
+    from plugins.transformers_batching import Int4Linear, int4_codes
+
+    from .tiny_model import snap_to_four_bits
+
+    linear = torch.nn.Linear(64, 48)
+    assert int4_codes(linear.weight) is None  # full precision: left alone
+    snap_to_four_bits(linear.weight)
+    int4 = Int4Linear(linear, int4_codes(linear.weight))
+    with torch.inference_mode():
+        for rows in (1, 8, 40):
+            hidden = torch.randn(rows, 1, 64)
+            assert torch.allclose(int4(hidden), linear(hidden), atol=1e-4)
+        prompt = torch.randn(1, 40, 64)  # a prompt's many rows take the full weight
+        assert torch.equal(int4(prompt), linear(prompt))
+    assert int4_codes(torch.nn.Linear(64, 40).weight) is None  # the kernel packs 16 outputs
+
+
+def test_a_four_bit_model_runs_on_int4_weights_with_the_same_tokens(tiny_four_bit_dir, tmp_path):
+    prompts = ["one", "a longer second prompt", "3", "the fourth prompt, longest of all of them"]
+
+    async def replies(int4_weights: bool) -> list[str]:
+        # float32: the int4 kernel computes the very weights, so greedy tokens agree.
+        async with started_agent(tiny_four_bit_dir, tmp_path, dtype="float32", max_new_tokens=24,
+                                 int4_weights=int4_weights, max_batch_size=4) as agent:
+            assert int4_layers(agent) == (14 if int4_weights else 0)  # 7 per layer, not lm_head
+            alone = [await collect(agent, ask(p)) for p in prompts]
+            together = await asyncio.gather(*(collect(agent, ask(p)) for p in prompts))
+            assert list(together) == alone
+            return alone
+
+    assert run(replies, True) == run(replies, False)
+
+
+def test_without_the_int4_kernel_the_weights_stay_as_they_are(tiny_four_bit_dir, tmp_path,
+                                                             monkeypatch):
+    import torch
+
+    def missing(*args):
+        raise NotImplementedError("no int4 kernel on this build")
+
+    monkeypatch.setattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu", missing)
+
+    async def body():
+        async with started_agent(tiny_four_bit_dir, tmp_path, max_new_tokens=6) as agent:
+            assert int4_layers(agent) == 0
+            request = ask("hello")
+            assert await collect(agent, request)
+            assert request.usage.tokens_out == 6
+
+    run(body)
+
+
+def test_omp_wait_policy_is_set_before_torch_loads(monkeypatch, caplog):
+    import subprocess
+    import sys
+
+    script = ("import os, sys; from plugins.transformers_agent import set_omp_wait_policy; "
+              "set_omp_wait_policy(sys.argv[1] or None); "
+              "print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)")
+    root = Path(__file__).resolve().parent.parent
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    for policy, expected in (("passive", "PASSIVE False"), ("", "ACTIVE False")):
+        out = subprocess.run([sys.executable, "-c", script, policy], cwd=root, check=True,
+                             capture_output=True, text=True).stdout.split()
+        assert " ".join(out) == expected
+    # Here torch is loaded: too late to take effect, and the log says so.
+    import torch  # noqa: F401
+
+    transformers_agent.set_omp_wait_policy("passive")
+    assert "OMP_WAIT_POLICY=PASSIVE in the environment" in caplog.text
+
+
 def test_a_missing_model_path_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"agent\.transformers\.model_path: .*does not exist"):
         make_agent(tmp_path / "nowhere", tmp_path)
@@ -334,6 +425,8 @@ def test_the_bundled_model_answers_and_is_cached(tmp_path, caplog):
     second, _ = run(answer)
     assert second == first
     assert "loaded in" in caplog.text and "(converted copy" in caplog.text
+    # Q4_1 decoder layers run from their 4-bit codes; the Q8_0 output layer does not.
+    assert "210 of 211 linear layers on int4 weights" in caplog.text
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -66,10 +66,35 @@ def build_model(tokenizer, seed: int = 0):
     return model.eval()
 
 
-def save_tiny_model(folder: Path) -> Path:
-    """Build the tokenizer and the model and save both into ``folder``."""
+def snap_to_four_bits(weight) -> None:
+    """Round a weight in place as llama.cpp's Q4_1 does, then de-quantize it.
+
+    Each group of 32 inputs gets 16 evenly spaced values from its minimum
+    (code 0) to its maximum (code 15): what a de-quantized Q4_1 GGUF holds.
+    """
+    import torch
+
+    with torch.no_grad():
+        groups = weight.view(weight.shape[0], -1, 32)
+        low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+        scale = (high - low) / 15
+        groups.copy_(((groups - low) / scale).round() * scale + low)
+
+
+def save_tiny_model(folder: Path, four_bit: bool = False) -> Path:
+    """Build the tokenizer and the model and save both into ``folder``.
+
+    ``four_bit``: the decoder layers' linear weights as a Q4_1 GGUF's (the
+    output layer, 259 wide, stays as it is, like the bundled model's Q8_0 one).
+    """
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     tokenizer.save_pretrained(folder)
-    build_model(tokenizer).save_pretrained(folder)
+    model = build_model(tokenizer)
+    if four_bit:
+        for layer in model.model.layers:
+            for module in layer.modules():
+                if type(module).__name__ == "Linear":
+                    snap_to_four_bits(module.weight)
+    model.save_pretrained(folder)
     return folder
