@@ -193,3 +193,6 @@ def test_compiled_parameters_take_given_values_defaults_and_processors():
     assert tuple(Compiled(select(bindparam("a", type_=Integer)), dialect).parameters(
         {"a": 5})) == (5,)
     assert tuple(Compiled(select(1), dialect).parameters(None)) == ()
+    # No values at all: every parameter's own value stands in.
+    assert list(Compiled(select(bindparam("b", 7, type_=Integer)), dialect).parameters(
+        None)) == [7]

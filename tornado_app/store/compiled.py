@@ -45,8 +45,9 @@ class Compiled:
         self.row = namedtuple("Row", [column.keyname for column in columns], rename=True)._make
 
     def parameters(self, values: dict | None) -> tuple | list:
+        values = values or {}
         try:
-            picked = self._pick(values or {})
+            picked = self._pick(values)
         except KeyError:  # a bind parameter's own value stands in
             defaults = self.defaults
             picked = [values[name] if name in values else defaults[name] for name in self.names]
