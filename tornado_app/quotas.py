@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 
 from .config import PricingSettings, QuotaSettings
-from .store.quotas import Bound, Limits
+from .store.quotas import Bound, Limits, passed_limit
 
 # Tokens counted per message for the chat template's role markers (as chat.py).
 TOKENS_PER_MESSAGE = 4
@@ -131,14 +131,13 @@ def money(value: float) -> str:
 def refusal(standing, bound: Bound, windows: Windows, currency: str) -> str:
     """The error frame's text for a message the quotas refuse: the first limit
     the bound would pass (day, month, cost). Used counts replies in flight."""
-    used_today = standing.tokens_today + standing.reserved_tokens
-    used_month = standing.tokens_month + standing.reserved_tokens
-    if standing.tokens_per_day is not None and used_today + bound.tokens > standing.tokens_per_day:
-        return _tokens_text(used_today, standing.tokens_per_day, "today", windows.day_resets)
-    if (standing.tokens_per_month is not None
-            and used_month + bound.tokens > standing.tokens_per_month):
-        return _tokens_text(used_month, standing.tokens_per_month, "this month",
-                            windows.month_resets)
+    which = passed_limit(standing, bound)
+    if which == "day":
+        return _tokens_text(standing.tokens_today + standing.reserved_tokens,
+                            standing.tokens_per_day, "today", windows.day_resets)
+    if which == "month":
+        return _tokens_text(standing.tokens_month + standing.reserved_tokens,
+                            standing.tokens_per_month, "this month", windows.month_resets)
     spent = min(standing.cost_month + standing.reserved_cost, standing.cost_per_month or 0.0)
     return (f"Cost quota reached: {money(spent)} of {money(standing.cost_per_month or 0.0)} "
             f"{currency} used this month; it resets at {iso(windows.month_resets)}.")

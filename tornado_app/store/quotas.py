@@ -142,15 +142,22 @@ def reservation(bound: Bound | None) -> dict:
     return {"reserved_tokens": bound.tokens, "reserved_cost": bound.cost}
 
 
-def fits(standing, bound: Bound) -> bool:
-    """Whether ``bound`` stays within every limit of the user's ``standing``
-    (a row of _STANDING), the live reservations counted."""
-    used_today = standing.tokens_today + standing.reserved_tokens + bound.tokens
-    used_month = standing.tokens_month + standing.reserved_tokens + bound.tokens
-    spent = standing.cost_month + standing.reserved_cost + bound.cost
-    return ((standing.tokens_per_day is None or used_today <= standing.tokens_per_day)
-            and (standing.tokens_per_month is None or used_month <= standing.tokens_per_month)
-            and (standing.cost_per_month is None or spent <= standing.cost_per_month + EPSILON))
+def passed_limit(standing, bound: Bound) -> str | None:
+    """The first limit of the user's ``standing`` (a row of _STANDING) that
+    ``bound`` would pass, the live reservations counted: ``"day"``,
+    ``"month"`` or ``"cost"``; None when it fits them all."""
+    tokens = standing.reserved_tokens + bound.tokens
+    if standing.tokens_per_day is not None and (
+            standing.tokens_today + tokens > standing.tokens_per_day):
+        return "day"
+    if standing.tokens_per_month is not None and (
+            standing.tokens_month + tokens > standing.tokens_per_month):
+        return "month"
+    if standing.cost_per_month is not None and (
+            standing.cost_month + standing.reserved_cost + bound.cost
+            > standing.cost_per_month + EPSILON):
+        return "cost"
+    return None
 
 
 # Units of work (store/executor.py)
@@ -163,7 +170,7 @@ def reserve(db, user_id: int, bound: Bound, limits: Limits, now: float, today: d
     if db.dialect == "postgresql":
         db.execute(_LOCK_USER, {"user_id": user_id})
     found = standing(db, user_id, limits, now, today)
-    return None if found is None or fits(found, bound) else found
+    return None if found is None or passed_limit(found, bound) is None else found
 
 
 def settle(db, user_id: int, day: date, tokens: int, cost: float) -> None:
