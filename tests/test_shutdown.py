@@ -53,3 +53,25 @@ async def test_no_new_connections_after_stop(service, ws_url):
     await service.stop()
     with pytest.raises((ConnectionRefusedError, OSError)):
         await websocket_connect(ws_url())
+
+
+@pytest.mark.gen_test
+async def test_the_replies_loop_stops_when_cancelled_as_it_wakes(service, connect, fake_agent):
+    """Python 3.11's asyncio.wait_for drops a cancel that comes in the loop
+    turns right after the event it waits for is set: stop() then waited for
+    the replies' background loop for ever. Each offset in turns is tried."""
+    fake_agent.enqueue("never", gate=asyncio.Event())
+    client = await connect()
+    await client.send({"content": "hang"})
+    await fake_agent.received()  # a live reply: the loop waits with a timeout
+    replies = service.replies
+    for turns in range(5):
+        await asyncio.sleep(0.02)  # the loop is back in its timed wait
+        [loop] = replies._tasks
+        replies._wake.set()
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        loop.cancel()
+        done, _ = await asyncio.wait([loop], timeout=2)
+        assert done, f"a cancel {turns} turn(s) after the wake-up was lost"
+        replies.start_background()

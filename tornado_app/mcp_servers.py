@@ -175,7 +175,8 @@ class McpConnection:
         await self._connected(client)
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), POLL_SECONDS)
+                async with asyncio.timeout(POLL_SECONDS):  # not wait_for: see Replies._loop
+                    await self._changed.wait()
             self._changed.clear()
             await self._refresh(client)
 

@@ -39,6 +39,7 @@ then on (docs/architecture.md, "Durable replies"):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -397,10 +398,12 @@ class Replies:
                 # only: poll, or wait for PostgreSQL to say something changed.
                 timeout = FLUSH_SECONDS if self.live or not self._notified else (
                     NOTIFIED_POLL_SECONDS)
-                try:
-                    await asyncio.wait_for(self._wake.wait(), timeout)
-                except TimeoutError:
-                    pass
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for drops
+                # a cancel (shutdown's) that comes as the event is set, and
+                # this loop would then wait for ever.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(timeout):
+                        await self._wake.wait()
             self._wake.clear()
             try:
                 await self.flush()
