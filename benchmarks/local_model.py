@@ -363,6 +363,7 @@ def run(workdir: Path, size: dict, variants: dict[str, Path] | None = None,
         "notes": notes,
         "variants": variant_results(variant_rows, singles, batches),
         "rounds_detail": rows,
+        "variants_detail": variant_rows,
     }
 
 
