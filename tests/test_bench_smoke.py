@@ -16,7 +16,7 @@ import yaml
 from benchmarks import __main__ as bench_main
 from benchmarks import connections, harness, local_model, overhead, report, scaleout
 
-from .tiny_model import save_tiny_model
+from .tiny_model import TOOLS_TEMPLATE, save_tiny_model
 
 SMOKE = bench_main.SIZES["smoke"]
 
@@ -83,8 +83,9 @@ def overlay(name: str) -> dict:
 def test_model_figure_on_the_tiny_model(workdir):
     """Figure 3, with --variant: this tree again, as another copy, in the same rounds,
     and this tree with benchmarks/memory.yaml and benchmarks/tools.yaml laid over it
-    (one run for all: loading models is the slow part)."""
-    folder = save_tiny_model(workdir / "tiny-model")
+    (one run for all: loading models is the slow part). The tiny model's chat
+    template takes tools, so that the tools reaching it show in its prompts."""
+    folder = save_tiny_model(workdir / "tiny-model", chat_template=TOOLS_TEMPLATE)
     size = {**SMOKE["model"], "hf_folder": str(folder), "data_dir": str(workdir / "data"),
             "agent_options": {"model_path": str(folder), "cache_dir": None}}
     copies = {name: harness.REPO for name in ("again", "memory", "tools")}
@@ -103,7 +104,9 @@ def test_model_figure_on_the_tiny_model(workdir):
     # is longer, by at least the section's header (one token per byte here).
     assert variants["again"]["prompt_tokens"] == result["prompt_tokens"]
     assert variants["memory"]["prompt_tokens"] > result["prompt_tokens"] + 40
-    # The tools variant's service ran with the tools and the agent's own options.
+    # The tools reached the agent (their descriptions are in its prompts), and
+    # the overlay kept the agent's own options.
+    assert variants["tools"]["prompt_tokens"] > result["prompt_tokens"] + 100
     (config,) = (workdir / "tools").glob("config-*.yaml")
     agent = yaml.safe_load(config.read_text())["agent"]
     assert agent["tools"] == ["clock", "memory", "recall"]
