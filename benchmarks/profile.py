@@ -5,7 +5,8 @@ server with py-spy for ``--seconds`` and prints where the time goes: the
 functions with the most samples (own time and total time), per thread. The
 raw collapsed stacks are kept for flame graphs (``--raw FILE``). ``--config
 FILE`` lays a YAML file's config sections over the service's (e.g.
-benchmarks/quotas.yaml, as ``--variant-config`` does for figure 1).
+benchmarks/quotas.yaml, as ``--variant-config`` does for figure 1; the
+memories of benchmarks/memory.yaml are saved by every user first).
 """
 
 from __future__ import annotations
