@@ -97,7 +97,8 @@ def snap_to_four_bits(weight) -> None:
         groups.copy_(((groups - low) / scale).round() * scale + low)
 
 
-def save_tiny_model(folder: Path, four_bit: bool = False, chat_template: str = CHAT_TEMPLATE) -> Path:
+def save_tiny_model(folder: Path, four_bit: bool = False,
+                    chat_template: str = CHAT_TEMPLATE) -> Path:
     """Build the tokenizer and the model and save both into ``folder``.
 
     ``four_bit``: the decoder layers' linear weights as a Q4_1 GGUF's (the
