@@ -9,9 +9,12 @@ on 2 cores); ``make bench-quick`` (or ``BENCH_SIZE=quick``) a shorter one;
 Figures: overhead (1), connections (2), model (3), scaleout (4).
 ``--variant NAME=DIR`` measures another copy of the service (a proposed
 change) beside this one: in the same rounds in figures 1 and 3, right after
-this one in figures 2 and 4; ``DIR`` may be this tree (``.``) and
-``--variant-config NAME=FILE`` lays a YAML file's config sections over that
-variant's (``make bench-quotas``: quotas on against off).
+this one in figures 2 and 4; ``DIR`` may be this tree (``.``) and, in
+figures 1 and 3, ``--variant-config NAME=FILE`` lays a YAML file's config
+sections over that variant's (``make bench-quotas``: quotas on against off;
+benchmarks/tools.yaml: the agent's tools on). The file's ``benchmark:
+{memories: {key: value}}`` is no setting: each of the variant's users saves
+those memories through the API before the rounds (benchmarks/memory.yaml).
 """
 
 from __future__ import annotations
@@ -101,7 +104,8 @@ def details(name: str, result: dict) -> list[str]:
                 f"{result['raw_tok_s']:.1f} tok/s; agent {result['batch_vs_raw']:.2f}x raw at "
                 f"{result['users']} users; {peer}; service started (model loaded) in "
                 f"{result['service_start_seconds']:.0f} s, RSS {result['service_rss_mib']:.0f} "
-                f"MiB; replies not ok: {result['batch_replies_not_ok']}.{notes}"]
+                f"MiB; replies not ok: {result['batch_replies_not_ok']}; prompt "
+                f"{result['prompt_tokens']:.0f} tokens (median, {result['users']} users).{notes}"]
         for variant, row in result.get("variants", {}).items():
             out.append(f"  - variant `{variant}`: "
                        f"1 user {row['single_tok_s']:.1f} tok/s ({row['single_vs_service']:.2f}x "
@@ -109,7 +113,7 @@ def details(name: str, result: dict) -> list[str]:
                        f"({row['batch_vs_service']:.2f}x this tree; rounds "
                        + ", ".join(f"{r:.2f}" for r in row["batch_round_ratios"])
                        + f"), TTFT {row['ttft_ms']:.0f} ms, replies not ok "
-                       f"{row['replies_not_ok']}")
+                       f"{row['replies_not_ok']}, prompt {row['prompt_tokens']:.0f} tokens")
         return out
     if name == "scaleout":
         return [f"- Figure 4: {result['clients']} clients spread over the processes, "
@@ -159,9 +163,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n== {name} ({args.size}) ==", flush=True)
             size = SIZES[args.size][name]
             (workdir / name).mkdir(parents=True)
-            if name == "overhead":
+            if name in ("overhead", "model"):
                 result = module.run(workdir / name, size, variants, configs)
-            elif name in ("connections", "model", "scaleout"):
+            elif name in ("connections", "scaleout"):
                 result = module.run(workdir / name, size, variants)
             else:
                 result = module.run(workdir / name, size)

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from contextlib import contextmanager
@@ -206,8 +207,11 @@ def query(url: str, sql: str, **params) -> list:
 
 
 def write_config(workdir: Path, db_url: str, agent: dict, data_dir: Path | None = None,
-                 **sections) -> Path:
-    """A service config for a benchmark: loopback, the benchmark secret, no rate limit."""
+                 overlay: dict | None = None, **sections) -> Path:
+    """A service config for a benchmark: loopback, the benchmark secret, no rate limit.
+    ``sections``, then ``overlay`` (a variant's, which may hold ``agent``), are laid
+    over it key by key, nested mappings merged (so that ``agent: {tools: [...]}``
+    keeps the agent's own options); ``agent`` itself is not changed."""
     config = {
         "data_dir": str(data_dir or workdir / "data"),
         "server": {"host": HOST},
@@ -217,11 +221,44 @@ def write_config(workdir: Path, db_url: str, agent: dict, data_dir: Path | None 
         "agent": agent,
         "logging": {"level": "INFO"},
     }
-    for key, value in sections.items():
-        config.setdefault(key, {}).update(value)
+    config = merged(merged(config, sections), overlay or {})
     path = workdir / f"config-{uuid.uuid4().hex[:6]}.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     return path
+
+
+def merged(base: dict, over: dict) -> dict:
+    """``base`` with ``over`` laid on it, nested mappings merged; neither is changed."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def split_overlay(overlay: dict) -> tuple[dict, dict[str, str]]:
+    """A ``--variant-config`` file: (the config sections laid over the variant's,
+    the memories each benchmark user saves before the rounds). The memories are
+    under ``benchmark: {memories: {key: value}}``, which is not a service setting."""
+    sections = dict(overlay)
+    memories = (sections.pop("benchmark", None) or {}).get("memories") or {}
+    return sections, memories
+
+
+def save_memories(port: int, tokens: list[str], memories: dict[str, str]) -> None:
+    """Each user (by token) saves ``memories`` (key -> value) through the
+    service's own API (``PUT /api/memories/{key}``), as a user of the Memory
+    panel would; an answer other than 2xx raises urllib's HTTPError."""
+    for token in tokens:
+        for key, value in memories.items():
+            request = urllib.request.Request(
+                f"http://{HOST}:{port}/api/memories/{urllib.parse.quote(key, safe='')}",
+                data=json.dumps({"value": value}).encode(), method="PUT",
+                headers={"Authorization": f"Bearer {token}",
+                         "Content-Type": "application/json"})
+            urllib.request.urlopen(request, timeout=30).close()
 
 
 class ServerProcess:

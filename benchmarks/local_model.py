@@ -173,13 +173,16 @@ class ServiceClient:
         results = harness.run_loadgens(specs, self.workdir, start_in=0.5)
         answers = results[0]["results"]
         rows = harness.query(
-            self.db_url, "SELECT tokens_out, status FROM messages "
+            self.db_url, "SELECT tokens_in, tokens_out, status FROM messages "
             "WHERE role = 'assistant' AND id > :last", last=last_id)
         tokens = sum(row.tokens_out or 0 for row in rows)
         seconds = max(a["total_ms"] for a in answers) / 1000
         return {
             "tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds,
             "replies": len(rows), "not_ok": sum(1 for row in rows if row.status != "ok"),
+            # The prompts as the agent counted them: shows what a variant's
+            # config put into them (memories make them longer).
+            "prompt_tokens": median([row.tokens_in or 0 for row in rows]) if rows else 0,
             "first_ms": median([a["first_ms"] for a in answers if a["first_ms"] is not None]),
             "connect_ms": results[1]["connect_ms"] if probes else [],
         }
@@ -190,20 +193,27 @@ class ServiceClient:
 
 
 def start_variants(stack: contextlib.ExitStack, workdir: Path, variants: dict[str, Path],
-                   agent: dict, data_dir: Path, count: int) -> dict[str, "ServiceClient"]:
-    """Other copies of the service (name -> folder), each with its own database,
-    started at once (their model loads overlap) and stopped by ``stack``."""
-    servers, clients = [], {}
+                   configs: dict[str, dict], agent: dict, data_dir: Path,
+                   count: int) -> dict[str, "ServiceClient"]:
+    """Other copies of the service (name -> folder), each with its own database
+    and its ``configs`` overlay (harness.split_overlay), started at once (their
+    model loads overlap) and stopped by ``stack``; then their users save the
+    overlay's memories."""
+    servers, clients, memories = [], {}, {}
     for name, app_dir in variants.items():
         db = stack.enter_context(harness.database("sqlite", workdir / name))
         tokens = harness.prepare_users(db.url, count, app_dir=app_dir)
-        config = harness.write_config(workdir / name, db.url, agent, data_dir=data_dir)
+        sections, memories[name] = harness.split_overlay(configs.get(name, {}))
+        config = harness.write_config(workdir / name, db.url, agent, data_dir=data_dir,
+                                      overlay=sections)
         server = ServerProcess.service(config, workdir / f"{name}.log", app_dir,
                                        ready_path="/readyz")
         servers.append(server)
         clients[name] = ServiceClient(server, db.url, tokens, workdir)
     for server in ServerProcess.start_all(servers, timeout=900):
         stack.callback(server.stop)
+    for name, client in clients.items():
+        harness.save_memories(client.server.port, client.tokens, memories[name])
     return clients
 
 
@@ -221,15 +231,20 @@ def variant_results(rows: dict[str, list], singles: list[float],
             "batch_round_ratios": [v / b for v, b in zip(batch, batches)],
             "ttft_ms": median(measured["ttft"]),
             "replies_not_ok": sum(r["not_ok"] for r in measured["batch"]),
+            "prompt_tokens": median([r["prompt_tokens"] for r in measured["batch"]]),
         }
     return out
 
 
-def run(workdir: Path, size: dict, variants: dict[str, Path] | None = None) -> dict:
+def run(workdir: Path, size: dict, variants: dict[str, Path] | None = None,
+        configs: dict[str, dict] | None = None) -> dict:
     """``variants``: other copies of the service (name -> folder), each asked
-    the same questions in the same rounds, right after this tree."""
+    the same questions in the same rounds, right after this tree. ``configs``:
+    what to lay over a variant's config (name -> a --variant-config file's
+    content: config sections, and ``benchmark.memories`` for its users to save)."""
     users, rounds = size["users"], size["rounds"]
     variants = variants or {}
+    configs = configs or {}
     max_new = size["max_new_tokens"]
     folder = Path(size.get("hf_folder") or ensure_hf_folder())
     prompts = (PROMPTS * (users // len(PROMPTS) + 1))[:users]
@@ -248,7 +263,7 @@ def run(workdir: Path, size: dict, variants: dict[str, Path] | None = None) -> d
         tokens = harness.prepare_users(db.url, users + size["probes"])
         data_dir = Path(size.get("data_dir", CACHE / "service"))
         config = harness.write_config(workdir, db.url, agent, data_dir=data_dir)
-        others = start_variants(stack, workdir, variants, agent, data_dir, users)
+        others = start_variants(stack, workdir, variants, configs, agent, data_dir, users)
         started = time.perf_counter()
         service = ServerProcess.service(config, workdir / "model-service.log",
                                         ready_path="/readyz")
@@ -344,9 +359,11 @@ def run(workdir: Path, size: dict, variants: dict[str, Path] | None = None) -> d
         "connect_probes": len(rows["connect"]),
         "tokens_per_reply": [r["tokens"] for r in rows["raw"]],
         "batch_replies_not_ok": sum(r["not_ok"] for r in rows["batch"]),
+        "prompt_tokens": median([r["prompt_tokens"] for r in rows["batch"]]),
         "notes": notes,
         "variants": variant_results(variant_rows, singles, batches),
         "rounds_detail": rows,
+        "variants_detail": variant_rows,
     }
 
 

@@ -27,9 +27,9 @@ def bare_server(workdir: Path) -> ServerProcess:
 
 
 def service_server(workdir: Path, db_url: str, app_dir: Path | None = None,
-                   name: str = "service", **sections) -> ServerProcess:
-    """The service with the echo agent (not started yet)."""
-    config = harness.write_config(workdir, db_url, {"backend": "echo"}, **sections)
+                   name: str = "service", overlay: dict | None = None) -> ServerProcess:
+    """The service with the echo agent (not started yet), ``overlay`` laid over its config."""
+    config = harness.write_config(workdir, db_url, {"backend": "echo"}, overlay=overlay)
     return ServerProcess.service(config, workdir / f"{name}.log", app_dir)
 
 
@@ -38,22 +38,25 @@ def run(workdir: Path, size: dict, variants: dict[str, Path] | None = None,
     """``variants``: other copies of the service (name -> folder), measured in
     the same rounds as the service and the bare handler, each on its own database.
     ``configs``: config sections laid over a variant's (name -> sections), e.g.
-    this very tree with quotas on (benchmarks/quotas.yaml)."""
+    this very tree with quotas on (benchmarks/quotas.yaml), and the memories
+    its users save first (``benchmark.memories``, see harness.split_overlay)."""
     clients, rounds = size["clients"], size["rounds"]
     duration, warmup = size["duration"], size["warmup"]
     variants = variants or {}
     configs = configs or {}
     with contextlib.ExitStack() as stack:
         servers = {"bare": bare_server(workdir)}
-        tokens = {}
+        tokens, memories = {}, {}
         for name, app_dir in {"service": None, **variants}.items():
             db = stack.enter_context(harness.database("sqlite", workdir / name))
             tokens[name] = harness.prepare_users(db.url, clients, app_dir=app_dir)
-            servers[name] = service_server(workdir, db.url, app_dir, name,
-                                           **configs.get(name, {}))
+            sections, memories[name] = harness.split_overlay(configs.get(name, {}))
+            servers[name] = service_server(workdir, db.url, app_dir, name, sections)
         tokens["bare"] = tokens["service"]
         for server in ServerProcess.start_all(list(servers.values())):
             stack.callback(server.stop)
+        for name, saved in memories.items():
+            harness.save_memories(servers[name].port, tokens[name], saved)
         rows = {name: [] for name in servers}
         for index in range(rounds):
             order = list(servers.items())

@@ -5,7 +5,8 @@ server with py-spy for ``--seconds`` and prints where the time goes: the
 functions with the most samples (own time and total time), per thread. The
 raw collapsed stacks are kept for flame graphs (``--raw FILE``). ``--config
 FILE`` lays a YAML file's config sections over the service's (e.g.
-benchmarks/quotas.yaml, as ``--variant-config`` does for figure 1).
+benchmarks/quotas.yaml, as ``--variant-config`` does for figure 1; the
+memories of benchmarks/memory.yaml are saved by every user first).
 """
 
 from __future__ import annotations
@@ -69,14 +70,17 @@ def main() -> None:
     parser.add_argument("--raw", type=Path, help="keep the collapsed stacks here")
     parser.add_argument("--idle", action="store_true", help="include idle (waiting) samples")
     parser.add_argument("--database", choices=["sqlite", "postgresql"], default="sqlite")
-    parser.add_argument("--config", type=Path, help="YAML config sections laid over the service's")
+    parser.add_argument("--config", type=Path, help="YAML config sections laid over the "
+                        "service's (a --variant-config file, its memories saved first)")
     args = parser.parse_args()
-    sections = yaml.safe_load(args.config.read_text(encoding="utf-8")) if args.config else {}
+    overlay = yaml.safe_load(args.config.read_text(encoding="utf-8")) if args.config else {}
+    sections, memories = harness.split_overlay(overlay)
     workdir = Path(tempfile.mkdtemp(prefix="tornado-app-profile-"))
     raw = args.raw or workdir / "profile.raw"
     with harness.database(args.database, workdir) as db:
         tokens = harness.prepare_users(db.url, args.clients)
-        with overhead.service_server(workdir, db.url, **sections) as service:
+        with overhead.service_server(workdir, db.url, overlay=sections) as service:
+            harness.save_memories(service.port, tokens, memories)
             targets = [{"port": service.port, "path": chat_path(f"p{n}", token)}
                        for n, token in enumerate(tokens)]
             result = {}

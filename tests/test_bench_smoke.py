@@ -11,11 +11,12 @@ from __future__ import annotations
 import math
 
 import pytest
+import yaml
 
 from benchmarks import __main__ as bench_main
 from benchmarks import connections, harness, local_model, overhead, report, scaleout
 
-from .tiny_model import save_tiny_model
+from .tiny_model import TOOLS_TEMPLATE, save_tiny_model
 
 SMOKE = bench_main.SIZES["smoke"]
 
@@ -74,35 +75,76 @@ def test_scaleout_on_sqlite(workdir):
     assert all(row["msgs_per_s"] > 0 and row["errors"] == 0 for row in rows.values())
 
 
+def overlay(name: str) -> dict:
+    """A --variant-config file of benchmarks/, as __main__ reads it."""
+    return yaml.safe_load((harness.REPO / "benchmarks" / name).read_text())
+
+
 def test_model_figure_on_the_tiny_model(workdir):
-    """Figure 3, with --variant: this tree again, as another copy, in the same rounds
-    (one run for both: loading models is the slow part)."""
-    folder = save_tiny_model(workdir / "tiny-model")
+    """Figure 3, with --variant: this tree again, as another copy, in the same rounds,
+    and this tree with benchmarks/memory.yaml and benchmarks/tools.yaml laid over it
+    (one run for all: loading models is the slow part). The tiny model's chat
+    template takes tools, so that the tools reaching it show in its prompts."""
+    folder = save_tiny_model(workdir / "tiny-model", chat_template=TOOLS_TEMPLATE)
     size = {**SMOKE["model"], "hf_folder": str(folder), "data_dir": str(workdir / "data"),
             "agent_options": {"model_path": str(folder), "cache_dir": None}}
-    result = local_model.run(workdir, size, {"again": harness.REPO})
+    copies = {name: harness.REPO for name in ("again", "memory", "tools")}
+    result = local_model.run(workdir, size, copies, {"memory": overlay("memory.yaml"),
+                                                      "tools": overlay("tools.yaml")})
     assert result["batch_replies_not_ok"] == 0
     assert finite(result["raw_tok_s"], result["single_tok_s"], result["batch_tok_s"])
     assert result["connect_probes"] == size["probes"]
     assert any("skipped" in note for note in result["notes"])
     assert [row[0] for row in local_model.report(result)]
-    again = result["variants"]["again"]
-    assert again["replies_not_ok"] == 0 and finite(again["batch_vs_service"])
+    variants = result["variants"]
+    assert all(row["replies_not_ok"] == 0 and finite(row["batch_vs_service"])
+               for row in variants.values())
     assert any("variant `again`" in line for line in bench_main.details("model", result))
+    # The memories were saved and injected: every prompt of the memory variant
+    # is longer, by at least the section's header (one token per byte here).
+    assert variants["again"]["prompt_tokens"] == result["prompt_tokens"]
+    assert variants["memory"]["prompt_tokens"] > result["prompt_tokens"] + 40
+    # The tools reached the agent (their descriptions are in its prompts), and
+    # the overlay kept the agent's own options.
+    assert variants["tools"]["prompt_tokens"] > result["prompt_tokens"] + 100
+    (config,) = (workdir / "tools").glob("config-*.yaml")
+    agent = yaml.safe_load(config.read_text())["agent"]
+    assert agent["tools"] == ["clock", "memory", "recall"]
+    assert agent["transformers"]["model_path"] == str(folder)
+
+
+def test_config_overlay_merges_nested_sections(workdir):
+    """An overlay's ``agent: {tools: [...]}`` keeps the agent's own options, and
+    the agent mapping handed in (shared by the variants) is not changed."""
+    agent = {"backend": "transformers", "transformers": {"max_new_tokens": 8}}
+    path = harness.write_config(workdir, "sqlite:///x.db", agent, overlay={
+        "agent": {"tools": ["clock"], "transformers": {"threads": 1}},
+        "memory": {"max_items": 5}})
+    written = yaml.safe_load(path.read_text())
+    assert written["agent"] == {"backend": "transformers", "tools": ["clock"],
+                                "transformers": {"max_new_tokens": 8, "threads": 1}}
+    assert written["memory"] == {"max_items": 5}
+    assert agent == {"backend": "transformers", "transformers": {"max_new_tokens": 8}}
+    sections, memories = harness.split_overlay(overlay("memory.yaml"))
+    assert "benchmark" not in sections and "memory" in sections
+    assert memories["birthday"] == "March 15"
 
 
 def test_overhead_variant_with_a_config_overlay(workdir):
     """``--variant quotas=. --variant-config quotas=benchmarks/quotas.yaml``: this
-    tree again, with quotas on and echo priced, beside the service without."""
+    tree again, with quotas on and echo priced, beside the service without; and
+    with benchmarks/memory.yaml, whose users saved their memories first."""
     import sqlite3
 
-    import yaml
-
-    overlay = yaml.safe_load((harness.REPO / "benchmarks" / "quotas.yaml").read_text())
-    result = overhead.run(workdir, SMOKE["overhead"], {"quotas": harness.REPO},
-                          {"quotas": overlay})
+    result = overhead.run(workdir, SMOKE["overhead"],
+                          {"quotas": harness.REPO, "memory": harness.REPO},
+                          {"quotas": overlay("quotas.yaml"), "memory": overlay("memory.yaml")})
     assert result["errors"] == 0
     assert finite(result["variants"]["quotas"]["ratio_to_service"])
+    with sqlite3.connect(workdir / "memory" / "bench.db") as db:
+        (saved,) = db.execute("SELECT count(*) FROM memories").fetchone()
+    seeded = harness.split_overlay(overlay("memory.yaml"))[1]
+    assert saved == SMOKE["overhead"]["clients"] * len(seeded)
     # The servers' CPU per message, in the same rounds (steadier than throughput).
     assert all(ratio > 0 for ratio in result["variants"]["quotas"]["round_cpu_ratios_to_service"])
 

@@ -15,24 +15,8 @@ from tornado_app.agents import AgentRequest
 from tornado_app.config import Settings
 from tornado_app.tools import ToolCall
 
-from .tiny_model import CHAT_TEMPLATE, build_tokenizer, save_tiny_model
+from .tiny_model import CHAT_TEMPLATE, TOOLS_TEMPLATE, build_tokenizer, save_tiny_model
 
-# ChatML with tools, in the Hermes / Qwen2.5 way.
-TOOLS_TEMPLATE = (
-    "{% if tools %}<|im_start|>system\n# Tools\n<tools>\n"
-    "{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}</tools>\n"
-    "Call a tool as <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call><|im_end|>\n"
-    "{% endif %}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'tool' %}<|im_start|>user\n<tool_response>\n"
-    "{{ message['content'] }}\n</tool_response><|im_end|>\n"
-    "{% else %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
-    "{% for call in message.get('tool_calls', []) %}<tool_call>\n"
-    "{{ {'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson }}"
-    "\n</tool_call>{% endfor %}<|im_end|>\n{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 CLOCK = {"name": "clock", "description": "The time.",
          "parameters": {"type": "object", "properties": {}}}
 HISTORY = [

@@ -21,6 +21,22 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+# ChatML with tools, in the Hermes / Qwen2.5 way.
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n# Tools\n<tools>\n"
+    "{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}</tools>\n"
+    "Call a tool as <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call><|im_end|>\n"
+    "{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'tool' %}<|im_start|>user\n<tool_response>\n"
+    "{{ message['content'] }}\n</tool_response><|im_end|>\n"
+    "{% else %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+    "{% for call in message.get('tool_calls', []) %}<tool_call>\n"
+    "{{ {'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson }}"
+    "\n</tool_call>{% endfor %}<|im_end|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
@@ -81,14 +97,17 @@ def snap_to_four_bits(weight) -> None:
         groups.copy_(((groups - low) / scale).round() * scale + low)
 
 
-def save_tiny_model(folder: Path, four_bit: bool = False) -> Path:
+def save_tiny_model(folder: Path, four_bit: bool = False,
+                    chat_template: str = CHAT_TEMPLATE) -> Path:
     """Build the tokenizer and the model and save both into ``folder``.
 
     ``four_bit``: the decoder layers' linear weights as a Q4_1 GGUF's (the
     output layer, 259 wide, stays as it is, like the bundled model's Q8_0 one).
+    ``chat_template``: e.g. TOOLS_TEMPLATE, for a model that takes tools.
     """
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
+    tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(folder)
     model = build_model(tokenizer)
     if four_bit:
