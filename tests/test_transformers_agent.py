@@ -139,6 +139,7 @@ def test_cancel_stops_one_request_and_the_others_finish(tiny_model_dir, tiny_fou
     async def body():
         async with started_agent(folder, tmp_path, max_new_tokens=budget) as agent:
             assert int4_layers(agent) == (14 if four_bit else 0)
+            assert q8_layers(agent) == (1 if four_bit else 0)  # 3 rows: on its Q8_0 codes
             requests = [ask(f"question {i}") for i in range(3)]
             first_piece = asyncio.Event()
 
@@ -267,6 +268,32 @@ def int4_layers(agent: TransformersAgent) -> int:
     return sum(isinstance(m, Int4Linear) for m in agent.engine.model.modules())
 
 
+def q8_layers(agent: TransformersAgent) -> int:
+    from plugins.transformers_batching import Q8Linear
+
+    return sum(isinstance(m, Q8Linear) for m in agent.engine.model.modules())
+
+
+def test_q8_layers_compute_what_their_eight_bit_weights_do():
+    import torch
+
+    from plugins.transformers_batching import Q8_MAX_ROWS, Q8Linear, int4_codes, q8_codes
+
+    from .tiny_model import snap_to_eight_bits
+
+    linear = torch.nn.Linear(64, 40)  # 40 outputs: padded to the kernel's 48
+    assert q8_codes(linear.weight) is None  # full precision: left alone
+    snap_to_eight_bits(linear.weight)
+    assert int4_codes(linear.weight) is None  # 8-bit codes are not 4-bit ones
+    q8 = Q8Linear(linear, q8_codes(linear.weight))
+    with torch.inference_mode():
+        for rows in (1, Q8_MAX_ROWS):
+            hidden = torch.randn(rows, 1, 64)
+            assert torch.allclose(q8(hidden), linear(hidden), atol=1e-4)
+        more = torch.randn(Q8_MAX_ROWS + 1, 1, 64)  # more rows take the full weight
+        assert torch.equal(q8(more), linear(more))
+
+
 def test_int4_layers_compute_what_their_four_bit_weights_do():
     import torch
 
@@ -294,7 +321,8 @@ def test_a_four_bit_model_runs_on_int4_weights_with_the_same_tokens(tiny_four_bi
         # float32: the int4 kernel computes the very weights, so greedy tokens agree.
         async with started_agent(tiny_four_bit_dir, tmp_path, dtype="float32", max_new_tokens=24,
                                  int4_weights=int4_weights, max_batch_size=4) as agent:
-            assert int4_layers(agent) == (14 if int4_weights else 0)  # 7 per layer, not lm_head
+            assert int4_layers(agent) == (14 if int4_weights else 0)  # 7 per layer
+            assert q8_layers(agent) == (1 if int4_weights else 0)  # lm_head
             alone = [await collect(agent, ask(p)) for p in prompts]
             together = await asyncio.gather(*(collect(agent, ask(p)) for p in prompts))
             assert list(together) == alone
@@ -314,7 +342,7 @@ def test_without_the_int4_kernel_the_weights_stay_as_they_are(tiny_four_bit_dir,
 
     async def body():
         async with started_agent(tiny_four_bit_dir, tmp_path, max_new_tokens=6) as agent:
-            assert int4_layers(agent) == 0
+            assert int4_layers(agent) == q8_layers(agent) == 0
             request = ask("hello")
             assert await collect(agent, request)
             assert request.usage.tokens_out == 6
@@ -425,8 +453,8 @@ def test_the_bundled_model_answers_and_is_cached(tmp_path, caplog):
     second, _ = run(answer)
     assert second == first
     assert "loaded in" in caplog.text and "(converted copy" in caplog.text
-    # Q4_1 decoder layers run from their 4-bit codes; the Q8_0 output layer does not.
-    assert "210 of 211 linear layers on int4 weights" in caplog.text
+    # Q4_1 decoder layers run from their 4-bit codes, the Q8_0 output layer from its 8-bit ones.
+    assert "210 of 211 linear layers on int4 weights, 1 on Q8_0 codes" in caplog.text
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
