@@ -81,7 +81,8 @@ class TransformersOptions(BaseModel):
         "batches: ~14% more tokens/s near max_batch_size, twice the weight memory")
     int4_weights: bool = Field(
         True, description="linear layers whose weights are 4-bit already (a Q4_1 GGUF's) "
-        "run on torch's int4 kernel: the same weights, a quarter of bfloat16's bytes")
+        "run on torch's int4 kernel: the same weights, a quarter of bfloat16's bytes; Q8_0 "
+        "ones (the output layer) at 1-4 rows as two 4-bit halves, half the bytes")
     threads: int | None = Field(None, ge=1, description="torch threads; empty: torch's default")
     omp_wait_policy: Literal["passive", "active"] | None = Field(
         "passive", description="OMP_WAIT_POLICY for torch's threads, set before torch is "
