@@ -81,7 +81,11 @@ class TransformersOptions(BaseModel):
         "batches: ~14% more tokens/s near max_batch_size, twice the weight memory")
     int4_weights: bool = Field(
         True, description="linear layers whose weights are 4-bit already (a Q4_1 GGUF's) "
-        "run on torch's int4 kernel: the same weights, a quarter of bfloat16's bytes")
+        "run on torch's int4 kernel: the same weights, a quarter of bfloat16's bytes; Q8_0 "
+        "ones (the output layer) at 1-4 rows as two 4-bit halves, half the bytes")
+    compile_decode: bool = Field(
+        False, description="decode steps through torch.compile (inductor, the machine's C++ "
+        "compiler), compiled in the background after start-up; eager until then or if it fails")
     threads: int | None = Field(None, ge=1, description="torch threads; empty: torch's default")
     omp_wait_policy: Literal["passive", "active"] | None = Field(
         "passive", description="OMP_WAIT_POLICY for torch's threads, set before torch is "
@@ -276,7 +280,8 @@ class TransformersAgent(Agent):
                 importlib.import_module, "plugins.transformers_batching")
             options = self.options
             sampling = batching.SamplingConfig(
-                options.max_batch_size, options.temperature, options.top_p, options.seed)
+                options.max_batch_size, options.temperature, options.top_p, options.seed,
+                options.compile_decode)
             self.engine = batching.BatchEngine(
                 self._load, sampling, lambda: AgentError("local_model", FAILURE_TEXT))
             self.engine.start()
@@ -298,12 +303,13 @@ class TransformersAgent(Agent):
             torch.set_num_threads(self.options.threads)
         loaded = load_model(self.source, self.cache_root)
         dtype = compute_dtype(self.options.dtype)
-        int4, linears = use_int4_weights(loaded.model) if self.options.int4_weights else (0, 0)
+        int4, q8, linears = (use_int4_weights(loaded.model) if self.options.int4_weights
+                             else (0, 0, 0))
         loaded.model.to(dtype)
         logger.info("local model %s loaded in %.1f s (%s, %s, %d torch threads, "
-                    "%d of %d linear layers on int4 weights)", self.model, loaded.seconds,
-                    "converted copy" if loaded.from_cache else "original files",
-                    str(dtype).removeprefix("torch."), torch.get_num_threads(), int4, linears)
+                    "%d of %d linear layers on int4 weights, %d on Q8_0 codes)", self.model,
+                    loaded.seconds, "converted copy" if loaded.from_cache else "original files",
+                    str(dtype).removeprefix("torch."), torch.get_num_threads(), int4, linears, q8)
         limit = getattr(loaded.model.config, "max_position_embeddings", None) or self.context_tokens
         self.context_tokens = min(self.options.context_tokens or limit, limit)
         self.reply_tokens = min(self.options.max_new_tokens, self.context_tokens // 2)

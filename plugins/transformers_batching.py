@@ -232,8 +232,74 @@ class Int4Linear(nn.Module):
         return out if self.bias is None else out + self.bias
 
 
+# Most rows that the Q8_0 layer sends through the int4 kernel. Its output
+# layer (49152 x 576 for SmolLM2) took 4.0-5.1 ms against 7.8-10.8 ms in
+# bfloat16 at 1 row and 8.5 against 11.4 ms at 4, but 14 against 11.4 at 6.
+Q8_MAX_ROWS = 4
+
+
+def q8_codes(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The 8-bit codes and scales of a weight that is Q8_0 already, else None.
+
+    "Q8_0 already": every group of 32 inputs is a scale times integers from
+    -127 to 127, the scale being the group's largest magnitude over 127, which
+    is what llama.cpp's Q8_0 stores (the bundled model's output layer).
+    Codes are (out, in) in 1..255 (the integer plus 128); scales (groups, out).
+    """
+    out_features, in_features = weight.shape
+    if in_features % INT4_GROUP:
+        return None
+    groups = weight.detach().float().reshape(out_features, -1, INT4_GROUP)
+    scale = groups.abs().amax(-1, keepdim=True) / 127
+    codes = groups / torch.where(scale > 0, scale, 1)
+    if ((codes - codes.round()).abs() > 0.01).any():
+        return None
+    return ((codes.round() + 128).to(torch.int32).reshape(out_features, in_features),
+            scale.squeeze(-1).t())
+
+
+class Q8Linear(nn.Module):
+    """``nn.Linear`` whose weight is Q8_0 already, on torch's int4 CPU kernel.
+
+    torch has no kernel for 8-bit weights in groups of 32 (its int8 one takes
+    one scale per output), so each 8-bit code is split in two 4-bit halves,
+    ``code - 128 = 16 * (high - 8) + low``, and the layer is the sum of two
+    int4 products with the same group scale: 16 * scale for the high half,
+    scale with a zero of 8 * scale for the low one. The codes are kept
+    exactly; the scale is rounded to the model's dtype, like every weight.
+    That reads half of bfloat16's bytes, which wins at up to ``Q8_MAX_ROWS``
+    rows; more rows use the full weight, kept beside the codes. The outputs
+    are padded to the kernel's multiple of 16.
+    """
+
+    def __init__(self, linear: nn.Linear, codes: tuple[torch.Tensor, torch.Tensor]):
+        super().__init__()
+        values, scales = codes
+        self.out_features = linear.out_features
+        padding = -self.out_features % 16
+        values = nn.functional.pad(values, (0, 0, 0, padding), value=128)
+        scales = nn.functional.pad(scales, (0, padding))
+        to_int4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu
+        self.register_buffer("packed_high", to_int4((values // 16).contiguous(), 1))
+        self.register_buffer("packed_low", to_int4((values % 16).contiguous(), 1))
+        self.register_buffer("scales_high", torch.stack(
+            [16 * scales, torch.zeros_like(scales)], dim=-1).contiguous())
+        self.register_buffer("scales_low", torch.stack([scales, 8 * scales], dim=-1).contiguous())
+        self.weight, self.bias = linear.weight, linear.bias
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        flat = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+        if flat.shape[0] > Q8_MAX_ROWS:
+            return nn.functional.linear(hidden, self.weight, self.bias)
+        product = torch.ops.aten._weight_int4pack_mm_for_cpu
+        out = product(flat, self.packed_high, INT4_GROUP, self.scales_high)
+        out += product(flat, self.packed_low, INT4_GROUP, self.scales_low)
+        out = out[:, :self.out_features].reshape(*hidden.shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias
+
+
 def _int4_works() -> bool:
-    """torch's int4 CPU kernel is there and computes what the de-quantized weight does."""
+    """torch's int4 CPU kernel is there and computes what the de-quantized weights do."""
     try:
         probe = nn.Linear(2 * INT4_GROUP, 16, bias=False)
         with torch.no_grad():  # every group holds all 16 codes
@@ -241,7 +307,16 @@ def _int4_works() -> bool:
             probe.weight.copy_(codes * 0.01 - 0.05)
         codes = int4_codes(probe.weight)
         sample = torch.randn(3, 2 * INT4_GROUP)
-        return codes is not None and torch.allclose(Int4Linear(probe, codes)(sample),
+        if codes is None or not torch.allclose(Int4Linear(probe, codes)(sample),
+                                               probe(sample), atol=1e-4):
+            return False
+        with torch.no_grad():  # codes -127..127, outputs not a multiple of 16
+            probe = nn.Linear(2 * INT4_GROUP, 24, bias=False)
+            codes = torch.arange(24 * 2 * INT4_GROUP).reshape(24, -1) * 37 % 255 - 127
+            codes[:, ::INT4_GROUP] = 127  # each group's largest magnitude
+            probe.weight.copy_(codes * 0.001)
+        codes = q8_codes(probe.weight)
+        return codes is not None and torch.allclose(Q8Linear(probe, codes)(sample),
                                                     probe(sample), atol=1e-4)
     except (AttributeError, RuntimeError, NotImplementedError) as exc:
         logger.info("torch's int4 kernel unavailable (%s); keeping the weights as they are",
@@ -249,27 +324,31 @@ def _int4_works() -> bool:
         return False
 
 
-def use_int4_weights(model: nn.Module) -> tuple[int, int]:
-    """Swap the linear layers whose weights are 4-bit already for :class:`Int4Linear`.
+def use_int4_weights(model: nn.Module) -> tuple[int, int, int]:
+    """Swap the linear layers whose weights are 4-bit already for :class:`Int4Linear`,
+    and those that are Q8_0 already for :class:`Q8Linear`.
 
-    Call it before casting the model to its dtype (the grid is checked in
-    float32). Returns (layers swapped, linear layers in all); none are
-    swapped on another device or where the kernel is missing.
+    Call it before casting the model to its dtype (the grids are checked in
+    float32). Returns (4-bit layers, Q8_0 layers, linear layers in all); none
+    are swapped on another device or where the kernel is missing.
     """
     linears = [(module, name, child) for module in model.modules()
                for name, child in module.named_children() if type(child) is nn.Linear]
     if not linears or next(model.parameters()).device.type != "cpu":
-        return 0, len(linears)
+        return 0, 0, len(linears)
     with torch.inference_mode():
         if not _int4_works():
-            return 0, len(linears)
-    swapped = 0
+            return 0, 0, len(linears)
+    four_bit = eight_bit = 0
     for module, name, child in linears:
         codes = int4_codes(child.weight)
         if codes is not None:
             setattr(module, name, Int4Linear(child, codes))
-            swapped += 1
-    return swapped, len(linears)
+            four_bit += 1
+        elif (codes := q8_codes(child.weight)) is not None:
+            setattr(module, name, Q8Linear(child, codes))
+            eight_bit += 1
+    return four_bit, eight_bit, len(linears)
 
 
 def compute_dtype(name: str) -> torch.dtype:
@@ -400,6 +479,7 @@ class SamplingConfig:
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     seed: int | None = None
+    compile_decode: bool = False  # decode steps through torch.compile, once compiled
 
 
 # What the engine's loader returns: the model, a tokenizer, end-of-sequence ids.
@@ -432,6 +512,10 @@ class BatchEngine:
         if config.seed is not None:
             self._generator.manual_seed(config.seed)
         self._thread = threading.Thread(target=self._run, name="transformers-batcher", daemon=True)
+        #: With ``compile_decode``: resolves to True once decode steps run compiled,
+        #: False if compiling failed (they stay eager).
+        self.compiled: concurrent.futures.Future = concurrent.futures.Future()
+        self._compiled_model: Any = None
 
     # -- the event loop's side -------------------------------------------------
 
@@ -470,7 +554,12 @@ class BatchEngine:
             self.loaded.set_exception(exc)
             return
         self.loaded.set_result(None)
-        with torch.inference_mode():
+        if self.config.compile_decode:
+            threading.Thread(target=self._compile_decoding, name="transformers-compile",
+                             daemon=True).start()
+        # inductor fails on this model under inference mode, and a KV cache made
+        # in inference mode cannot be written outside it: no_grad when compiling.
+        with torch.no_grad() if self.config.compile_decode else torch.inference_mode():
             while True:
                 newcomers = self._take_newcomers()
                 if newcomers is None:
@@ -514,8 +603,49 @@ class BatchEngine:
         cache = self._cache
         return cache is None or all(isinstance(layer, GrowingLayer) for layer in cache.layers)
 
-    def _forward(self, input_ids, mask, positions, cache) -> torch.Tensor:
-        output = self.model(
+    def _compile_decoding(self) -> None:
+        """Compile the model for decode steps, on its own thread, while eager steps serve.
+
+        torch.compile traces and compiles (C++ through the machine's compiler)
+        at a first call, which takes 30 s to minutes here: too long for
+        start-up or for a request to wait. So this thread makes those calls on
+        a throwaway cache: 1 row (torch specializes a size of 1), 2 rows and a
+        full batch (the sizes where Q8Linear and DecodeLinear change path);
+        the engine switches when it is done. A shape met later (which would
+        need another compile) runs eagerly instead of stalling the batch
+        (_decode_step).
+        """
+        started = time.perf_counter()
+        try:
+            compiled = torch.compile(self.model, dynamic=True)
+            with torch.no_grad():
+                for rows in sorted({1, min(2, self.config.max_batch_size),
+                                    self.config.max_batch_size}):
+                    self._warm_up(compiled, rows)
+        except Exception as exc:  # no C++ compiler, an unsupported model, ...
+            lines = str(exc).strip().splitlines()
+            logger.warning("compiling the decode step failed (%s: %s); decoding stays eager",
+                           type(exc).__name__, lines[-1] if lines else "")
+            self.compiled.set_result(False)
+            return
+        self._compiled_model = compiled
+        logger.info("decode step compiled in %.1f s; decode steps run compiled from now on",
+                    time.perf_counter() - started)
+        self.compiled.set_result(True)
+
+    def _warm_up(self, compiled: Any, rows: int) -> None:
+        """A short prompt of ``rows`` rows, eagerly, then two compiled decode steps."""
+        ids = torch.ones((rows, 4), dtype=torch.long)
+        mask = torch.ones_like(ids)
+        cache = new_cache(self.model)
+        self.model(input_ids=ids, attention_mask=mask, position_ids=mask.cumsum(1) - 1,
+                   past_key_values=cache, use_cache=True, logits_to_keep=1)
+        for step in range(2):
+            mask = torch.cat([mask, mask.new_ones((rows, 1))], dim=1)
+            self._forward(ids[:, :1], mask, torch.full((rows, 1), 4 + step), cache, compiled)
+
+    def _forward(self, input_ids, mask, positions, cache, model=None) -> torch.Tensor:
+        output = (self.model if model is None else model)(
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=positions,
@@ -548,7 +678,13 @@ class BatchEngine:
         rows = self._rows
         input_ids = torch.tensor([[s.next_token] for s in rows], dtype=torch.long)
         self._mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
-        logits = self._forward(input_ids, self._mask, self._lengths.unsqueeze(1), self._cache)
+        if self._compiled_model is None:
+            logits = self._forward(input_ids, self._mask, self._lengths.unsqueeze(1), self._cache)
+        else:
+            # A shape the warm-up did not meet runs eagerly rather than stall for a compile.
+            with torch.compiler.set_stance("eager_on_recompile"):
+                logits = self._forward(input_ids, self._mask, self._lengths.unsqueeze(1),
+                                       self._cache, self._compiled_model)
         self._lengths = self._lengths + 1
         self.stats.decode_steps += 1
         self.stats.max_batch = max(self.stats.max_batch, len(rows))

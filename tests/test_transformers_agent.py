@@ -130,15 +130,25 @@ def test_concurrent_requests_share_decode_steps(tiny_model_dir, tmp_path):
     run(body)
 
 
-@pytest.mark.parametrize("four_bit", [False, True], ids=["plain", "int4"])
+@pytest.mark.parametrize("four_bit,compiled", [(False, False), (True, False), (True, True)],
+                         ids=["plain", "int4", "int4-compiled"])
 def test_cancel_stops_one_request_and_the_others_finish(tiny_model_dir, tiny_four_bit_dir,
-                                                        tmp_path, four_bit):
+                                                        tmp_path, four_bit, compiled):
     budget = 400
     folder = tiny_four_bit_dir if four_bit else tiny_model_dir
 
+    if compiled:
+        import torch
+
+        torch._dynamo.reset()  # earlier tests' compiled models count toward dynamo's limit
+
     async def body():
-        async with started_agent(folder, tmp_path, max_new_tokens=budget) as agent:
+        async with started_agent(folder, tmp_path, max_new_tokens=budget,
+                                 compile_decode=compiled) as agent:
+            if compiled:
+                assert await asyncio.wrap_future(agent.engine.compiled)
             assert int4_layers(agent) == (14 if four_bit else 0)
+            assert q8_layers(agent) == (1 if four_bit else 0)  # 3 rows: on its Q8_0 codes
             requests = [ask(f"question {i}") for i in range(3)]
             first_piece = asyncio.Event()
 
@@ -267,6 +277,32 @@ def int4_layers(agent: TransformersAgent) -> int:
     return sum(isinstance(m, Int4Linear) for m in agent.engine.model.modules())
 
 
+def q8_layers(agent: TransformersAgent) -> int:
+    from plugins.transformers_batching import Q8Linear
+
+    return sum(isinstance(m, Q8Linear) for m in agent.engine.model.modules())
+
+
+def test_q8_layers_compute_what_their_eight_bit_weights_do():
+    import torch
+
+    from plugins.transformers_batching import Q8_MAX_ROWS, Q8Linear, int4_codes, q8_codes
+
+    from .tiny_model import snap_to_eight_bits
+
+    linear = torch.nn.Linear(64, 40)  # 40 outputs: padded to the kernel's 48
+    assert q8_codes(linear.weight) is None  # full precision: left alone
+    snap_to_eight_bits(linear.weight)
+    assert int4_codes(linear.weight) is None  # 8-bit codes are not 4-bit ones
+    q8 = Q8Linear(linear, q8_codes(linear.weight))
+    with torch.inference_mode():
+        for rows in (1, Q8_MAX_ROWS):
+            hidden = torch.randn(rows, 1, 64)
+            assert torch.allclose(q8(hidden), linear(hidden), atol=1e-4)
+        more = torch.randn(Q8_MAX_ROWS + 1, 1, 64)  # more rows take the full weight
+        assert torch.equal(q8(more), linear(more))
+
+
 def test_int4_layers_compute_what_their_four_bit_weights_do():
     import torch
 
@@ -294,7 +330,8 @@ def test_a_four_bit_model_runs_on_int4_weights_with_the_same_tokens(tiny_four_bi
         # float32: the int4 kernel computes the very weights, so greedy tokens agree.
         async with started_agent(tiny_four_bit_dir, tmp_path, dtype="float32", max_new_tokens=24,
                                  int4_weights=int4_weights, max_batch_size=4) as agent:
-            assert int4_layers(agent) == (14 if int4_weights else 0)  # 7 per layer, not lm_head
+            assert int4_layers(agent) == (14 if int4_weights else 0)  # 7 per layer
+            assert q8_layers(agent) == (1 if int4_weights else 0)  # lm_head
             alone = [await collect(agent, ask(p)) for p in prompts]
             together = await asyncio.gather(*(collect(agent, ask(p)) for p in prompts))
             assert list(together) == alone
@@ -314,12 +351,60 @@ def test_without_the_int4_kernel_the_weights_stay_as_they_are(tiny_four_bit_dir,
 
     async def body():
         async with started_agent(tiny_four_bit_dir, tmp_path, max_new_tokens=6) as agent:
-            assert int4_layers(agent) == 0
+            assert int4_layers(agent) == q8_layers(agent) == 0
             request = ask("hello")
             assert await collect(agent, request)
             assert request.usage.tokens_out == 6
 
     run(body)
+
+
+def test_compiled_decode_steps_give_the_eager_tokens(tiny_four_bit_dir, tmp_path, caplog):
+    prompts = ["one", "a longer second prompt", "3", "the fourth prompt, longest of all of them"]
+    caplog.set_level(logging.INFO, logger="plugins.transformers_batching")
+
+    import torch
+
+    torch._dynamo.reset()  # earlier tests' compiled models count toward dynamo's limit
+
+    async def replies(compile_decode: bool) -> list[str]:
+        # float32: the compiled kernels compute what the eager ones do, so greedy tokens agree.
+        async with started_agent(tiny_four_bit_dir, tmp_path, dtype="float32", max_new_tokens=24,
+                                 compile_decode=compile_decode, max_batch_size=4) as agent:
+            if compile_decode:
+                assert await asyncio.wrap_future(agent.engine.compiled)
+            alone = [await collect(agent, ask(p)) for p in prompts]
+            together = await asyncio.gather(*(collect(agent, ask(p)) for p in prompts))
+            assert list(together) == alone
+            return alone
+
+    assert run(replies, True) == run(replies, False)
+    assert "decode step compiled in" in caplog.text
+
+
+def test_without_a_compiler_decoding_stays_eager(tiny_model_dir, tmp_path, monkeypatch, caplog):
+    import torch
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    def no_compiler(model, **options):
+        raise InvalidCxxCompiler()  # what inductor raises where no C++ compiler is found
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+
+    async def body():
+        async with started_agent(tiny_model_dir, tmp_path, max_new_tokens=6,
+                                 compile_decode=True) as agent:
+            request = ask("hello")
+            assert await collect(agent, request)  # served eagerly while it compiles
+            assert await asyncio.wrap_future(agent.engine.compiled) is False
+            assert agent.engine._compiled_model is None
+            request = ask("hello again")
+            assert await collect(agent, request)
+            assert request.usage.tokens_out == 6
+
+    run(body)
+    assert "compiling the decode step failed" in caplog.text
+    assert "decoding stays eager" in caplog.text
 
 
 def test_omp_wait_policy_is_set_before_torch_loads(monkeypatch, caplog):
@@ -425,8 +510,8 @@ def test_the_bundled_model_answers_and_is_cached(tmp_path, caplog):
     second, _ = run(answer)
     assert second == first
     assert "loaded in" in caplog.text and "(converted copy" in caplog.text
-    # Q4_1 decoder layers run from their 4-bit codes; the Q8_0 output layer does not.
-    assert "210 of 211 linear layers on int4 weights" in caplog.text
+    # Q4_1 decoder layers run from their 4-bit codes, the Q8_0 output layer from its 8-bit ones.
+    assert "210 of 211 linear layers on int4 weights, 1 on Q8_0 codes" in caplog.text
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

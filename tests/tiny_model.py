@@ -97,12 +97,26 @@ def snap_to_four_bits(weight) -> None:
         groups.copy_(((groups - low) / scale).round() * scale + low)
 
 
+def snap_to_eight_bits(weight) -> None:
+    """Round a weight in place as llama.cpp's Q8_0 does, then de-quantize it.
+
+    Each group of 32 inputs gets a scale, its largest magnitude over 127,
+    times integers from -127 to 127.
+    """
+    import torch
+
+    with torch.no_grad():
+        groups = weight.view(weight.shape[0], -1, 32)
+        scale = groups.abs().amax(-1, keepdim=True) / 127
+        groups.copy_((groups / torch.where(scale > 0, scale, 1)).round() * scale)
+
+
 def save_tiny_model(folder: Path, four_bit: bool = False,
                     chat_template: str = CHAT_TEMPLATE) -> Path:
     """Build the tokenizer and the model and save both into ``folder``.
 
-    ``four_bit``: the decoder layers' linear weights as a Q4_1 GGUF's (the
-    output layer, 259 wide, stays as it is, like the bundled model's Q8_0 one).
+    ``four_bit``: the weights as the bundled Q4_1 GGUF's: the decoder layers'
+    linear weights on a Q4_1 grid, the output layer (259 wide) on Q8_0's.
     ``chat_template``: e.g. TOOLS_TEMPLATE, for a model that takes tools.
     """
     folder.mkdir(parents=True, exist_ok=True)
@@ -115,5 +129,6 @@ def save_tiny_model(folder: Path, four_bit: bool = False,
             for module in layer.modules():
                 if type(module).__name__ == "Linear":
                     snap_to_four_bits(module.weight)
+        snap_to_eight_bits(model.lm_head.weight)
     model.save_pretrained(folder)
     return folder
