@@ -79,10 +79,6 @@ def worker(folder: Path, options: dict, mode: str, users: int, max_new: int) -> 
         agent = TransformersAgent(TransformersOptions(**options), Settings(data_dir="."))
         await agent.start()
         load = time.perf_counter() - started
-        compile_s = None
-        if agent.engine.config.compile_decode:  # measure the compiled steps, not the eager ones
-            await asyncio.wrap_future(agent.engine.compiled)
-            compile_s = time.perf_counter() - started - load
         try:
             if mode == "answers":
                 answers = await asyncio.gather(*(answer(agent, p) for p in QUALITY_PROMPTS))
@@ -91,8 +87,7 @@ def worker(folder: Path, options: dict, mode: str, users: int, max_new: int) -> 
             prompts = (PROMPTS * (users // len(PROMPTS) + 1))[:users]
             single = await timed(agent, prompts[:1])
             batch = await timed(agent, prompts)
-            return {"load_s": load, "compile_s": compile_s, "single_tok_s": single,
-                    "batch_tok_s": batch}
+            return {"load_s": load, "single_tok_s": single, "batch_tok_s": batch}
         finally:
             await agent.close()
 

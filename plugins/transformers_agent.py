@@ -83,9 +83,6 @@ class TransformersOptions(BaseModel):
         True, description="linear layers whose weights are 4-bit already (a Q4_1 GGUF's) "
         "run on torch's int4 kernel: the same weights, a quarter of bfloat16's bytes; Q8_0 "
         "ones (the output layer) at 1-4 rows as two 4-bit halves, half the bytes")
-    compile_decode: bool = Field(
-        False, description="decode steps through torch.compile (inductor, the machine's C++ "
-        "compiler), compiled in the background after start-up; eager until then or if it fails")
     threads: int | None = Field(None, ge=1, description="torch threads; empty: torch's default")
     omp_wait_policy: Literal["passive", "active"] | None = Field(
         "passive", description="OMP_WAIT_POLICY for torch's threads, set before torch is "
@@ -280,8 +277,7 @@ class TransformersAgent(Agent):
                 importlib.import_module, "plugins.transformers_batching")
             options = self.options
             sampling = batching.SamplingConfig(
-                options.max_batch_size, options.temperature, options.top_p, options.seed,
-                options.compile_decode)
+                options.max_batch_size, options.temperature, options.top_p, options.seed)
             self.engine = batching.BatchEngine(
                 self._load, sampling, lambda: AgentError("local_model", FAILURE_TEXT))
             self.engine.start()

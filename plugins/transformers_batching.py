@@ -479,7 +479,6 @@ class SamplingConfig:
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     seed: int | None = None
-    compile_decode: bool = False  # decode steps through torch.compile, once compiled
 
 
 # What the engine's loader returns: the model, a tokenizer, end-of-sequence ids.
@@ -512,10 +511,6 @@ class BatchEngine:
         if config.seed is not None:
             self._generator.manual_seed(config.seed)
         self._thread = threading.Thread(target=self._run, name="transformers-batcher", daemon=True)
-        #: With ``compile_decode``: resolves to True once decode steps run compiled,
-        #: False if compiling failed (they stay eager).
-        self.compiled: concurrent.futures.Future = concurrent.futures.Future()
-        self._compiled_model: Any = None
 
     # -- the event loop's side -------------------------------------------------
 
@@ -554,12 +549,7 @@ class BatchEngine:
             self.loaded.set_exception(exc)
             return
         self.loaded.set_result(None)
-        if self.config.compile_decode:
-            threading.Thread(target=self._compile_decoding, name="transformers-compile",
-                             daemon=True).start()
-        # inductor fails on this model under inference mode, and a KV cache made
-        # in inference mode cannot be written outside it: no_grad when compiling.
-        with torch.no_grad() if self.config.compile_decode else torch.inference_mode():
+        with torch.inference_mode():
             while True:
                 newcomers = self._take_newcomers()
                 if newcomers is None:
@@ -603,49 +593,8 @@ class BatchEngine:
         cache = self._cache
         return cache is None or all(isinstance(layer, GrowingLayer) for layer in cache.layers)
 
-    def _compile_decoding(self) -> None:
-        """Compile the model for decode steps, on its own thread, while eager steps serve.
-
-        torch.compile traces and compiles (C++ through the machine's compiler)
-        at a first call, which takes 30 s to minutes here: too long for
-        start-up or for a request to wait. So this thread makes those calls on
-        a throwaway cache: 1 row (torch specializes a size of 1), 2 rows and a
-        full batch (the sizes where Q8Linear and DecodeLinear change path);
-        the engine switches when it is done. A shape met later (which would
-        need another compile) runs eagerly instead of stalling the batch
-        (_decode_step).
-        """
-        started = time.perf_counter()
-        try:
-            compiled = torch.compile(self.model, dynamic=True)
-            with torch.no_grad():
-                for rows in sorted({1, min(2, self.config.max_batch_size),
-                                    self.config.max_batch_size}):
-                    self._warm_up(compiled, rows)
-        except Exception as exc:  # no C++ compiler, an unsupported model, ...
-            lines = str(exc).strip().splitlines()
-            logger.warning("compiling the decode step failed (%s: %s); decoding stays eager",
-                           type(exc).__name__, lines[-1] if lines else "")
-            self.compiled.set_result(False)
-            return
-        self._compiled_model = compiled
-        logger.info("decode step compiled in %.1f s; decode steps run compiled from now on",
-                    time.perf_counter() - started)
-        self.compiled.set_result(True)
-
-    def _warm_up(self, compiled: Any, rows: int) -> None:
-        """A short prompt of ``rows`` rows, eagerly, then two compiled decode steps."""
-        ids = torch.ones((rows, 4), dtype=torch.long)
-        mask = torch.ones_like(ids)
-        cache = new_cache(self.model)
-        self.model(input_ids=ids, attention_mask=mask, position_ids=mask.cumsum(1) - 1,
-                   past_key_values=cache, use_cache=True, logits_to_keep=1)
-        for step in range(2):
-            mask = torch.cat([mask, mask.new_ones((rows, 1))], dim=1)
-            self._forward(ids[:, :1], mask, torch.full((rows, 1), 4 + step), cache, compiled)
-
-    def _forward(self, input_ids, mask, positions, cache, model=None) -> torch.Tensor:
-        output = (self.model if model is None else model)(
+    def _forward(self, input_ids, mask, positions, cache) -> torch.Tensor:
+        output = self.model(
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=positions,
@@ -678,13 +627,7 @@ class BatchEngine:
         rows = self._rows
         input_ids = torch.tensor([[s.next_token] for s in rows], dtype=torch.long)
         self._mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
-        if self._compiled_model is None:
-            logits = self._forward(input_ids, self._mask, self._lengths.unsqueeze(1), self._cache)
-        else:
-            # A shape the warm-up did not meet runs eagerly rather than stall for a compile.
-            with torch.compiler.set_stance("eager_on_recompile"):
-                logits = self._forward(input_ids, self._mask, self._lengths.unsqueeze(1),
-                                       self._cache, self._compiled_model)
+        logits = self._forward(input_ids, self._mask, self._lengths.unsqueeze(1), self._cache)
         self._lengths = self._lengths + 1
         self.stats.decode_steps += 1
         self.stats.max_batch = max(self.stats.max_batch, len(rows))

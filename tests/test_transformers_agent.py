@@ -130,23 +130,14 @@ def test_concurrent_requests_share_decode_steps(tiny_model_dir, tmp_path):
     run(body)
 
 
-@pytest.mark.parametrize("four_bit,compiled", [(False, False), (True, False), (True, True)],
-                         ids=["plain", "int4", "int4-compiled"])
+@pytest.mark.parametrize("four_bit", [False, True], ids=["plain", "int4"])
 def test_cancel_stops_one_request_and_the_others_finish(tiny_model_dir, tiny_four_bit_dir,
-                                                        tmp_path, four_bit, compiled):
+                                                        tmp_path, four_bit):
     budget = 400
     folder = tiny_four_bit_dir if four_bit else tiny_model_dir
 
-    if compiled:
-        import torch
-
-        torch._dynamo.reset()  # earlier tests' compiled models count toward dynamo's limit
-
     async def body():
-        async with started_agent(folder, tmp_path, max_new_tokens=budget,
-                                 compile_decode=compiled) as agent:
-            if compiled:
-                assert await asyncio.wrap_future(agent.engine.compiled)
+        async with started_agent(folder, tmp_path, max_new_tokens=budget) as agent:
             assert int4_layers(agent) == (14 if four_bit else 0)
             assert q8_layers(agent) == (1 if four_bit else 0)  # 3 rows: on its Q8_0 codes
             requests = [ask(f"question {i}") for i in range(3)]
@@ -357,54 +348,6 @@ def test_without_the_int4_kernel_the_weights_stay_as_they_are(tiny_four_bit_dir,
             assert request.usage.tokens_out == 6
 
     run(body)
-
-
-def test_compiled_decode_steps_give_the_eager_tokens(tiny_four_bit_dir, tmp_path, caplog):
-    prompts = ["one", "a longer second prompt", "3", "the fourth prompt, longest of all of them"]
-    caplog.set_level(logging.INFO, logger="plugins.transformers_batching")
-
-    import torch
-
-    torch._dynamo.reset()  # earlier tests' compiled models count toward dynamo's limit
-
-    async def replies(compile_decode: bool) -> list[str]:
-        # float32: the compiled kernels compute what the eager ones do, so greedy tokens agree.
-        async with started_agent(tiny_four_bit_dir, tmp_path, dtype="float32", max_new_tokens=24,
-                                 compile_decode=compile_decode, max_batch_size=4) as agent:
-            if compile_decode:
-                assert await asyncio.wrap_future(agent.engine.compiled)
-            alone = [await collect(agent, ask(p)) for p in prompts]
-            together = await asyncio.gather(*(collect(agent, ask(p)) for p in prompts))
-            assert list(together) == alone
-            return alone
-
-    assert run(replies, True) == run(replies, False)
-    assert "decode step compiled in" in caplog.text
-
-
-def test_without_a_compiler_decoding_stays_eager(tiny_model_dir, tmp_path, monkeypatch, caplog):
-    import torch
-    from torch._inductor.exc import InvalidCxxCompiler
-
-    def no_compiler(model, **options):
-        raise InvalidCxxCompiler()  # what inductor raises where no C++ compiler is found
-
-    monkeypatch.setattr(torch, "compile", no_compiler)
-
-    async def body():
-        async with started_agent(tiny_model_dir, tmp_path, max_new_tokens=6,
-                                 compile_decode=True) as agent:
-            request = ask("hello")
-            assert await collect(agent, request)  # served eagerly while it compiles
-            assert await asyncio.wrap_future(agent.engine.compiled) is False
-            assert agent.engine._compiled_model is None
-            request = ask("hello again")
-            assert await collect(agent, request)
-            assert request.usage.tokens_out == 6
-
-    run(body)
-    assert "compiling the decode step failed" in caplog.text
-    assert "decoding stays eager" in caplog.text
 
 
 def test_omp_wait_policy_is_set_before_torch_loads(monkeypatch, caplog):
