@@ -140,7 +140,7 @@ def peer_run(peer: ServerProcess, folder: Path, prompts: list[list[dict]], workd
 def agent_dtype() -> str:
     """What the agent's ``dtype: auto`` picks on this machine; the raw baseline
     and the peer run in it too, so that all three do the same arithmetic."""
-    from plugins.transformers_batching import compute_dtype
+    from plugins.transformers_weights import compute_dtype
 
     return str(compute_dtype("auto")).removeprefix("torch.")
 

@@ -292,8 +292,8 @@ class TransformersAgent(Agent):
         """Runs on the engine's thread: load, size the context, prepare for decoding."""
         import torch
 
-        from plugins.transformers_batching import (compute_dtype, prepare_for_decoding,
-                                                   use_int4_weights)
+        from plugins.transformers_weights import (compute_dtype, prepare_for_decoding,
+                                                 use_int4_weights)
 
         if self.options.threads:
             torch.set_num_threads(self.options.threads)

@@ -251,7 +251,7 @@ def test_incremental_decoding_keeps_multibyte_characters_whole(tiny_tokenizer):
 def test_decode_linear_layers_compute_what_nn_linear_does():
     import torch
 
-    from plugins.transformers_batching import DecodeLinear
+    from plugins.transformers_weights import DecodeLinear
 
     linear = torch.nn.Linear(64, 48)
     plain, packed = DecodeLinear(linear), DecodeLinear(linear, packed_rows=8)
@@ -263,13 +263,13 @@ def test_decode_linear_layers_compute_what_nn_linear_does():
 
 
 def int4_layers(agent: TransformersAgent) -> int:
-    from plugins.transformers_batching import Int4Linear
+    from plugins.transformers_weights import Int4Linear
 
     return sum(isinstance(m, Int4Linear) for m in agent.engine.model.modules())
 
 
 def q8_layers(agent: TransformersAgent) -> int:
-    from plugins.transformers_batching import Q8Linear
+    from plugins.transformers_weights import Q8Linear
 
     return sum(isinstance(m, Q8Linear) for m in agent.engine.model.modules())
 
@@ -277,7 +277,7 @@ def q8_layers(agent: TransformersAgent) -> int:
 def test_q8_layers_compute_what_their_eight_bit_weights_do():
     import torch
 
-    from plugins.transformers_batching import Q8_MAX_ROWS, Q8Linear, int4_codes, q8_codes
+    from plugins.transformers_weights import Q8_MAX_ROWS, Q8Linear, int4_codes, q8_codes
 
     from .tiny_model import snap_to_eight_bits
 
@@ -297,7 +297,7 @@ def test_q8_layers_compute_what_their_eight_bit_weights_do():
 def test_int4_layers_compute_what_their_four_bit_weights_do():
     import torch
 
-    from plugins.transformers_batching import Int4Linear, int4_codes
+    from plugins.transformers_weights import Int4Linear, int4_codes
 
     from .tiny_model import snap_to_four_bits
 
@@ -461,7 +461,7 @@ def test_the_bundled_model_answers_and_is_cached(tmp_path, caplog):
 def test_dtype_sets_the_weights_and_the_float32_layouts_only_in_float32(tiny_model_dir, tmp_path, dtype):
     import torch
 
-    from plugins.transformers_batching import DecodeLinear
+    from plugins.transformers_weights import DecodeLinear
 
     async def body():
         async with started_agent(tiny_model_dir, tmp_path, dtype=dtype, max_new_tokens=4,
