@@ -90,6 +90,10 @@ class TransformersOptions(BaseModel):
         "empty: the environment's")
     context_tokens: int | None = Field(
         None, ge=64, description="cap on prompt + reply tokens; empty: the model's maximum")
+    prefix_cache_tokens: int = Field(
+        4096, ge=0, description="the KV of recent prompts kept, in tokens, so that a prompt "
+        "starting the same way (the system prompt, the conversation so far) prefills only "
+        "the rest; about 23 KiB a token for the bundled model in bfloat16; 0: off")
     cache_dir: str | None = Field(
         "model-cache", description="converted GGUF weights, relative to data_dir; empty: no cache")
 
@@ -277,7 +281,8 @@ class TransformersAgent(Agent):
                 importlib.import_module, "plugins.transformers_batching")
             options = self.options
             sampling = batching.SamplingConfig(
-                options.max_batch_size, options.temperature, options.top_p, options.seed)
+                options.max_batch_size, options.temperature, options.top_p, options.seed,
+                options.prefix_cache_tokens)
             self.engine = batching.BatchEngine(
                 self._load, sampling, lambda: AgentError("local_model", FAILURE_TEXT))
             self.engine.start()

@@ -120,6 +120,62 @@ def new_cache(model: Any) -> DynamicCache:
     return cache
 
 
+# A kept prefix is reused only when at least this many tokens match: below
+# that, the copy costs about what prefilling them would.
+MIN_PREFIX_TOKENS = 16
+
+
+class PrefixCache:
+    """The KV of recent prompts, so that a prompt that starts with the same
+    tokens (the system prompt, the conversation so far) prefills only the rest.
+
+    Bounded by ``max_tokens`` in all; the least recently used go first. Each
+    entry holds a prompt's ids and, per layer, its keys and values for one row
+    (copies: the batch's buffers move on).
+    """
+
+    def __init__(self, max_tokens: int):
+        self.max_tokens = max_tokens
+        self._entries: collections.OrderedDict[tuple[int, ...], tuple[torch.Tensor, list]] = (
+            collections.OrderedDict())
+        self._tokens = 0
+
+    def longest(self, prompt: list[int]) -> tuple[list | None, int]:
+        """The kept layers sharing the longest start with ``prompt``, and how many
+        tokens they share (at most all but its last: that one gives the logits)."""
+        ids = torch.tensor(prompt)
+        best, best_length, best_key = None, 0, None
+        for key, (kept, layers) in self._entries.items():
+            width = min(len(kept), len(prompt) - 1)
+            if width <= best_length:
+                continue
+            differ = (kept[:width] != ids[:width]).nonzero()
+            length = int(differ[0]) if len(differ) else width
+            if length > best_length:
+                best, best_length, best_key = layers, length, key
+        if best is None or best_length < MIN_PREFIX_TOKENS:
+            return None, 0
+        self._entries.move_to_end(best_key)
+        return best, best_length
+
+    def add(self, prompt: list[int], layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        key = tuple(prompt)
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return
+        if len(prompt) > self.max_tokens:
+            return
+        while self._entries and self._tokens + len(prompt) > self.max_tokens:
+            evicted, _ = self._entries.popitem(last=False)
+            self._tokens -= len(evicted)
+        self._entries[key] = (torch.tensor(prompt), layers)
+        self._tokens += len(prompt)
+
+    @property
+    def tokens(self) -> int:
+        return self._tokens
+
+
 class IncrementalDecoder:
     """Turns token ids, one at a time, into text deltas that join up exactly.
 
@@ -198,6 +254,8 @@ class EngineStats:
     finished: int = 0
     cancelled: int = 0
     failed: int = 0
+    prefix_hits: int = 0  # prompts that started from a kept prefix
+    prefix_tokens: int = 0  # prompt tokens not prefilled thanks to them
 
 
 @dataclass(frozen=True)
@@ -206,6 +264,7 @@ class SamplingConfig:
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     seed: int | None = None
+    prefix_cache_tokens: int = 0  # 0: no prefix cache
 
 
 # What the engine's loader returns: the model, a tokenizer, end-of-sequence ids.
@@ -235,6 +294,8 @@ class BatchEngine:
         self._mask: torch.Tensor | None = None  # (rows, cache columns): 1 = real token
         self._lengths: torch.Tensor | None = None  # real tokens in each row's cache
         self._generator = torch.Generator()
+        self.prefixes = PrefixCache(config.prefix_cache_tokens) if (
+            config.prefix_cache_tokens) else None
         if config.seed is not None:
             self._generator.manual_seed(config.seed)
         self._thread = threading.Thread(target=self._run, name="transformers-batcher", daemon=True)
@@ -332,7 +393,57 @@ class BatchEngine:
         return output.logits[:, -1, :]
 
     def _prefill(self, newcomers: list[Sequence], events: list) -> None:
-        """Run the prompts of ``newcomers`` and join them to the running batch."""
+        """Run the prompts of ``newcomers`` and join them to the running batch:
+        those that start with a kept prefix one by one from it, the others
+        together. Every prompt is kept for the next ones."""
+        fresh = []
+        for sequence in newcomers:
+            kept, length = self._kept_prefix(sequence.prompt)
+            if kept is None:
+                fresh.append(sequence)
+            else:
+                self._prefill_after(sequence, kept, length, events)
+        if fresh:
+            self._prefill_together(fresh, events)
+
+    def _kept_prefix(self, prompt: list[int]) -> tuple[list | None, int]:
+        if self.prefixes is None or not self._joinable():
+            return None, 0
+        return self.prefixes.longest(prompt)
+
+    def _keep(self, sequence: Sequence, cache: DynamicCache, row: int, end: int) -> None:
+        """Keep the prompt's KV: row ``row`` of ``cache``, the columns before ``end``."""
+        if self.prefixes is None or not all(isinstance(layer, GrowingLayer)
+                                            for layer in cache.layers):
+            return
+        start = end - len(sequence.prompt)
+        self.prefixes.add(sequence.prompt, [
+            (layer.keys[row:row + 1, :, start:end].clone(),
+             layer.values[row:row + 1, :, start:end].clone()) for layer in cache.layers])
+
+    def _prefill_after(self, sequence: Sequence, kept: list, length: int, events: list) -> None:
+        """Prefill one prompt from its first ``length`` tokens' kept KV."""
+        sequence.started = time.monotonic()
+        sequence.decoder = IncrementalDecoder(self.tokenizer)
+        cache = new_cache(self.model)
+        for layer, (keys, values) in zip(cache.layers, kept):
+            layer.update(keys[:, :, :length], values[:, :, :length])
+        total = len(sequence.prompt)
+        ids = torch.tensor([sequence.prompt[length:]])
+        mask = torch.ones((1, total), dtype=torch.long)
+        positions = torch.arange(length, total).unsqueeze(0)
+        for start in range(0, total - length, PREFILL_CHUNK):
+            end = start + PREFILL_CHUNK
+            logits = self._forward(ids[:, start:end], mask[:, :length + end],
+                                   positions[:, start:end], cache)
+        self.stats.prefills += 1
+        self.stats.prefix_hits += 1
+        self.stats.prefix_tokens += length
+        self._keep(sequence, cache, 0, total)
+        self._join([sequence], cache, mask, mask.sum(dim=1))
+        self._accept([sequence], self._sample(logits), events)
+
+    def _prefill_together(self, newcomers: list[Sequence], events: list) -> None:
         width = max(len(s.prompt) for s in newcomers)
         ids = torch.zeros((len(newcomers), width), dtype=torch.long)
         mask = torch.zeros((len(newcomers), width), dtype=torch.long)
@@ -347,6 +458,8 @@ class BatchEngine:
             end = start + PREFILL_CHUNK
             logits = self._forward(ids[:, start:end], mask[:, :end], positions[:, start:end], cache)
         self.stats.prefills += 1
+        for row, sequence in enumerate(newcomers):
+            self._keep(sequence, cache, row, width)
         self._join(newcomers, cache, mask, mask.sum(dim=1))
         self._accept(newcomers, self._sample(logits), events)
 

@@ -130,6 +130,25 @@ def test_concurrent_requests_share_decode_steps(tiny_model_dir, tmp_path):
     run(body)
 
 
+async def cancel_the_first_mid_reply(agent: TransformersAgent, requests: list) -> None:
+    """Stream ``requests`` at once; cancel the first at its first piece; the
+    others must finish."""
+    first_piece = asyncio.Event()
+
+    async def consume(request, signal=None):
+        async for _ in agent.stream(request):
+            if signal is not None:
+                signal.set()
+
+    tasks = [asyncio.create_task(consume(requests[0], first_piece)),
+             *(asyncio.create_task(consume(r)) for r in requests[1:])]
+    await first_piece.wait()
+    tasks[0].cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(results[0], asyncio.CancelledError)
+    assert results[1:] == [None] * (len(requests) - 1)
+
+
 @pytest.mark.parametrize("four_bit", [False, True], ids=["plain", "int4"])
 def test_cancel_stops_one_request_and_the_others_finish(tiny_model_dir, tiny_four_bit_dir,
                                                         tmp_path, four_bit):
@@ -141,20 +160,7 @@ def test_cancel_stops_one_request_and_the_others_finish(tiny_model_dir, tiny_fou
             assert int4_layers(agent) == (14 if four_bit else 0)
             assert q8_layers(agent) == (1 if four_bit else 0)  # 3 rows: on its Q8_0 codes
             requests = [ask(f"question {i}") for i in range(3)]
-            first_piece = asyncio.Event()
-
-            async def consume(request, signal=None):
-                async for _ in agent.stream(request):
-                    if signal is not None:
-                        signal.set()
-
-            tasks = [asyncio.create_task(consume(requests[0], first_piece)),
-                     *(asyncio.create_task(consume(r)) for r in requests[1:])]
-            await first_piece.wait()
-            tasks[0].cancel()
-            results = await asyncio.gather(*tasks, return_exceptions=True)
-            assert isinstance(results[0], asyncio.CancelledError)
-            assert results[1:] == [None, None]
+            await cancel_the_first_mid_reply(agent, requests)
             assert [r.usage.tokens_out for r in requests[1:]] == [budget, budget]
             stats = agent.engine.stats
             assert stats.cancelled == 1
@@ -474,5 +480,76 @@ def test_dtype_sets_the_weights_and_the_float32_layouts_only_in_float32(tiny_mod
             request = ask("hello")
             await collect(agent, request)
             assert request.usage.tokens_out == 4
+
+    run(body)
+
+
+def conversation(*turns: str) -> AgentRequest:
+    """A request whose messages alternate user and assistant, after a system prompt."""
+    roles = ["user", "assistant"]
+    return AgentRequest([{"role": "system", "content": "You are a careful, brief assistant."}]
+                        + [{"role": roles[i % 2], "content": t} for i, t in enumerate(turns)],
+                        "alice")
+
+
+def test_a_prompt_that_starts_like_a_kept_one_prefills_only_the_rest(tiny_model_dir, tmp_path):
+    async def replies(**options):
+        # float32: prefilling from kept keys and values then computes the same numbers.
+        async with started_agent(tiny_model_dir, tmp_path, dtype="float32", max_new_tokens=12,
+                                 **options) as agent:
+            first = await collect(agent, conversation("What is a prime number?"))
+            first_prompt = len(agent.encode_prompt(conversation("What is a prime number?")
+                                                   .messages))
+            second = await collect(agent, conversation("What is a prime number?", first,
+                                                       "And seven?"))
+            third = await collect(agent, conversation("Something else entirely"))
+            return [first, second, third], agent.engine.stats, first_prompt
+
+    kept, stats, first_prompt = run(replies)
+    # The second prompt starts with the whole first one; the third shares the
+    # system prompt's tokens with both.
+    assert stats.prefix_hits == 2
+    assert stats.prefix_tokens > first_prompt
+    plain, plain_stats, _ = asyncio.run(replies(prefix_cache_tokens=0))
+    assert (plain_stats.prefix_hits, plain_stats.prefix_tokens) == (0, 0)
+    assert kept == plain  # the same replies as prefilled from scratch
+
+
+def test_the_prefix_cache_keeps_the_latest_prompts_within_its_tokens():
+    import torch
+
+    from plugins.transformers_batching import MIN_PREFIX_TOKENS, PrefixCache
+
+    def layers(length):
+        kv = torch.zeros((1, 1, length, 2))
+        return [(kv, kv)]
+
+    cache = PrefixCache(max_tokens=100)
+    a, b, c = [1] * 40, [2] * 40, [3] * 40
+    for prompt in (a, b):
+        cache.add(prompt, layers(40))
+    assert cache.longest(a + [9])[1] == 40
+    cache.add(c, layers(40))  # 120 tokens: b, the least recently used, goes
+    assert cache.tokens == 80
+    assert cache.longest(b + [9]) == (None, 0)
+    assert cache.longest(a + [9])[1] == 40 and cache.longest(c + [9])[1] == 40
+    # At most all but the prompt's last token, and nothing under the minimum.
+    assert cache.longest(a)[1] == 39
+    assert cache.longest([1] * (MIN_PREFIX_TOKENS - 1) + [5, 5]) == (None, 0)
+    cache.add([7] * 101, layers(101))  # longer than the whole cache: not kept
+    assert cache.tokens == 80
+
+
+def test_cancel_of_a_reply_prefilled_from_a_kept_prompt(tiny_model_dir, tmp_path):
+    budget = 200
+
+    async def body():
+        async with started_agent(tiny_model_dir, tmp_path, max_new_tokens=budget) as agent:
+            await collect(agent, ask("question zero"))  # kept: the others start like it
+            requests = [ask(f"question {i}") for i in range(3)]
+            await cancel_the_first_mid_reply(agent, requests)
+            assert [r.usage.tokens_out for r in requests[1:]] == [budget, budget]
+            stats = agent.engine.stats
+            assert stats.prefix_hits == 3 and stats.cancelled == 1
 
     run(body)
