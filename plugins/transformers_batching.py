@@ -378,8 +378,7 @@ class BatchEngine:
 
     def _joinable(self) -> bool:
         # Rows can be joined and trimmed only in plain (full-attention) caches.
-        cache = self._cache
-        return cache is None or all(isinstance(layer, GrowingLayer) for layer in cache.layers)
+        return self._cache is None or _growing(self._cache)
 
     def _forward(self, input_ids, mask, positions, cache) -> torch.Tensor:
         output = self.model(
@@ -398,7 +397,9 @@ class BatchEngine:
         together. Every prompt is kept for the next ones."""
         fresh = []
         for sequence in newcomers:
-            kept, length = self._kept_prefix(sequence.prompt)
+            # Only growing caches are kept (_keep), so a hit can always join.
+            kept, length = (self.prefixes.longest(sequence.prompt) if self.prefixes
+                            else (None, 0))
             if kept is None:
                 fresh.append(sequence)
             else:
@@ -406,15 +407,9 @@ class BatchEngine:
         if fresh:
             self._prefill_together(fresh, events)
 
-    def _kept_prefix(self, prompt: list[int]) -> tuple[list | None, int]:
-        if self.prefixes is None or not self._joinable():
-            return None, 0
-        return self.prefixes.longest(prompt)
-
     def _keep(self, sequence: Sequence, cache: DynamicCache, row: int, end: int) -> None:
         """Keep the prompt's KV: row ``row`` of ``cache``, the columns before ``end``."""
-        if self.prefixes is None or not all(isinstance(layer, GrowingLayer)
-                                            for layer in cache.layers):
+        if self.prefixes is None or not _growing(cache):
             return
         start = end - len(sequence.prompt)
         self.prefixes.add(sequence.prompt, [
@@ -572,6 +567,11 @@ class BatchEngine:
 def _deliver(items: list[tuple[asyncio.Queue, Any]]) -> None:
     for queue, item in items:
         queue.put_nowait(item)
+
+
+def _growing(cache: DynamicCache) -> bool:
+    """Whether every layer of ``cache`` is a GrowingLayer (rows can join, leave, be kept)."""
+    return all(isinstance(layer, GrowingLayer) for layer in cache.layers)
 
 
 def _pad_left(mask: torch.Tensor, width: int) -> torch.Tensor:
