@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -89,16 +90,31 @@ def start(workdir: Path, slots: int, threads: int) -> tuple[ServerProcess | None
     binary, why = ensure_binary()
     if binary is None:
         return None, why
-    server = ServerProcess([], workdir / "llama-server.log", ready_path="/health")
-    server.argv = [str(binary), "--model", str(bundled_gguf()),
-                   "--host", harness.HOST, "--port", str(server.port),
-                   "--threads", str(threads), "--threads-batch", str(threads),
-                   "--parallel", str(slots), "--kv-unified",
-                   "--ctx-size", str(CONTEXT_PER_SLOT * slots), "--no-webui"]
-    try:
-        server.start(timeout=120)
-    except RuntimeError as exc:
-        return None, f"llama-server did not start: {str(exc)[-400:]}"
+
+    def attempt(*extra: str) -> tuple[ServerProcess, RuntimeError | None]:
+        server = ServerProcess([], workdir / "llama-server.log", ready_path="/health")
+        server.argv = [str(binary), "--model", str(bundled_gguf()),
+                       "--host", harness.HOST, "--port", str(server.port),
+                       "--threads", str(threads), "--threads-batch", str(threads),
+                       "--parallel", str(slots), "--kv-unified",
+                       "--ctx-size", str(CONTEXT_PER_SLOT * slots), "--no-webui", *extra]
+        try:
+            return server.start(timeout=120), None
+        except RuntimeError as exc:
+            return server, exc
+
+    server, failure = attempt()
+    if failure is not None and server.proc.returncode == -signal.SIGILL:
+        # On a Xeon with AMX (AVX10.1), the GGML_NATIVE build's AMX path for
+        # Q4_1 died of an illegal instruction (a tile instruction with no tile
+        # configuration loaded) as the model loaded. --no-repack leaves that
+        # path out; on x86 ggml has no other repacked layout for Q4_1 or Q8_0
+        # (the bundled GGUF's types), so nothing else changes.
+        print("  llama-server died of an illegal instruction as it loaded the model (its "
+              "AMX path); measuring it with --no-repack", flush=True)
+        server, failure = attempt("--no-repack")
+    if failure is not None:
+        return None, f"llama-server did not start: {str(failure)[-400:]}"
     return server, ""
 
 
