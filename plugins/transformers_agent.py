@@ -84,10 +84,15 @@ class TransformersOptions(BaseModel):
         "run on torch's int4 kernel: the same weights, a quarter of bfloat16's bytes; Q8_0 "
         "ones (the output layer) at 1-4 rows as two 4-bit halves, half the bytes")
     threads: int | None = Field(None, ge=1, description="torch threads; empty: torch's default")
+    adapt_threads: bool = Field(
+        True, description="now and then time a few decode steps on one thread, and decode on "
+        "one while that is faster (another process keeping a core busy), on `threads` again "
+        "once that is faster")
     omp_wait_policy: Literal["passive", "active"] | None = Field(
-        "passive", description="OMP_WAIT_POLICY for torch's threads, set before torch is "
-        "imported; passive: idle threads sleep instead of spinning (a shared machine); "
-        "empty: the environment's")
+        None, description="OMP_WAIT_POLICY for torch's threads, set before torch is "
+        "imported; passive: a thread with no work sleeps at once; active: it spins for "
+        "minutes first; empty: the environment's (OpenMP's default: it spins a few ms, "
+        "then sleeps)")
     context_tokens: int | None = Field(
         None, ge=64, description="cap on prompt + reply tokens; empty: the model's maximum")
     prefix_cache_tokens: int = Field(
@@ -282,7 +287,7 @@ class TransformersAgent(Agent):
             options = self.options
             sampling = batching.SamplingConfig(
                 options.max_batch_size, options.temperature, options.top_p, options.seed,
-                options.prefix_cache_tokens)
+                options.prefix_cache_tokens, options.adapt_threads)
             self.engine = batching.BatchEngine(
                 self._load, sampling, lambda: AgentError("local_model", FAILURE_TEXT))
             self.engine.start()
@@ -414,10 +419,12 @@ class TransformersAgent(Agent):
 def set_omp_wait_policy(policy: str | None) -> None:
     """OMP_WAIT_POLICY for torch's OpenMP threads; read once, when torch loads.
 
-    OpenMP's threads spin at every parallel region by default. On 2 cores
-    shared with the event loop (or other processes) a spinning thread keeps
-    its partner off the CPU: one decode step took 0.7-1.8 s instead of 30 ms
-    on a loaded machine (docs/agents/transformers.md). Passive threads sleep.
+    By default OpenMP's threads spin a few ms at the end of every operator,
+    then sleep: on free cores a decode step is 1.3-1.5x faster than with
+    passive threads, which sleep at once, and an idle service costs nothing.
+    Where another process keeps a core busy, spinning made steps 2.5-4x slower
+    than one thread; the engine's ThreadTuner then decodes on one. Active
+    threads spin for minutes after the last step (docs/agents/transformers.md).
     """
     if policy is None:
         return

@@ -37,6 +37,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from plugins.transformers_threads import ThreadTuner
 from tornado_app.agents import call_in_loops
 
 logger = logging.getLogger(__name__)
@@ -265,6 +266,7 @@ class SamplingConfig:
     top_p: float = 1.0
     seed: int | None = None
     prefix_cache_tokens: int = 0  # 0: no prefix cache
+    adapt_threads: bool = False  # time decode steps on torch's threads and on one (ThreadTuner)
 
 
 # What the engine's loader returns: the model, a tokenizer, end-of-sequence ids.
@@ -294,6 +296,7 @@ class BatchEngine:
         self._mask: torch.Tensor | None = None  # (rows, cache columns): 1 = real token
         self._lengths: torch.Tensor | None = None  # real tokens in each row's cache
         self._generator = torch.Generator()
+        self.threads: ThreadTuner | None = None  # set once loaded, if config.adapt_threads
         self.prefixes = PrefixCache(config.prefix_cache_tokens) if (
             config.prefix_cache_tokens) else None
         if config.seed is not None:
@@ -336,6 +339,8 @@ class BatchEngine:
         except BaseException as exc:
             self.loaded.set_exception(exc)
             return
+        if self.config.adapt_threads:
+            self.threads = ThreadTuner(torch.get_num_threads(), torch.set_num_threads)
         self.loaded.set_result(None)
         with torch.inference_mode():
             while True:
@@ -350,6 +355,8 @@ class BatchEngine:
                     if self._rows:
                         self._decode_step(events)
                         self._drop_done_rows(events)
+                    if self.threads and not self._rows:
+                        self.threads.idle()
                 except Exception:
                     logger.exception("local model generation failed")
                     self._fail(self._rows + [s for s in newcomers if s not in self._rows], events)
@@ -460,13 +467,19 @@ class BatchEngine:
 
     def _decode_step(self, events: list) -> None:
         rows = self._rows
+        if self.threads:
+            self.threads.before_step(len(rows))
+        started = time.perf_counter()
         input_ids = torch.tensor([[s.next_token] for s in rows], dtype=torch.long)
         self._mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
         logits = self._forward(input_ids, self._mask, self._lengths.unsqueeze(1), self._cache)
+        tokens = self._sample(logits)
+        if self.threads:
+            self.threads.after_step(len(rows), time.perf_counter() - started)
         self._lengths = self._lengths + 1
         self.stats.decode_steps += 1
         self.stats.max_batch = max(self.stats.max_batch, len(rows))
-        self._accept(rows, self._sample(logits), events)
+        self._accept(rows, tokens, events)
 
     def _sample(self, logits: torch.Tensor) -> list[int]:
         if self.config.temperature <= 0:
