@@ -24,6 +24,7 @@ DOC = REPO / "docs" / "benchmarks.md"
 def machine() -> dict:
     return {
         "cpu": _cpu_model(),
+        "cpu_flags": _cpu_flags(),
         "cores": os.cpu_count(),
         "ram_gib": round(_meminfo_kib("MemTotal") / 1024 / 1024, 1),
         "os": f"{platform.system()} {platform.release()}",
@@ -46,6 +47,24 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+# The CPU features that decide the model's speed (figure 3): bfloat16 and
+# int8 arithmetic, and AMX, which oneDNN uses for bfloat16 matmuls.
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni",
+               "amx_tile", "amx_bf16", "amx_int8")
+
+
+def _cpu_flags() -> str:
+    """The SPEED_FLAGS this CPU has, as /proc/cpuinfo names them."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                present = set(line.split(":", 1)[1].split())
+                return " ".join(flag for flag in SPEED_FLAGS if flag in present) or "none"
+    except OSError:
+        pass
+    return "unknown"
 
 
 def _meminfo_kib(key: str) -> int:
@@ -83,8 +102,8 @@ def render(info: dict, size_name: str, rows: list[tuple[str, str, str]],
         "",
         f"## Latest run ({size_name})",
         "",
-        f"- Machine: {info['cpu']}, {info['cores']} cores, {info['ram_gib']} GiB RAM, "
-        f"{info['os']}",
+        f"- Machine: {info['cpu']} ({info.get('cpu_flags', 'flags unknown')}), "
+        f"{info['cores']} cores, {info['ram_gib']} GiB RAM, {info['os']}",
         f"- Software: Python {info['python']}, torch {info['torch']}, transformers "
         f"{info['transformers']}, Tornado {info['tornado']}, SQLite {info['sqlite']}",
         f"- Code: {info['commit']}; run {info['date']}; load average at the start "

@@ -302,20 +302,23 @@ class TransformersAgent(Agent):
         """Runs on the engine's thread: load, size the context, prepare for decoding."""
         import torch
 
-        from plugins.transformers_weights import (compute_dtype, prepare_for_decoding,
-                                                 use_int4_weights)
+        from plugins.transformers_weights import (compute_dtype, int4_max_rows,
+                                                 prepare_for_decoding, use_int4_weights)
 
         if self.options.threads:
             torch.set_num_threads(self.options.threads)
         loaded = load_model(self.source, self.cache_root)
         dtype = compute_dtype(self.options.dtype)
-        int4, q8, linears = (use_int4_weights(loaded.model) if self.options.int4_weights
-                             else (0, 0, 0))
+        most_rows = int4_max_rows(dtype)
+        int4, q8, linears = (use_int4_weights(loaded.model, most_rows)
+                             if self.options.int4_weights else (0, 0, 0))
         loaded.model.to(dtype)
         logger.info("local model %s loaded in %.1f s (%s, %s, %d torch threads, "
-                    "%d of %d linear layers on int4 weights, %d on Q8_0 codes)", self.model,
-                    loaded.seconds, "converted copy" if loaded.from_cache else "original files",
-                    str(dtype).removeprefix("torch."), torch.get_num_threads(), int4, linears, q8)
+                    "%d of %d linear layers on int4 weights, %d on Q8_0 codes; int4 up to %d "
+                    "rows)", self.model, loaded.seconds,
+                    "converted copy" if loaded.from_cache else "original files",
+                    str(dtype).removeprefix("torch."), torch.get_num_threads(), int4, linears, q8,
+                    most_rows)
         limit = getattr(loaded.model.config, "max_position_embeddings", None) or self.context_tokens
         self.context_tokens = min(self.options.context_tokens or limit, limit)
         self.reply_tokens = min(self.options.max_new_tokens, self.context_tokens // 2)

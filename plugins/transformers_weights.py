@@ -78,8 +78,13 @@ def _packing_works(packed_rows: int) -> bool:
 # A 4-bit weight's group: GGUF's Q4 blocks are 32 weights along the input.
 INT4_GROUP = 32
 # Most rows that Int4Linear sends through the int4 kernel; prompts (more rows)
-# take the full weight, on which 30 to 120 rows ran 1.2-1.7x faster.
+# take the full weight, on which 30 to 120 rows ran 1.2-1.7x faster (AMD EPYC
+# with AVX512-BF16). The kernel's cost grows with the rows; with AMX, oneDNN's
+# bfloat16 products hardly do: on a Xeon with AMX a decode step of 12 rows took
+# 60-63 ms on the full weights against 68-88 on int4, and 16 rows 66-84
+# against 74-101, while 8 rows still took 40-45 on int4 against 49-63.
 INT4_MAX_ROWS = 16
+INT4_MAX_ROWS_AMX = 8
 
 
 def int4_codes(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -116,10 +121,12 @@ class Int4Linear(nn.Module):
     with ``model.to(dtype)``.
     """
 
-    def __init__(self, linear: nn.Linear, codes: tuple[torch.Tensor, torch.Tensor, torch.Tensor]):
+    def __init__(self, linear: nn.Linear, codes: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                 max_rows: int = INT4_MAX_ROWS):
         super().__init__()
         values, scales, zeros = codes
         self.out_features = linear.out_features
+        self.max_rows = max_rows
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 1)
         self.register_buffer("packed", packed)
         self.register_buffer("scales_and_zeros", torch.stack([scales, zeros], dim=-1).contiguous())
@@ -127,7 +134,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         flat = hidden.reshape(-1, hidden.shape[-1]).contiguous()
-        if flat.shape[0] > INT4_MAX_ROWS:
+        if flat.shape[0] > self.max_rows:
             return nn.functional.linear(hidden, self.weight, self.bias)
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(
             flat, self.packed, INT4_GROUP, self.scales_and_zeros)
@@ -227,9 +234,19 @@ def _int4_works() -> bool:
         return False
 
 
-def use_int4_weights(model: nn.Module) -> tuple[int, int, int]:
-    """Swap the linear layers whose weights are 4-bit already for :class:`Int4Linear`,
-    and those that are Q8_0 already for :class:`Q8Linear`.
+def int4_max_rows(dtype: torch.dtype) -> int:
+    """Most rows for the int4 kernel: fewer where AMX multiplies bfloat16."""
+    try:
+        amx = dtype == torch.bfloat16 and torch.cpu._is_amx_tile_supported()
+    except (AttributeError, RuntimeError):
+        amx = False
+    return INT4_MAX_ROWS_AMX if amx else INT4_MAX_ROWS
+
+
+def use_int4_weights(model: nn.Module, max_rows: int = INT4_MAX_ROWS) -> tuple[int, int, int]:
+    """Swap the linear layers whose weights are 4-bit already for :class:`Int4Linear`
+    (up to ``max_rows`` rows on the kernel), and those that are Q8_0 already
+    for :class:`Q8Linear`.
 
     Call it before casting the model to its dtype (the grids are checked in
     float32). Returns (4-bit layers, Q8_0 layers, linear layers in all); none
@@ -246,7 +263,7 @@ def use_int4_weights(model: nn.Module) -> tuple[int, int, int]:
     for module, name, child in linears:
         codes = int4_codes(child.weight)
         if codes is not None:
-            setattr(module, name, Int4Linear(child, codes))
+            setattr(module, name, Int4Linear(child, codes, max_rows))
             four_bit += 1
         elif (codes := q8_codes(child.weight)) is not None:
             setattr(module, name, Q8Linear(child, codes))

@@ -46,6 +46,8 @@ def test_overhead_and_report(workdir):
     text = doc.read_text()
     assert text.count(report.END) == 1 and "hand-written findings" in text
     assert "throughput" in text
+    flags = report.machine()["cpu_flags"]  # what decides figure 3, beside the CPU's name
+    assert flags and f"({flags})" in text
 
 
 def test_connections(workdir):

@@ -320,6 +320,30 @@ def test_int4_layers_compute_what_their_four_bit_weights_do():
     assert int4_codes(torch.nn.Linear(64, 40).weight) is None  # the kernel packs 16 outputs
 
 
+def test_with_amx_fewer_rows_take_the_int4_kernel(monkeypatch):
+    import torch
+
+    from plugins.transformers_weights import (INT4_MAX_ROWS, INT4_MAX_ROWS_AMX, Int4Linear,
+                                              int4_codes, int4_max_rows)
+
+    from .tiny_model import snap_to_four_bits
+
+    for amx in (False, True):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        assert int4_max_rows(torch.float32) == INT4_MAX_ROWS  # AMX's products are bfloat16's
+        assert int4_max_rows(torch.bfloat16) == (INT4_MAX_ROWS_AMX if amx else INT4_MAX_ROWS)
+    assert INT4_MAX_ROWS_AMX < 12 <= INT4_MAX_ROWS
+    linear = torch.nn.Linear(64, 48)
+    snap_to_four_bits(linear.weight)
+    int4 = Int4Linear(linear, int4_codes(linear.weight), max_rows=INT4_MAX_ROWS_AMX)
+    with torch.inference_mode():
+        twelve = torch.randn(12, 1, 64)  # above max_rows: the full weight
+        assert torch.equal(int4(twelve), linear(twelve))
+        eight = torch.randn(INT4_MAX_ROWS_AMX, 1, 64)  # the kernel, which rounds its own way
+        assert not torch.equal(int4(eight), linear(eight))
+        assert torch.allclose(int4(eight), linear(eight), atol=1e-4)
+
+
 def test_a_four_bit_model_runs_on_int4_weights_with_the_same_tokens(tiny_four_bit_dir, tmp_path):
     prompts = ["one", "a longer second prompt", "3", "the fourth prompt, longest of all of them"]
 
