@@ -425,8 +425,6 @@ class BatchEngine:
 
     def _prefill_after(self, sequence: Sequence, kept: list, length: int, events: list) -> None:
         """Prefill one prompt from its first ``length`` tokens' kept KV."""
-        sequence.started = time.monotonic()
-        sequence.decoder = IncrementalDecoder(self.tokenizer)
         cache = new_cache(self.model)
         for layer, (keys, values) in zip(cache.layers, kept):
             layer.update(keys[:, :, :length], values[:, :, :length])
@@ -434,16 +432,9 @@ class BatchEngine:
         ids = torch.tensor([sequence.prompt[length:]])
         mask = torch.ones((1, total), dtype=torch.long)
         positions = torch.arange(length, total).unsqueeze(0)
-        for start in range(0, total - length, PREFILL_CHUNK):
-            end = start + PREFILL_CHUNK
-            logits = self._forward(ids[:, start:end], mask[:, :length + end],
-                                   positions[:, start:end], cache)
-        self.stats.prefills += 1
         self.stats.prefix_hits += 1
         self.stats.prefix_tokens += length
-        self._keep(sequence, cache, 0, total)
-        self._join([sequence], cache, mask, mask.sum(dim=1))
-        self._accept([sequence], self._sample(logits), events)
+        self._run_prompts([sequence], ids, mask, positions, cache, events)
 
     def _prefill_together(self, newcomers: list[Sequence], events: list) -> None:
         width = max(len(s.prompt) for s in newcomers)
@@ -452,18 +443,27 @@ class BatchEngine:
         for row, sequence in enumerate(newcomers):
             ids[row, width - len(sequence.prompt):] = torch.tensor(sequence.prompt)
             mask[row, width - len(sequence.prompt):] = 1
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        self._run_prompts(newcomers, ids, mask, positions, new_cache(self.model), events)
+
+    def _run_prompts(self, sequences: list[Sequence], ids: torch.Tensor, mask: torch.Tensor,
+                     positions: torch.Tensor, cache: DynamicCache, events: list) -> None:
+        """Run the prompts' last columns (``ids``, ``positions``; ``mask`` covers
+        every column, those already in ``cache`` first) chunk by chunk, keep
+        each prompt, join the rows to the batch and take their first tokens."""
+        for sequence in sequences:
             sequence.started = time.monotonic()
             sequence.decoder = IncrementalDecoder(self.tokenizer)
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        cache = new_cache(self.model)
-        for start in range(0, width, PREFILL_CHUNK):
+        cached, width = mask.shape[1] - ids.shape[1], mask.shape[1]
+        for start in range(0, ids.shape[1], PREFILL_CHUNK):
             end = start + PREFILL_CHUNK
-            logits = self._forward(ids[:, start:end], mask[:, :end], positions[:, start:end], cache)
+            logits = self._forward(ids[:, start:end], mask[:, :cached + end],
+                                   positions[:, start:end], cache)
         self.stats.prefills += 1
-        for row, sequence in enumerate(newcomers):
+        for row, sequence in enumerate(sequences):
             self._keep(sequence, cache, row, width)
-        self._join(newcomers, cache, mask, mask.sum(dim=1))
-        self._accept(newcomers, self._sample(logits), events)
+        self._join(sequences, cache, mask, mask.sum(dim=1))
+        self._accept(sequences, self._sample(logits), events)
 
     def _decode_step(self, events: list) -> None:
         rows = self._rows
