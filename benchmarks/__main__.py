@@ -152,8 +152,9 @@ def main(argv: list[str] | None = None) -> int:
 
     harness.raise_nofile()
     info = report.machine()
-    print(f"machine: {info['cpu']} ({info['cpu_flags']}), {info['cores']} cores, {info['ram_gib']} GiB; Python "
-          f"{info['python']}, torch {info['torch']}; load {info['load_average']}", flush=True)
+    print(f"machine: {info['cpu']} ({info['cpu_flags']}), {info['cores']} cores, "
+          f"{info['ram_gib']} GiB; Python {info['python']}, torch {info['torch']}; "
+          f"load {info['load_average']}", flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="tornado-app-bench-"))
     rows, lines, results = [], [], {"machine": info, "size": args.size}
     try:

@@ -102,7 +102,7 @@ def render(info: dict, size_name: str, rows: list[tuple[str, str, str]],
         "",
         f"## Latest run ({size_name})",
         "",
-        f"- Machine: {info['cpu']} ({info.get('cpu_flags', 'flags unknown')}), "
+        f"- Machine: {info['cpu']} ({info['cpu_flags']}), "
         f"{info['cores']} cores, {info['ram_gib']} GiB RAM, {info['os']}",
         f"- Software: Python {info['python']}, torch {info['torch']}, transformers "
         f"{info['transformers']}, Tornado {info['tornado']}, SQLite {info['sqlite']}",
