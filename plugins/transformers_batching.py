@@ -299,8 +299,12 @@ class BatchEngine:
         self.threads: ThreadTuner | None = None  # set once loaded, if config.adapt_threads
         self.prefixes = PrefixCache(config.prefix_cache_tokens) if (
             config.prefix_cache_tokens) else None
+        # A fresh Generator starts from torch's fixed default state, so without a
+        # seed every start would draw the same first samples; take one from the OS.
         if config.seed is not None:
             self._generator.manual_seed(config.seed)
+        else:
+            self._generator.seed()  # std::random_device
         self._thread = threading.Thread(target=self._run, name="transformers-batcher", daemon=True)
 
     # -- the event loop's side -------------------------------------------------

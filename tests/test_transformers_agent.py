@@ -212,6 +212,20 @@ def test_sampling_is_reproducible_with_a_seed(tiny_model_dir, tmp_path):
     run(body)
 
 
+def test_sampling_without_a_seed_differs_between_starts(tiny_model_dir, tmp_path):
+    # Without a seed each start draws its own: two starts giving the same 30 sampled
+    # tokens is as unlikely as a seed collision (the fixed default state did exactly that).
+    async def reply():
+        async with started_agent(tiny_model_dir, tmp_path, max_new_tokens=30, temperature=1.0,
+                                 top_p=0.9) as agent:
+            return await collect(agent, ask("surprise me"))
+
+    async def body():
+        assert await reply() != await reply()
+
+    run(body)
+
+
 def test_end_of_sequence_stops_the_reply(tiny_model_dir, tmp_path):
     async def body():
         async with started_agent(tiny_model_dir, tmp_path, max_new_tokens=50) as agent:
