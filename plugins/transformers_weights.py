@@ -17,6 +17,7 @@ This module imports torch; the plugin imports it lazily, in a worker thread.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -85,6 +86,12 @@ INT4_GROUP = 32
 # against 74-101, while 8 rows still took 40-45 on int4 against 49-63.
 INT4_MAX_ROWS = 16
 INT4_MAX_ROWS_AMX = 8
+# torch's int4 CPU kernel is vectorised for bfloat16 inputs only (its tinygemm
+# kernels for AVX2 and AVX512); float32 takes a scalar loop, 7-22x slower than
+# float32's own matmul on an AVX2-only AMD EPYC. So the kernel always runs in
+# bfloat16: the scales are kept in it whatever the model's dtype, and a float32
+# model's inputs to these layers are rounded to it (outputs cast back).
+KERNEL_DTYPE = torch.bfloat16
 
 
 def int4_codes(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -117,8 +124,9 @@ class Int4Linear(nn.Module):
     the step (docs/agents/transformers.md): a quarter of bfloat16's bytes.
     Prompts, many rows at once, are bound by arithmetic instead, where the
     kernel's de-quantizing costs more than it saves: they use the full weight,
-    kept beside the codes. The scales, zeros and weight take the model's dtype
-    with ``model.to(dtype)``.
+    kept beside the codes, which takes the model's dtype with ``model.to(dtype)``.
+    The scales and zeros are a plain attribute, not a buffer, so that they stay
+    in ``KERNEL_DTYPE``.
     """
 
     def __init__(self, linear: nn.Linear, codes: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
@@ -129,16 +137,16 @@ class Int4Linear(nn.Module):
         self.max_rows = max_rows
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 1)
         self.register_buffer("packed", packed)
-        self.register_buffer("scales_and_zeros", torch.stack([scales, zeros], dim=-1).contiguous())
+        self.scales_and_zeros = torch.stack([scales, zeros], dim=-1).to(KERNEL_DTYPE).contiguous()
         self.weight, self.bias = linear.weight, linear.bias
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        flat = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+        flat = hidden.reshape(-1, hidden.shape[-1])
         if flat.shape[0] > self.max_rows:
             return nn.functional.linear(hidden, self.weight, self.bias)
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            flat, self.packed, INT4_GROUP, self.scales_and_zeros)
-        out = out.reshape(*hidden.shape[:-1], self.out_features)
+            flat.to(KERNEL_DTYPE).contiguous(), self.packed, INT4_GROUP, self.scales_and_zeros)
+        out = out.to(hidden.dtype).reshape(*hidden.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias
 
 
@@ -176,7 +184,7 @@ class Q8Linear(nn.Module):
     ``code - 128 = 16 * (high - 8) + low``, and the layer is the sum of two
     int4 products with the same group scale: 16 * scale for the high half,
     scale with a zero of 8 * scale for the low one. The codes are kept
-    exactly; the scale is rounded to the model's dtype, like every weight.
+    exactly; the scale is rounded to ``KERNEL_DTYPE``, as in :class:`Int4Linear`.
     That reads half of bfloat16's bytes, which wins at up to ``Q8_MAX_ROWS``
     rows; more rows use the full weight, kept beside the codes. The outputs
     are padded to the kernel's multiple of 16.
@@ -192,24 +200,28 @@ class Q8Linear(nn.Module):
         to_int4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu
         self.register_buffer("packed_high", to_int4((values // 16).contiguous(), 1))
         self.register_buffer("packed_low", to_int4((values % 16).contiguous(), 1))
-        self.register_buffer("scales_high", torch.stack(
-            [16 * scales, torch.zeros_like(scales)], dim=-1).contiguous())
-        self.register_buffer("scales_low", torch.stack([scales, 8 * scales], dim=-1).contiguous())
+        self.scales_high = torch.stack([16 * scales, torch.zeros_like(scales)],
+                                       dim=-1).to(KERNEL_DTYPE).contiguous()
+        self.scales_low = torch.stack([scales, 8 * scales], dim=-1).to(KERNEL_DTYPE).contiguous()
         self.weight, self.bias = linear.weight, linear.bias
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        flat = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+        flat = hidden.reshape(-1, hidden.shape[-1])
         if flat.shape[0] > Q8_MAX_ROWS:
             return nn.functional.linear(hidden, self.weight, self.bias)
+        flat = flat.to(KERNEL_DTYPE).contiguous()
         product = torch.ops.aten._weight_int4pack_mm_for_cpu
         out = product(flat, self.packed_high, INT4_GROUP, self.scales_high)
         out += product(flat, self.packed_low, INT4_GROUP, self.scales_low)
-        out = out[:, :self.out_features].reshape(*hidden.shape[:-1], self.out_features)
+        out = out[:, :self.out_features].to(hidden.dtype)
+        out = out.reshape(*hidden.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias
 
 
 def _int4_works() -> bool:
-    """torch's int4 CPU kernel is there and computes what the de-quantized weights do."""
+    """torch's int4 CPU kernel is there and computes what the de-quantized weights do
+    (to bfloat16's precision: a wrong layout is off by far more)."""
+    close = functools.partial(torch.allclose, rtol=0.02, atol=0.02)
     try:
         probe = nn.Linear(2 * INT4_GROUP, 16, bias=False)
         with torch.no_grad():  # every group holds all 16 codes
@@ -217,8 +229,7 @@ def _int4_works() -> bool:
             probe.weight.copy_(codes * 0.01 - 0.05)
         codes = int4_codes(probe.weight)
         sample = torch.randn(3, 2 * INT4_GROUP)
-        if codes is None or not torch.allclose(Int4Linear(probe, codes)(sample),
-                                               probe(sample), atol=1e-4):
+        if codes is None or not close(Int4Linear(probe, codes)(sample), probe(sample)):
             return False
         with torch.no_grad():  # codes -127..127, outputs not a multiple of 16
             probe = nn.Linear(2 * INT4_GROUP, 24, bias=False)
@@ -226,8 +237,7 @@ def _int4_works() -> bool:
             codes[:, ::INT4_GROUP] = 127  # each group's largest magnitude
             probe.weight.copy_(codes * 0.001)
         codes = q8_codes(probe.weight)
-        return codes is not None and torch.allclose(Q8Linear(probe, codes)(sample),
-                                                    probe(sample), atol=1e-4)
+        return codes is not None and close(Q8Linear(probe, codes)(sample), probe(sample))
     except (AttributeError, RuntimeError, NotImplementedError) as exc:
         logger.info("torch's int4 kernel unavailable (%s); keeping the weights as they are",
                     type(exc).__name__)
