@@ -208,7 +208,13 @@ class Q8Linear(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         flat = hidden.reshape(-1, hidden.shape[-1])
         if flat.shape[0] > Q8_MAX_ROWS:
-            return nn.functional.linear(hidden, self.weight, self.bias)
+            if self.weight.dtype != torch.float32:
+                return nn.functional.linear(hidden, self.weight, self.bias)
+            # MKL multiplies a few rows by this wide weight 1.5-3x faster with the
+            # operands swapped (49152 x 576 at 5-32 rows, AVX2-only AMD EPYC:
+            # 10-25 ms against 23-41 for F.linear; an 8-row decode step 0.85x).
+            out = (self.weight @ flat.t()).t().reshape(*hidden.shape[:-1], self.out_features)
+            return out if self.bias is None else out + self.bias
         flat = flat.to(KERNEL_DTYPE).contiguous()
         product = torch.ops.aten._weight_int4pack_mm_for_cpu
         out = product(flat, self.packed_high, INT4_GROUP, self.scales_high)
