@@ -312,7 +312,8 @@ def assert_kernel_result(layer, hidden, full):
 def test_q8_layers_compute_what_their_eight_bit_weights_do(dtype):
     import torch
 
-    from plugins.transformers_weights import KERNEL_DTYPE, Q8_MAX_ROWS, Q8Linear, int4_codes, q8_codes
+    from plugins.transformers_weights import (KERNEL_DTYPE, Q8_MAX_ROWS, Q8Linear, int4_codes,
+                                              q8_codes)
 
     from .tiny_model import snap_to_eight_bits
 
