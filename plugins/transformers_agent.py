@@ -302,6 +302,7 @@ class TransformersAgent(Agent):
         """Runs on the engine's thread: load, size the context, prepare for decoding."""
         import torch
 
+        from plugins.transformers_attention import use_decode_sdpa
         from plugins.transformers_weights import (compute_dtype, int4_max_rows,
                                                  prepare_for_decoding, use_int4_weights)
 
@@ -325,6 +326,8 @@ class TransformersAgent(Agent):
         self.tokenizer = loaded.tokenizer
         eos_ids = _eos_ids(loaded.model, loaded.tokenizer)
         model = loaded.model
+        if next(model.parameters()).device.type == "cpu":
+            use_decode_sdpa(model)
         if dtype == torch.float32:
             # MKL's float32 layouts; in bfloat16 the model's own nn.Linear (oneDNN)
             # was as fast or faster, in steps of 1 and of 8 rows.

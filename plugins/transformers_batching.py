@@ -487,7 +487,9 @@ class BatchEngine:
 
     def _sample(self, logits: torch.Tensor) -> list[int]:
         if self.config.temperature <= 0:
-            return logits.argmax(dim=-1).tolist()
+            # In float32 (exact for bfloat16): torch's bfloat16 argmax is not
+            # vectorised, 160 us a row of 49152 against 34 with the cast.
+            return logits.float().argmax(dim=-1).tolist()
         probs = torch.softmax(logits.float() / self.config.temperature, dim=-1)
         if self.config.top_p < 1.0:
             sorted_probs, order = probs.sort(dim=-1, descending=True)

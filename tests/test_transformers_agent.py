@@ -282,6 +282,66 @@ def test_decode_linear_layers_compute_what_nn_linear_does():
             assert torch.allclose(packed(hidden), linear(hidden), atol=1e-5)
 
 
+def test_decode_attention_packs_one_query_a_row_and_gives_what_sdpa_gives(tiny_tokenizer,
+                                                                         monkeypatch):
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from plugins.transformers_attention import decode_sdpa
+
+    from .tiny_model import build_model
+
+    module = build_model(tiny_tokenizer).model.layers[0].self_attn  # 4 query, 2 key/value heads
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, *args, **kwargs):
+        calls.append((tuple(query.shape), kwargs.get("enable_gqa", False)))
+        return sdpa(query, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    torch.manual_seed(1)
+    rows, length, dim = 3, 7, module.head_dim
+    key, value = torch.randn(rows, 2, length, dim), torch.randn(rows, 2, length, dim)
+    mask = torch.ones(rows, 1, 1, length, dtype=torch.bool)
+    mask[0, ..., :2] = False
+    with torch.inference_mode():
+        for query_length, attention_mask in ((1, None), (1, mask), (4, None)):
+            query = torch.randn(rows, 4, query_length, dim)
+            if query_length > 1:
+                key4, value4 = key[:, :, :query_length], value[:, :, :query_length]
+            else:
+                key4, value4 = key, value
+            ours, _ = decode_sdpa(module, query, key4, value4, attention_mask, scaling=0.3)
+            theirs, _ = sdpa_attention_forward(module, query, key4, value4, attention_mask,
+                                               scaling=0.3)
+            assert ours.shape == (rows, query_length, 4, dim)
+            assert torch.allclose(ours, theirs, atol=1e-6)
+    # One query a row and no mask: packed onto the key/value heads, where
+    # transformers would take SDPA's slow enable_gqa kernel (its second call).
+    assert calls[0] == ((rows, 2, 2, dim), False)
+    assert calls[1] == ((rows, 4, 1, dim), True)
+
+
+def test_the_agent_decodes_with_the_packed_attention_and_leaves_others_alone(tiny_model_dir,
+                                                                            tiny_tokenizer,
+                                                                            tmp_path):
+    from plugins.transformers_attention import use_decode_sdpa
+
+    from .tiny_model import build_model
+
+    async def body():
+        async with started_agent(tiny_model_dir, tmp_path, max_new_tokens=4) as agent:
+            assert agent.engine.model.config._attn_implementation == "decode_sdpa"
+            assert await collect(agent, ask("hello"))
+
+    run(body)
+    eager = build_model(tiny_tokenizer)
+    eager.set_attn_implementation("eager")
+    assert not use_decode_sdpa(eager)
+    assert eager.config._attn_implementation == "eager"
+
+
 def int4_layers(agent: TransformersAgent) -> int:
     from plugins.transformers_weights import Int4Linear
 
