@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from sqlalchemy.engine import make_url
 
 REPO = Path(__file__).resolve().parents[1]
 # The service's code: this checkout, or another copy of it (a variant with a
@@ -119,7 +120,9 @@ def database(kind: str, workdir: Path):
     name = f"tornado_app_bench_{uuid.uuid4().hex[:8]}"
     asyncio.run(_postgres_admin(f'CREATE DATABASE "{name}"'))
     try:
-        yield BenchDatabase(POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + "/" + name, kind)
+        # make_url keeps a query string (?host=/var/run/postgresql for the Unix socket).
+        url = make_url(POSTGRES_ADMIN_URL).set(database=name)
+        yield BenchDatabase(url.render_as_string(hide_password=False), kind)
     finally:
         asyncio.run(_postgres_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 

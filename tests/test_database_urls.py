@@ -9,7 +9,10 @@ stops every command with one line naming ``database.url``, exit code 2.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from sqlalchemy.engine import make_url
 
 from tornado_app.config import load_settings
 from tornado_app.store import Store
@@ -84,6 +87,11 @@ async def test_postgresql_forms_reach_the_same_database(postgres_url, tmp_path):
         "explicit": postgres_url,
         "sslmode": f"postgresql://{rest}?sslmode=disable",
     }
+    url = make_url(postgres_url)
+    socket_dir = Path("/var/run/postgresql")
+    if (socket_dir / f".s.PGSQL.{url.port or 5432}").exists() and url.port in (None, 5432):
+        # The same server over its Unix socket (README: on one host).
+        forms["unix socket"] = f"postgresql://{url.username}@/{url.database}?host={socket_dir}"
     for name, url in forms.items():
         settings = settings_for(url, TORNADO_APP_DATA_DIR=str(tmp_path))
         assert settings.database.url.startswith("postgresql+asyncpg://"), name
