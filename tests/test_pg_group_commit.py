@@ -67,6 +67,26 @@ async def test_concurrent_exchanges_share_one_commit_and_are_committed_when_answ
 
 
 @pytest.mark.gen_test
+async def test_a_connection_goes_back_to_the_pool_without_a_reset_round_trip(pg_store,
+                                                                             postgres_url):
+    """asyncpg's default reset (a query on every release) is skipped: the
+    store's statements leave no session state (asyncpg_executor._keep_session)."""
+    store = pg_store
+    conversation = await store.open_conversation(1, "c")
+    await add_user_message(store, conversation, 1, "hello")
+    watcher = await asyncpg.connect(**connect_args(store.engine))
+    try:
+        last = [row["query"] for row in await watcher.fetch(
+            "SELECT query FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid() AND backend_type = 'client backend'")]
+    finally:
+        await watcher.close()
+    # The pooled connection's last query is its batch's COMMIT, not the reset.
+    assert any(query.strip().rstrip(";") == "COMMIT" for query in last), last
+    assert not any("RESET ALL" in query for query in last), last
+
+
+@pytest.mark.gen_test
 async def test_a_batch_holds_one_unit_per_user(pg_store):
     """Two units of one user in a batch could lock that user's rows in another
     order than a batch of another process (pg_batcher.py, "Deadlocks")."""

@@ -131,7 +131,7 @@ class AsyncpgExecutor:
             if self._pool is None:
                 self._pool = await asyncpg.create_pool(
                     **self.connect_args, min_size=1, max_size=POOL_SIZE, timeout=self.timeout,
-                    command_timeout=self.timeout, init=_set_codecs)
+                    command_timeout=self.timeout, init=_set_codecs, reset=_keep_session)
         return self._pool
 
     async def close(self) -> None:
@@ -139,6 +139,17 @@ class AsyncpgExecutor:
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close()
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """The pool's reset, done before a connection goes back: nothing more.
+
+    asyncpg's default sends a query that closes cursors, unlistens, resets
+    settings and releases advisory locks: a round trip on every release, for
+    session state that the store's statements never leave (they LISTEN on a
+    connection of their own, notifications.py, and set settings with ``SET
+    LOCAL`` only). asyncpg still rolls back a transaction left open.
+    """
 
 
 async def _set_codecs(conn: asyncpg.Connection) -> None:
