@@ -39,7 +39,8 @@ SIZES = {
                         "probe_rate": 50},
         "model": {"users": 8, "rounds": 3, "peer_rounds": 3, "max_new_tokens": 128,
                   "probes": 100, "probe_interval": 0.05},
-        "scaleout": {"clients": 50, "processes": [1, 2, 4], "duration": 6.0, "warmup": 1.5},
+        "scaleout": {"clients": 50, "processes": [1, 2, 4], "duration": 6.0, "warmup": 1.5,
+                     "one_process_rounds": 3},
     },
     "quick": {
         "overhead": {"clients": 50, "rounds": 1, "duration": 4.0, "warmup": 1.0},

@@ -12,9 +12,15 @@ measured too (``mode = "processes"``); until then only separate instances,
 which is also how instances on several machines share one PostgreSQL.
 
 ``variants`` (``--variant NAME=DIR``): other copies of the service, each
-measured as one process on each database right after this tree's one
-process, so that a change is compared with the tree before it in one run.
+measured as one process on each database in the same run as this tree's,
+so that a change is compared with the tree before it.
 The PostgreSQL to SQLite ratio (one process) is reported for each copy.
+
+That ratio is issue 17's target, and one pass of each swung by 15% between
+runs on one machine (982-1,545 msg/s for PostgreSQL). So one instance on
+each database is measured ``one_process_rounds`` times, the two alternating
+(the order flips every round): the ratio is the median of the per-round
+ratios, and the table's one-process rows are each database's median round.
 """
 
 from __future__ import annotations
@@ -49,8 +55,9 @@ def start_workers(config: Path, count: int, workdir: Path, tag: str) -> list[Ser
 
 
 def measure(kind: str, count: int, mode: str, workdir: Path, size: dict,
-            variant: tuple[str, Path] | None = None) -> dict:
-    tag = f"{kind}-{mode}-{count}" + (f"-{variant[0]}" if variant else "")
+            variant: tuple[str, Path] | None = None, round_index: int = 0) -> dict:
+    tag = (f"{kind}-{mode}-{count}" + (f"-{variant[0]}" if variant else "")
+           + (f"-round{round_index}" if round_index else ""))
     with harness.database(kind, workdir / tag) as db:
         # A variant's own code makes its schema (its revision may differ).
         tokens = harness.prepare_users(db.url, size["clients"],
@@ -85,11 +92,15 @@ def run(workdir: Path, size: dict, variants: dict[str, Path] | None = None) -> d
         modes.append("processes")
     table = {}
     others = {name: {} for name in variants or {}}
+    firsts = one_process_rounds(kinds, workdir, size)
     for kind in kinds:
         for mode in modes:
             rows = {}
             for count in size["processes"]:
-                rows[count] = measure(kind, count, mode, workdir, size)
+                if mode == "instances" and count == 1:
+                    rows[count] = _median_round(firsts[kind])
+                else:
+                    rows[count] = measure(kind, count, mode, workdir, size)
                 if mode == "instances" and count == 1:
                     for name, app_dir in (variants or {}).items():
                         others[name][kind] = _row(
@@ -97,9 +108,37 @@ def run(workdir: Path, size: dict, variants: dict[str, Path] | None = None) -> d
                             rows[count]["msgs_per_s"])
             base = rows[size["processes"][0]]["msgs_per_s"]
             table[f"{kind}/{mode}"] = {str(count): _row(r, base) for count, r in rows.items()}
+    rounds = _round_ratios(firsts)
+    ratios = _pg_to_sqlite(table, others)
+    if rounds:
+        ratios["service"] = harness.median(rounds)
     return {"clients": size["clients"], "duration_s": size["duration"], "table": table,
-            "variants": others, "pg_to_sqlite": _pg_to_sqlite(table, others),
+            "variants": others, "pg_to_sqlite": ratios, "pg_to_sqlite_rounds": rounds,
             "skipped": skipped}
+
+
+def one_process_rounds(kinds: list[str], workdir: Path, size: dict) -> dict[str, list[dict]]:
+    """One instance on each database, ``one_process_rounds`` times, alternating."""
+    results: dict[str, list[dict]] = {kind: [] for kind in kinds}
+    for index in range(size.get("one_process_rounds", 1)):
+        for kind in (kinds if index % 2 == 0 else kinds[::-1]):
+            results[kind].append(measure(kind, 1, "instances", workdir, size,
+                                         round_index=index))
+    return results
+
+
+def _median_round(results: list[dict]) -> dict:
+    """The round with the median throughput (the lower middle one of an even count)."""
+    ordered = sorted(results, key=lambda result: result["msgs_per_s"])
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def _round_ratios(firsts: dict[str, list[dict]]) -> list[float]:
+    """PostgreSQL / SQLite of each round (none without PostgreSQL)."""
+    if "postgresql" not in firsts:
+        return []
+    return [pg["msgs_per_s"] / lite["msgs_per_s"]
+            for pg, lite in zip(firsts["postgresql"], firsts["sqlite"])]
 
 
 def _row(result: dict, base: float) -> dict:
@@ -126,9 +165,12 @@ def report(result: dict) -> list[tuple[str, str, str]]:
         cells = ", ".join(f"{kind}: {row['msgs_per_s']:.0f} msg/s ({row['ratio']:.2f}x this "
                           f"tree), p99 {row['p99_ms']:.0f} ms" for kind, row in rows.items())
         out.append((f"Scale-out, variant `{name}`, 1 process", cells, "-"))
+    rounds = result.get("pg_to_sqlite_rounds", [])
     for name, ratio in result.get("pg_to_sqlite", {}).items():
-        out.append((f"Scale-out, PostgreSQL / SQLite, 1 process ({name})", f"{ratio:.2f}x",
-                    ">= 0.6x"))
+        cell = f"{ratio:.2f}x"
+        if name == "service" and len(rounds) > 1:
+            cell += " (median of rounds " + ", ".join(f"{r:.2f}" for r in rounds) + ")"
+        out.append((f"Scale-out, PostgreSQL / SQLite, 1 process ({name})", cell, ">= 0.6x"))
     for why in result["skipped"]:
         out.append(("Scale-out, PostgreSQL", f"not measured: {why}", "-"))
     return out
