@@ -7,9 +7,8 @@ With a padding mask it packs each row's query heads onto their key/value head
 one row (one user) or a batch without padding gets, it calls SDPA with
 ``enable_gqa=True`` instead, and torch's CPU kernel for that is far slower in
 bfloat16: 43-98 us a call against 18-31 for one row, 271-689 against 63-114
-for eight (60-200 cached tokens, AMD EPYC with AVX512-BF16). In the model, a
-decode step of 8 rows without padding took 0.70-0.73x as long and one of one
-row 0.83-0.95x (docs/agents/transformers.md, "Speed levers").
+for eight (60-200 cached tokens, AMD EPYC with AVX512-BF16). In the agent one
+user got 1.08x the tokens/s (docs/agents/transformers.md, "How batching works").
 
 ``decode_sdpa`` packs in that case too, and hands everything else (prompts,
 masked steps) to transformers' own function. The packed query's rows all sit
