@@ -45,6 +45,13 @@ logger = logging.getLogger(__name__)
 # Prompts are prefilled in chunks of this many tokens: the attention scores of
 # one chunk against the cache stay small however long the prompt is.
 PREFILL_CHUNK = 512
+
+# top_p's nucleus is looked for among each row's this many likeliest tokens
+# (a partial selection) before the whole row is sorted: sorting SmolLM2's
+# 49,152 probabilities took 3.6 ms a step for one row and 20.7 ms for 8, more
+# than the rest of an 8-row step, where the nucleus at a chat temperature
+# holds a few tokens.
+TOP_P_CANDIDATES = 64
 # Spare room (in tokens) added whenever a KV buffer must grow.
 CACHE_GROWTH = 128
 
@@ -492,13 +499,25 @@ class BatchEngine:
             return logits.float().argmax(dim=-1).tolist()
         probs = torch.softmax(logits.float() / self.config.temperature, dim=-1)
         if self.config.top_p < 1.0:
-            sorted_probs, order = probs.sort(dim=-1, descending=True)
-            # Keep the smallest set of tokens whose probability reaches top_p.
-            outside = sorted_probs.cumsum(dim=-1) - sorted_probs > self.config.top_p
-            sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-            choice = torch.multinomial(sorted_probs, 1, generator=self._generator)
-            return order.gather(-1, choice).squeeze(-1).tolist()
+            return self._sample_top_p(probs, self.config.top_p)
         return torch.multinomial(probs, 1, generator=self._generator).squeeze(-1).tolist()
+
+    def _sample_top_p(self, probs: torch.Tensor, top_p: float) -> list[int]:
+        """Sample among the smallest set of likeliest tokens whose probability
+        reaches ``top_p`` (each row's nucleus).
+
+        The candidates are each row's TOP_P_CANDIDATES likeliest tokens when
+        they hold more than ``top_p`` (every token after them then follows more
+        than ``top_p``, so it is outside the nucleus: the same set as from a
+        full sort), else every token, sorted.
+        """
+        likeliest, order = probs.topk(min(TOP_P_CANDIDATES, probs.shape[-1]), dim=-1)
+        if bool((likeliest.sum(dim=-1) <= top_p).any()):
+            likeliest, order = probs.sort(dim=-1, descending=True)
+        outside = likeliest.cumsum(dim=-1) - likeliest > top_p
+        likeliest = likeliest.masked_fill(outside, 0.0)
+        choice = torch.multinomial(likeliest, 1, generator=self._generator)
+        return order.gather(-1, choice).squeeze(-1).tolist()
 
     def _accept(self, sequences: list[Sequence], tokens: list[int], events: list) -> None:
         """Record each sequence's new token, its text, and whether it is done."""

@@ -226,6 +226,50 @@ def test_sampling_without_a_seed_differs_between_starts(tiny_model_dir, tmp_path
     run(body)
 
 
+def nucleus(probs, top_p: float) -> set[int]:
+    """The tokens top_p keeps, from a full sort: those after which the likelier
+    ones hold no more than top_p."""
+    ordered = sorted(range(len(probs)), key=lambda token: -probs[token])
+    kept, before = set(), 0.0
+    for token in ordered:
+        if before > top_p:
+            break
+        kept.add(token)
+        before += probs[token]
+    return kept
+
+
+def test_top_p_samples_each_rows_nucleus_from_candidates_or_a_full_sort():
+    """A peaked row's nucleus lies among its likeliest TOP_P_CANDIDATES tokens;
+    a flat row's does not, and then the rows are sorted whole. Either way every
+    sample is in the nucleus, and every token of a small nucleus comes up."""
+    import types
+
+    import torch
+
+    from plugins.transformers_batching import TOP_P_CANDIDATES, BatchEngine
+
+    vocab = 4 * TOP_P_CANDIDATES
+    generator = torch.Generator().manual_seed(3)
+    peaked = torch.full((vocab,), 0.05 / (vocab - 3))
+    peaked[[7, 100, 201]] = torch.tensor([0.5, 0.3, 0.15])
+    flat = torch.linspace(1.0, 2.0, vocab)[torch.randperm(vocab, generator=generator)]
+    flat /= flat.sum()
+    engine = types.SimpleNamespace(_generator=generator)
+    for rows in ([peaked], [peaked, flat]):  # candidates only; a full sort for both
+        probs = torch.stack(rows)
+        seen = [set() for _ in rows]
+        for _ in range(300):
+            for row, token in enumerate(BatchEngine._sample_top_p(engine, probs, 0.9)):
+                seen[row].add(token)
+        assert seen[0] == {7, 100, 201}
+        if len(rows) == 2:
+            expected = nucleus(flat.tolist(), 0.9)
+            assert seen[1] <= expected
+            # Its nucleus is larger than the candidates, and it was sampled whole.
+            assert len(seen[1]) > TOP_P_CANDIDATES
+
+
 def test_end_of_sequence_stops_the_reply(tiny_model_dir, tmp_path):
     async def body():
         async with started_agent(tiny_model_dir, tmp_path, max_new_tokens=50) as agent:
