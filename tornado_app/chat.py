@@ -32,8 +32,8 @@ logger = logging.getLogger(__name__)
 
 # Tokens counted per message for the chat template's role markers.
 TOKENS_PER_MESSAGE = 4
-# When the history stops fitting the prompt, its cut moves forward far enough
-# to leave this share of the budget free. The next prompts then keep the same
+# When the history stops fitting the prompt, its cut moves on by at least
+# this share of the budget (cut_history). The next prompts then keep the same
 # first turn until they fill it again, so each starts as the one before did,
 # and a prompt cache (the local model's, a provider's) finds that start: a
 # 1,349-token prompt whose start was cached took 85 ms to its first token
@@ -44,36 +44,32 @@ CUT_SLACK = 0.25
 STORE_UNAVAILABLE = "The service could not save your message; please try again shortly."
 
 
-def cut_history(turns: list, used: int, budget: int, history: History) -> tuple[int, int]:
+def cut_history(turns: list, used: int, budget: int) -> tuple[int, int]:
     """The index of the first turn a prompt keeps, and the tokens then used
     (``used``: those of the rest of the prompt). All turns when they fit (the
     common case, found by list comprehensions: up to HISTORY_LIMIT turns per
-    message, on the loop). Otherwise from the first turn the last prompt kept,
-    while what follows it still fits; else the latest turns that fit in the
-    budget less CUT_SLACK of it. A kept history starts with a user's turn."""
+    message, on the loop).
+
+    Otherwise the cut is at one of a chain of user turns: the first turn, then
+    each time the first user turn at least CUT_SLACK of the budget after the
+    one before. The earliest of them whose rest fits is kept. The chain depends
+    on the turns alone, and a new turn only adds to its end, so every socket
+    (a reconnected page too) cuts the same way, a cut stays put until its rest
+    no longer fits, and it then moves on by at least that slack.
+    """
     per_turn = TOKENS_PER_MESSAGE
-    whole = used + sum([turn.tokens for turn in turns]) + per_turn * len(turns)
-    if whole <= budget:
-        history.first_kept = None
-        return 0, whole
-    start = len(turns)
-    if history.first_kept is not None:
-        for index, turn in enumerate(turns):
-            if turn.id == history.first_kept:
-                rest = used + sum([t.tokens for t in turns[index:]]) + per_turn * (start - index)
-                if rest <= budget:
-                    return index, rest
-                break
-    target = budget - int(budget * CUT_SLACK)
-    while start > 0 and used + turns[start - 1].tokens + per_turn <= target:
-        start -= 1
-        used += turns[start].tokens + per_turn
-    # A cut can leave a reply first; models expect a user turn after the system prompt.
-    while start < len(turns) and turns[start].role != ROLE_USER:
-        used -= turns[start].tokens + per_turn
-        start += 1
-    history.first_kept = turns[start].id if start < len(turns) else None
-    return start, used
+    history = sum([turn.tokens for turn in turns]) + per_turn * len(turns)
+    if used + history <= budget:
+        return 0, used + history
+    step = max(1, int(budget * CUT_SLACK))
+    offset, next_cut = 0, 0
+    for index, turn in enumerate(turns):
+        if offset >= next_cut and turn.role == ROLE_USER:
+            if used + history - offset <= budget:
+                return index, used + history - offset
+            next_cut = offset + step
+        offset += turn.tokens + per_turn
+    return len(turns), used
 
 
 def _utf8_bytes(text: str) -> int:
@@ -390,7 +386,7 @@ class ChatService:
         budget = agent.context_tokens - agent.reply_tokens
         if reserved is not None and reserved.prompt_tokens:
             budget = min(budget, reserved.prompt_tokens)
-        start, used = cut_history(turns, used, budget, history)
+        start, used = cut_history(turns, used, budget)
         # The turns' own dicts: agents read a request's messages, never change them.
         messages = [{"role": "system", "content": system}]
         kept = turns[start:] if start else turns

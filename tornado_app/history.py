@@ -66,7 +66,7 @@ class History:
     """
 
     __slots__ = ("conversation_id", "client_id", "limit", "turns", "counted_by", "_last_id",
-                 "_read_at", "first_kept")
+                 "_read_at")
 
     def __init__(self, conversation_id: int, limit: int = HISTORY_LIMIT, client_id: str = ""):
         self.conversation_id = conversation_id
@@ -76,9 +76,6 @@ class History:
         self.counted_by: Agent | None = None
         self._last_id = 0  # every turn up to this id has been read
         self._read_at: float | None = None
-        # The id of the first turn the last prompt kept when the history did
-        # not fit whole (None: it did); chat.cut_history starts there again.
-        self.first_kept: int | None = None
 
     def read_from(self) -> int:
         """The id after which turns are to be read (0: all, the copy is dropped)."""
