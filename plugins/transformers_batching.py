@@ -52,6 +52,10 @@ PREFILL_CHUNK = 512
 # than the rest of an 8-row step, where the nucleus at a chat temperature
 # holds a few tokens.
 TOP_P_CANDIDATES = 64
+# Replies whose KV the prompt cache keeps, by why they stopped: the whole
+# ones, which the conversation's next prompt repeats (a cancelled or failed
+# reply never joins a prompt).
+KEPT_REPLIES = ("eos", "length")
 # Spare room (in tokens) added whenever a KV buffer must grow.
 CACHE_GROWTH = 128
 
@@ -173,6 +177,11 @@ class PrefixCache:
             return
         if len(prompt) > self.max_tokens:
             return
+        # An entry that starts this one is of no more use (a prompt, once its
+        # reply is kept): whatever matches it matches this one as far.
+        for older in [k for k in self._entries if len(k) < len(key) and key[:len(k)] == k]:
+            del self._entries[older]
+            self._tokens -= len(older)
         while self._entries and self._tokens + len(prompt) > self.max_tokens:
             evicted, _ = self._entries.popitem(last=False)
             self._tokens -= len(evicted)
@@ -425,14 +434,24 @@ class BatchEngine:
         if fresh:
             self._prefill_together(fresh, events)
 
-    def _keep(self, sequence: Sequence, cache: DynamicCache, row: int, end: int) -> None:
-        """Keep the prompt's KV: row ``row`` of ``cache``, the columns before ``end``."""
+    def _keep(self, tokens: list[int], cache: DynamicCache, row: int, end: int) -> None:
+        """Keep the KV of ``tokens``: row ``row`` of ``cache``, the columns before ``end``."""
         if self.prefixes is None or not _growing(cache):
             return
-        start = end - len(sequence.prompt)
-        self.prefixes.add(sequence.prompt, [
+        start = end - len(tokens)
+        self.prefixes.add(tokens, [
             (layer.keys[row:row + 1, :, start:end].clone(),
              layer.values[row:row + 1, :, start:end].clone()) for layer in cache.layers])
+
+    def _keep_reply(self, sequence: Sequence, row: int) -> None:
+        """Keep a finished reply's KV after its prompt's: the conversation's next
+        prompt starts with both, so it prefills only the new message. The row
+        holds the prompt and every token fed back, which is all of the reply
+        but a last sampled one (the end-of-sequence token, or one past
+        ``max_new_tokens``)."""
+        length = int(self._lengths[row])
+        self._keep((sequence.prompt + sequence.decoder.ids)[:length], self._cache, row,
+                   self._cache.layers[0].length)
 
     def _prefill_after(self, sequence: Sequence, kept: list, length: int, events: list) -> None:
         """Prefill one prompt from its first ``length`` tokens' kept KV."""
@@ -472,7 +491,7 @@ class BatchEngine:
                                    positions[:, start:end], cache)
         self.stats.prefills += 1
         for row, sequence in enumerate(sequences):
-            self._keep(sequence, cache, row, width)
+            self._keep(sequence.prompt, cache, row, width)
         self._join(sequences, cache, mask, mask.sum(dim=1))
         self._accept(sequences, self._sample(logits), events)
 
@@ -570,6 +589,9 @@ class BatchEngine:
         keep = [i for i, s in enumerate(self._rows) if s.stop_reason is None]
         if len(keep) == len(self._rows):
             return
+        for row, sequence in enumerate(self._rows):
+            if sequence.stop_reason in KEPT_REPLIES:
+                self._keep_reply(sequence, row)
         if not keep:
             self._rows, self._cache, self._mask, self._lengths = [], None, None, None
             return

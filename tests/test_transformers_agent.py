@@ -703,6 +703,43 @@ def test_a_prompt_that_starts_like_a_kept_one_prefills_only_the_rest(tiny_model_
     assert kept == plain  # the same replies as prefilled from scratch
 
 
+def test_a_finished_reply_is_kept_with_its_prompt_for_the_next_one(tiny_model_dir, tmp_path):
+    """The next prompt of a conversation repeats the last prompt and its reply:
+    both are kept, so it prefills only what follows them, and replies as it
+    would from scratch (float32)."""
+    from plugins.transformers_batching import FINISHED, Sequence
+
+    async def replies(**options):
+        async with started_agent(tiny_model_dir, tmp_path, dtype="float32", max_new_tokens=8,
+                                 **options) as agent:
+            engine = agent.engine
+
+            async def run_ids(prompt):
+                sequence = Sequence(prompt=prompt, max_new_tokens=8, time_limit=60,
+                                    loop=asyncio.get_running_loop())
+                engine.submit(sequence)
+                while (item := await sequence.queue.get()) is not FINISHED:
+                    assert not isinstance(item, BaseException)
+                return sequence.decoder.ids
+
+            prompt = agent.encode_prompt(conversation("What is a prime number?").messages)
+            reply = await run_ids(prompt)
+            before = engine.stats.prefix_tokens
+            follow = prompt + reply + prompt[-5:]  # the conversation goes on
+            second = await run_ids(follow)
+            kept = engine.prefixes.tokens if engine.prefixes else 0
+            return (reply, second), engine.stats.prefix_tokens - before, kept, len(follow)
+
+    (reply, second), reused, kept, follow = run(replies)
+    # All of the reply the row fed back (all but one sampled past the end at most).
+    assert reused >= follow - 5 - 1
+    # One entry is left: the second prompt with its reply (each prompt gave way).
+    assert follow + len(second) - 1 <= kept <= follow + len(second)
+    plain, reused_plain, _, _ = asyncio.run(replies(prefix_cache_tokens=0))
+    assert reused_plain == 0
+    assert (reply, second) == plain
+
+
 def test_the_prefix_cache_keeps_the_latest_prompts_within_its_tokens():
     import torch
 
