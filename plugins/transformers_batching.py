@@ -449,6 +449,8 @@ class BatchEngine:
         holds the prompt and every token fed back, which is all of the reply
         but a last sampled one (the end-of-sequence token, or one past
         ``max_new_tokens``)."""
+        if self.prefixes is None or not _growing(self._cache):
+            return
         length = int(self._lengths[row])
         self._keep((sequence.prompt + sequence.decoder.ids)[:length], self._cache, row,
                    self._cache.layers[0].length)

@@ -740,6 +740,30 @@ def test_a_finished_reply_is_kept_with_its_prompt_for_the_next_one(tiny_model_di
     assert (reply, second) == plain
 
 
+def test_a_sliding_window_model_answers_and_keeps_nothing(tmp_path, caplog):
+    """Its cache is not the engine's growing one: it still answers requests
+    that come together, and neither prompts nor replies are kept."""
+    from plugins.transformers_batching import _growing, new_cache
+
+    from .tiny_model import save_tiny_sliding_model
+
+    folder = save_tiny_sliding_model(tmp_path / "tiny-sliding")
+
+    async def body():
+        async with started_agent(folder, tmp_path, max_new_tokens=12) as agent:
+            assert not _growing(new_cache(agent.engine.model))
+            together = await asyncio.gather(*(collect(agent, ask(p)) for p in ("one", "two")))
+            again = await collect(agent, ask("one"))
+            stats = agent.engine.stats
+            assert all(together) and again == together[0]
+            assert stats.failed == 0
+            assert (stats.prefix_hits, agent.engine.prefixes.tokens) == (0, 0)
+
+    with caplog.at_level(logging.ERROR, logger="plugins.transformers_batching"):
+        run(body)
+    assert not caplog.records  # no step failed on the way (the engine logs, then goes on)
+
+
 def test_the_prefix_cache_keeps_the_latest_prompts_within_its_tokens():
     import torch
 

@@ -132,3 +132,23 @@ def save_tiny_model(folder: Path, four_bit: bool = False,
         snap_to_eight_bits(model.lm_head.weight)
     model.save_pretrained(folder)
     return folder
+
+
+def save_tiny_sliding_model(folder: Path) -> Path:
+    """A tiny Mistral with a sliding window of 16 tokens: its cache layers are
+    transformers' sliding ones, not the engine's growing ones."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = MistralConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        sliding_window=16, tie_word_embeddings=False, bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    MistralForCausalLM(config).eval().save_pretrained(folder)
+    return folder
