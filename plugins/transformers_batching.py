@@ -434,10 +434,12 @@ class BatchEngine:
         if fresh:
             self._prefill_together(fresh, events)
 
-    def _keep(self, tokens: list[int], cache: DynamicCache, row: int, end: int) -> None:
-        """Keep the KV of ``tokens``: row ``row`` of ``cache``, the columns before ``end``."""
+    def _keep(self, tokens: list[int], cache: DynamicCache, row: int) -> None:
+        """Keep the KV of ``tokens``: row ``row`` of ``cache``, its last columns
+        (rows are right-aligned)."""
         if self.prefixes is None or not _growing(cache):
             return
+        end = cache.layers[0].length
         start = end - len(tokens)
         self.prefixes.add(tokens, [
             (layer.keys[row:row + 1, :, start:end].clone(),
@@ -449,11 +451,8 @@ class BatchEngine:
         holds the prompt and every token fed back, which is all of the reply
         but a last sampled one (the end-of-sequence token, or one past
         ``max_new_tokens``)."""
-        if self.prefixes is None or not _growing(self._cache):
-            return
         length = int(self._lengths[row])
-        self._keep((sequence.prompt + sequence.decoder.ids)[:length], self._cache, row,
-                   self._cache.layers[0].length)
+        self._keep((sequence.prompt + sequence.decoder.ids)[:length], self._cache, row)
 
     def _prefill_after(self, sequence: Sequence, kept: list, length: int, events: list) -> None:
         """Prefill one prompt from its first ``length`` tokens' kept KV."""
@@ -486,14 +485,14 @@ class BatchEngine:
         for sequence in sequences:
             sequence.started = time.monotonic()
             sequence.decoder = IncrementalDecoder(self.tokenizer)
-        cached, width = mask.shape[1] - ids.shape[1], mask.shape[1]
+        cached = mask.shape[1] - ids.shape[1]
         for start in range(0, ids.shape[1], PREFILL_CHUNK):
             end = start + PREFILL_CHUNK
             logits = self._forward(ids[:, start:end], mask[:, :cached + end],
                                    positions[:, start:end], cache)
         self.stats.prefills += 1
         for row, sequence in enumerate(sequences):
-            self._keep(sequence.prompt, cache, row, width)
+            self._keep(sequence.prompt, cache, row)
         self._join(sequences, cache, mask, mask.sum(dim=1))
         self._accept(sequences, self._sample(logits), events)
 
