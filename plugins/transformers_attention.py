@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.integrations.sdpa_attention import pack_gqa, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "decode_sdpa"
@@ -40,7 +40,8 @@ def decode_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
     if length != 1 or attention_mask is not None or groups == 1 or special or dropout:
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       dropout=dropout, scaling=scaling, **kwargs)
-    packed = query.reshape(rows, heads // groups, groups, dim)
+    # transformers' own packing, which its function applies only with a mask.
+    packed = pack_gqa(query, groups)
     out = torch.nn.functional.scaled_dot_product_attention(packed, key, value, scale=scaling)
     return out.reshape(rows, heads, 1, dim).transpose(1, 2).contiguous(), None
 
