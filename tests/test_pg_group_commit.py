@@ -67,8 +67,7 @@ async def test_concurrent_exchanges_share_one_commit_and_are_committed_when_answ
 
 
 @pytest.mark.gen_test
-async def test_a_connection_goes_back_to_the_pool_without_a_reset_round_trip(pg_store,
-                                                                             postgres_url):
+async def test_a_connection_goes_back_to_the_pool_without_a_reset_round_trip(pg_store):
     """asyncpg's default reset (a query on every release) is skipped: the
     store's statements leave no session state (asyncpg_executor._keep_session)."""
     store = pg_store
