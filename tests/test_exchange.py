@@ -120,6 +120,9 @@ async def test_one_hung_reply_does_not_block_other_users(connect, fake_agent):
     fake_agent.enqueue("never", gate=asyncio.Event())
     stuck = await connect("c1", user="alice")
     await stuck.send({"content": "hang"})
+    # The fake agent hands out its script in arrival order: bob's message
+    # must not overtake alice's (PostgreSQL's group commit may admit it first).
+    await fake_agent.received()
     other = await connect("c2", user="bob")
     await other.send({"content": "hi"})
     assert (await other.receive())["type"] == "ai_response"
