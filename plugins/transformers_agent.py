@@ -324,11 +324,11 @@ class TransformersAgent(Agent):
                              if self.options.int4_weights else (0, 0, 0))
         loaded.model.to(dtype)
         logger.info("local model %s loaded in %.1f s (%s, %s, %d torch threads, "
-                    "%d of %d linear layers on int4 weights (%s kernel), %d on Q8_0 codes; "
-                    "int4 up to %d rows)", self.model, loaded.seconds,
+                    "%d of %d linear layers on int4 weights, %d on Q8_0 codes, on %s kernel; "
+                    "up to %d rows)", self.model, loaded.seconds,
                     "converted copy" if loaded.from_cache else "original files",
                     str(dtype).removeprefix("torch."), torch.get_num_threads(), int4, linears,
-                    "the compiled" if kernel else "torch's", q8, most_rows)
+                    q8, "the compiled" if kernel else "torch's int4", most_rows)
         limit = getattr(loaded.model.config, "max_position_embeddings", None) or self.context_tokens
         self.context_tokens = min(self.options.context_tokens or limit, limit)
         self.reply_tokens = min(self.options.max_new_tokens, self.context_tokens // 2)

@@ -22,9 +22,9 @@
 #define BLOCK 32
 #define MOST_ROWS 8 /* rows one pass of the weights multiplies; more rows take more passes */
 
-/* Each row's blocks as int16 codes (round to nearest) with the block's scale and,
+/* Each row's blocks as int16 codes (round to nearest) with the block's scale (broadcast) and,
  * if ``xs``, the scale times the codes' sum (what a Q4_1 weight's minimum multiplies). */
-static void quantize_rows(const float *x, int rows, int k, int16_t *xq, float *xd, float *xs) {
+static void quantize_rows(const float *x, int rows, int k, int16_t *xq, __m256 *xv, float *xs) {
     const int blocks = k / BLOCK;
     const __m256 sign = _mm256_set1_ps(-0.0f);
     const __m256i ones = _mm256_set1_epi16(1);
@@ -52,7 +52,7 @@ static void quantize_rows(const float *x, int rows, int k, int16_t *xq, float *x
             _mm256_storeu_si256((__m256i *)codes, first);
             _mm256_storeu_si256((__m256i *)(codes + 16), second);
             const float scale = amax / 32767.f;
-            xd[r * blocks + b] = scale;
+            xv[r * blocks + b] = _mm256_set1_ps(scale);
             if (xs) {
                 const __m256i sum8 = _mm256_add_epi32(_mm256_madd_epi16(first, ones),
                                                       _mm256_madd_epi16(second, ones));
@@ -73,44 +73,55 @@ static inline float sum_lanes(__m256 v) {
     return _mm_cvtss_f32(lo);
 }
 
+/* The dot product of n floats (a row's scale-times-sum with an output's minimums). */
+static inline float dot_floats(const float *a, const float *b, int n) {
+    __m256 acc = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    float sum = sum_lanes(acc);
+    for (; i < n; i++) sum += a[i] * b[i];
+    return sum;
+}
+
 /* A block's products with R rows, given its weight codes as two vectors of 16
  * int16 (R known at compile time, so that the accumulators stay in registers):
- * vpmaddwd multiplies pairs and sums them in 32 bits. */
+ * vpmaddwd multiplies pairs and sums them in 32 bits; the row's block scale
+ * comes broadcast already (xv), the weight's (dv) once for all rows. */
 #define ROWS_TIMES_BLOCK(R)                                                                   \
     for (int r = 0; r < R; r++) {                                                             \
         const int16_t *x = xq + (long)r * k + b * BLOCK;                                      \
         const __m256i dot = _mm256_add_epi32(                                                 \
             _mm256_madd_epi16(first, _mm256_loadu_si256((const __m256i *)x)),                 \
             _mm256_madd_epi16(second, _mm256_loadu_si256((const __m256i *)(x + 16))));        \
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot),                                     \
-                                 _mm256_set1_ps(d * xd[r * blocks + b]), acc[r]);             \
+        acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(dot), xv[r * blocks + b]),  \
+                                 dv, acc[r]);                                                 \
     }
 
 /* One output of a Q4_1 weight times R rows. */
 #define Q4_OUTPUT_TIMES_ROWS(R)                                                               \
 static void q4_output_times_##R(const uint8_t *w, const float *wd, const float *wm,           \
-                                int blocks, int k, const int16_t *xq, const float *xd,        \
+                                int blocks, int k, const int16_t *xq, const __m256 *xv,       \
                                 const float *xs, float *out, int n) {                         \
     const __m128i low = _mm_set1_epi8(0x0f);                                                  \
     __m256 acc[R];                                                                            \
-    float minimums[R];                                                                        \
-    for (int r = 0; r < R; r++) { acc[r] = _mm256_setzero_ps(); minimums[r] = 0.f; }          \
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();                                 \
     for (int b = 0; b < blocks; b++) {                                                        \
         const __m128i packed = _mm_loadu_si128((const __m128i *)(w + b * 16));               \
         const __m256i first = _mm256_cvtepu8_epi16(_mm_and_si128(packed, low));              \
         const __m256i second = _mm256_cvtepu8_epi16(                                          \
             _mm_and_si128(_mm_srli_epi16(packed, 4), low));                                   \
-        const float d = wd[b], m = wm[b];                                                     \
+        const __m256 dv = _mm256_set1_ps(wd[b]);                                              \
         ROWS_TIMES_BLOCK(R)                                                                   \
-        for (int r = 0; r < R; r++) minimums[r] += m * xs[r * blocks + b];                    \
     }                                                                                         \
-    for (int r = 0; r < R; r++) out[(long)r * n] = sum_lanes(acc[r]) + minimums[r];           \
+    for (int r = 0; r < R; r++)                                                               \
+        out[(long)r * n] = sum_lanes(acc[r]) + dot_floats(wm, xs + r * blocks, blocks);       \
 }
 
 /* One output of a Q8_0 weight times R rows. */
 #define Q8_OUTPUT_TIMES_ROWS(R)                                                               \
 static void q8_output_times_##R(const int8_t *w, const float *wd, const float *unused,        \
-                                int blocks, int k, const int16_t *xq, const float *xd,        \
+                                int blocks, int k, const int16_t *xq, const __m256 *xv,       \
                                 const float *xs, float *out, int n) {                         \
     (void)unused; (void)xs;                                                                   \
     __m256 acc[R];                                                                            \
@@ -119,7 +130,7 @@ static void q8_output_times_##R(const int8_t *w, const float *wd, const float *u
         const __m256i codes = _mm256_loadu_si256((const __m256i *)(w + b * BLOCK));           \
         const __m256i first = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(codes));            \
         const __m256i second = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(codes, 1));      \
-        const float d = wd[b];                                                                \
+        const __m256 dv = _mm256_set1_ps(wd[b]);                                              \
         ROWS_TIMES_BLOCK(R)                                                                   \
     }                                                                                         \
     for (int r = 0; r < R; r++) out[(long)r * n] = sum_lanes(acc[r]);                         \
@@ -131,9 +142,9 @@ Q8_OUTPUT_TIMES_ROWS(1) Q8_OUTPUT_TIMES_ROWS(2) Q8_OUTPUT_TIMES_ROWS(3) Q8_OUTPU
 Q8_OUTPUT_TIMES_ROWS(5) Q8_OUTPUT_TIMES_ROWS(6) Q8_OUTPUT_TIMES_ROWS(7) Q8_OUTPUT_TIMES_ROWS(8)
 
 typedef void (*q4_output_times)(const uint8_t *, const float *, const float *, int, int,
-                                const int16_t *, const float *, const float *, float *, int);
+                                const int16_t *, const __m256 *, const float *, float *, int);
 typedef void (*q8_output_times)(const int8_t *, const float *, const float *, int, int,
-                                const int16_t *, const float *, const float *, float *, int);
+                                const int16_t *, const __m256 *, const float *, float *, int);
 static const q4_output_times Q4_OUTPUT_TIMES[MOST_ROWS + 1] = {
     0, q4_output_times_1, q4_output_times_2, q4_output_times_3, q4_output_times_4,
     q4_output_times_5, q4_output_times_6, q4_output_times_7, q4_output_times_8};
@@ -160,11 +171,12 @@ void q4_1_matmul(const float *x, int rows, int k, const uint8_t *w, const float 
                  const float *wm, int n, float *out) {
     const int blocks = k / BLOCK;
     int16_t xq[rows * k] __attribute__((aligned(32)));
-    float xd[rows * blocks], xs[rows * blocks];
-    quantize_rows(x, rows, k, xq, xd, xs);
+    __m256 xv[rows * blocks];
+    float xs[rows * blocks];
+    quantize_rows(x, rows, k, xq, xv, xs);
     FOR_EACH_OUTPUT_AND_ROWS(Q4_OUTPUT_TIMES[count](
         w + (long)o * blocks * 16, wd + (long)o * blocks, wm + (long)o * blocks, blocks, k,
-        xq + (long)first * k, xd + first * blocks, xs + first * blocks,
+        xq + (long)first * k, xv + first * blocks, xs + first * blocks,
         out + (long)first * n + o, n))
 }
 
@@ -174,9 +186,9 @@ void q8_0_matmul(const float *x, int rows, int k, const int8_t *w, const float *
                  float *out) {
     const int blocks = k / BLOCK;
     int16_t xq[rows * k] __attribute__((aligned(32)));
-    float xd[rows * blocks];
-    quantize_rows(x, rows, k, xq, xd, 0);
+    __m256 xv[rows * blocks];
+    quantize_rows(x, rows, k, xq, xv, 0);
     FOR_EACH_OUTPUT_AND_ROWS(Q8_OUTPUT_TIMES[count](
         w + (long)o * k, wd + (long)o * blocks, 0, blocks, k, xq + (long)first * k,
-        xd + first * blocks, 0, out + (long)first * n + o, n))
+        xv + first * blocks, 0, out + (long)first * n + o, n))
 }

@@ -126,8 +126,9 @@ def test_a_compiler_that_fails_leaves_torch_kernel(tmp_path, monkeypatch, caplog
 def test_a_kernel_that_computes_wrong_products_is_not_used(tmp_path, monkeypatch, caplog):
     wrong = tmp_path / "transformers_q4.c"  # forgets the weights' minimums
     source = transformers_q4.SOURCE.read_text()
-    assert "+ minimums[r];" in source
-    wrong.write_text(source.replace("+ minimums[r];", ";"))
+    minimums = "+ dot_floats(wm, xs + r * blocks, blocks)"
+    assert minimums in source
+    wrong.write_text(source.replace(minimums, ""))
     monkeypatch.setattr(transformers_q4, "SOURCE", wrong)
     with caplog.at_level(logging.WARNING, logger="plugins.transformers_q4"):
         assert load_kernel(tmp_path) is None
