@@ -43,6 +43,10 @@ FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 COMPILE_SECONDS = 120
 BLOCK = 32  # inputs per block of codes (a GGUF Q4_1 block)
 
+# Kernels loaded in this process, by the hash of their source and command: an
+# agent started again (SIGHUP, a second agent) neither compiles nor probes again.
+_LOADED: dict[str, "Q4Kernel"] = {}
+
 
 @dataclass(frozen=True)
 class Q4Weight:
@@ -185,15 +189,19 @@ def load_kernel(folder: Path | None) -> Q4Kernel | None:
         return None
     source = SOURCE.read_bytes()
     tag = hashlib.sha256(b"\0".join([source, compiler.encode(), *map(str.encode, FLAGS)]))
+    tag = tag.hexdigest()[:16]
+    if tag in _LOADED:
+        return _LOADED[tag]
     try:
         if folder is None:
             with tempfile.TemporaryDirectory(prefix="transformers-q4-") as scratch:
-                library = _build(compiler, Path(scratch), tag.hexdigest()[:16])
+                library = _build(compiler, Path(scratch), tag)
         else:
-            library = _build(compiler, folder / "kernels", tag.hexdigest()[:16])
+            library = _build(compiler, folder / "kernels", tag)
         kernel = Q4Kernel(library)
         with torch.inference_mode():
             if kernel.works():
+                _LOADED[tag] = kernel
                 return kernel
         logger.warning("4-bit layers on torch's int4 kernel: the compiled one computed wrong "
                        "products")

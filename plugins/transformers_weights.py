@@ -193,7 +193,8 @@ def q8_codes(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 
 class Q8Linear(nn.Module):
-    """``nn.Linear`` whose weight is Q8_0 already, on torch's int4 CPU kernel.
+    """``nn.Linear`` whose weight is Q8_0 already, on torch's int4 CPU kernel
+    or, in a float32 model, the compiled one.
 
     torch has no kernel for 8-bit weights in groups of 32 (its int8 one takes
     one scale per output), so each 8-bit code is split in two 4-bit halves,
@@ -207,8 +208,9 @@ class Q8Linear(nn.Module):
 
     With the compiled ``kernel`` (a float32 model, transformers_q4.py), the
     8-bit codes are multiplied as they are, up to ``max_rows`` rows: for
-    SmolLM2's 49152 x 576 output layer on an AVX2-only AMD EPYC, 2.3 ms at one
-    row against 6.5 on the halves, 5.3 at 8 against 15.1 ms on the full weight.
+    SmolLM2's 49152 x 576 output layer on an AVX2-only AMD EPYC, 1.6-1.9 ms at
+    one row against 4.7-6.5 on the halves, 4.3-5.6 at 8 against 11.6-15.3 ms
+    on the full weight.
     """
 
     def __init__(self, linear: nn.Linear, codes: tuple[torch.Tensor, torch.Tensor],

@@ -35,6 +35,12 @@ def kernel(tmp_path_factory):
     return loaded
 
 
+@pytest.fixture
+def nothing_loaded(monkeypatch):
+    """No kernel loaded in this process yet (load_kernel keeps the ones it loaded)."""
+    monkeypatch.setattr(transformers_q4, "_LOADED", {})
+
+
 def compiler_script(folder: Path, body: str) -> str:
     """A stand-in for ``cc``: a shell script running ``body``."""
     path = folder / "cc.sh"
@@ -87,11 +93,14 @@ def test_rows_of_zeros_give_zeros(kernel):
 
 
 @needs_avx2
-def test_the_library_is_compiled_once_into_the_cache(tmp_path, monkeypatch):
+def test_the_library_is_compiled_once_into_the_cache(tmp_path, monkeypatch, nothing_loaded):
     calls = tmp_path / "calls"
     monkeypatch.setenv("CC", compiler_script(tmp_path, f'echo run >> {calls}\nexec cc "$@"'))
     cache = tmp_path / "cache"
-    assert load_kernel(cache) is not None
+    first = load_kernel(cache)
+    assert first is not None
+    assert load_kernel(tmp_path / "elsewhere") is first  # loaded in this process already
+    transformers_q4._LOADED.clear()  # a new process: the cached library, not a compiler
     assert load_kernel(cache) is not None
     assert calls.read_text().count("run") == 1
     assert len(list((cache / "kernels").glob("*.so"))) == 1
@@ -151,7 +160,8 @@ def kernels_of(agent) -> set:
 
 @needs_avx2
 def test_a_float32_model_runs_its_four_bit_layers_on_the_compiled_kernel(tiny_four_bit_dir,
-                                                                         tmp_path):
+                                                                         tmp_path,
+                                                                         nothing_loaded):
     async def body():
         async with started_agent(tiny_four_bit_dir, tmp_path, dtype="float32",
                                  max_new_tokens=8) as agent:
