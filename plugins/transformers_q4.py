@@ -50,7 +50,7 @@ _LOADED: dict[str, "Q4Kernel"] = {}
 
 @dataclass(frozen=True)
 class Q4Weight:
-    """A layer's codes as the kernel reads them: ``codes`` (out, blocks, 16)
+    """A Q4_1 layer's codes as the kernel reads them: ``codes`` (out, blocks, 16)
     bytes, two codes each; ``scales`` and ``minimums`` (out, blocks), float32;
     ``pointers``, the three tensors' addresses, read once."""
 
