@@ -120,10 +120,8 @@ static void q4_output_times_##R(const uint8_t *w, const float *wd, const float *
 
 /* One output of a Q8_0 weight times R rows. */
 #define Q8_OUTPUT_TIMES_ROWS(R)                                                               \
-static void q8_output_times_##R(const int8_t *w, const float *wd, const float *unused,        \
-                                int blocks, int k, const int16_t *xq, const __m256 *xv,       \
-                                const float *xs, float *out, int n) {                         \
-    (void)unused; (void)xs;                                                                   \
+static void q8_output_times_##R(const int8_t *w, const float *wd, int blocks, int k,          \
+                                const int16_t *xq, const __m256 *xv, float *out, int n) {     \
     __m256 acc[R];                                                                            \
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();                                 \
     for (int b = 0; b < blocks; b++) {                                                        \
@@ -143,8 +141,8 @@ Q8_OUTPUT_TIMES_ROWS(5) Q8_OUTPUT_TIMES_ROWS(6) Q8_OUTPUT_TIMES_ROWS(7) Q8_OUTPU
 
 typedef void (*q4_output_times)(const uint8_t *, const float *, const float *, int, int,
                                 const int16_t *, const __m256 *, const float *, float *, int);
-typedef void (*q8_output_times)(const int8_t *, const float *, const float *, int, int,
-                                const int16_t *, const __m256 *, const float *, float *, int);
+typedef void (*q8_output_times)(const int8_t *, const float *, int, int, const int16_t *,
+                                const __m256 *, float *, int);
 static const q4_output_times Q4_OUTPUT_TIMES[MOST_ROWS + 1] = {
     0, q4_output_times_1, q4_output_times_2, q4_output_times_3, q4_output_times_4,
     q4_output_times_5, q4_output_times_6, q4_output_times_7, q4_output_times_8};
@@ -189,6 +187,6 @@ void q8_0_matmul(const float *x, int rows, int k, const int8_t *w, const float *
     __m256 xv[rows * blocks];
     quantize_rows(x, rows, k, xq, xv, 0);
     FOR_EACH_OUTPUT_AND_ROWS(Q8_OUTPUT_TIMES[count](
-        w + (long)o * k, wd + (long)o * blocks, 0, blocks, k, xq + (long)first * k,
-        xv + first * blocks, 0, out + (long)first * n + o, n))
+        w + (long)o * k, wd + (long)o * blocks, blocks, k, xq + (long)first * k,
+        xv + first * blocks, out + (long)first * n + o, n))
 }

@@ -30,7 +30,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -49,23 +49,29 @@ _LOADED: dict[str, "Q4Kernel"] = {}
 
 
 @dataclass(frozen=True)
-class Q4Weight:
-    """A Q4_1 layer's codes as the kernel reads them: ``codes`` (out, blocks, 16)
-    bytes, two codes each; ``scales`` and ``minimums`` (out, blocks), float32;
-    ``pointers``, the three tensors' addresses, read once."""
+class _Codes:
+    """A layer's codes as the kernel reads them; ``pointers``, its tensors'
+    addresses in field order, read once."""
 
-    codes: torch.Tensor
-    scales: torch.Tensor
-    minimums: torch.Tensor
-    pointers: tuple[int, int, int] = field(init=False)
+    pointers: tuple[int, ...] = field(init=False)
 
     def __post_init__(self):
-        object.__setattr__(self, "pointers", (self.codes.data_ptr(), self.scales.data_ptr(),
-                                              self.minimums.data_ptr()))
+        object.__setattr__(self, "pointers", tuple(
+            getattr(self, item.name).data_ptr() for item in fields(self) if item.init))
 
     @property
     def out_features(self) -> int:
         return self.codes.shape[0]
+
+
+@dataclass(frozen=True)
+class Q4Weight(_Codes):
+    """A Q4_1 layer's codes: ``codes`` (out, blocks, 16) bytes, two codes each;
+    ``scales`` and ``minimums`` (out, blocks), float32."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    minimums: torch.Tensor
 
     @classmethod
     def from_codes(cls, values: torch.Tensor, scales: torch.Tensor,
@@ -81,20 +87,12 @@ class Q4Weight:
 
 
 @dataclass(frozen=True)
-class Q8Weight:
-    """A Q8_0 layer's codes as the kernel reads them: ``codes`` (out, in), int8
-    from -127 to 127; ``scales`` (out, blocks), float32; ``pointers`` as above."""
+class Q8Weight(_Codes):
+    """A Q8_0 layer's codes: ``codes`` (out, in), int8 from -127 to 127;
+    ``scales`` (out, blocks), float32."""
 
     codes: torch.Tensor
     scales: torch.Tensor
-    pointers: tuple[int, int] = field(init=False)
-
-    def __post_init__(self):
-        object.__setattr__(self, "pointers", (self.codes.data_ptr(), self.scales.data_ptr()))
-
-    @property
-    def out_features(self) -> int:
-        return self.codes.shape[0]
 
     @classmethod
     def from_codes(cls, values: torch.Tensor, scales: torch.Tensor) -> "Q8Weight":
@@ -108,36 +106,26 @@ class Q4Kernel:
     says what they do)."""
 
     def __init__(self, library: ctypes.CDLL):
-        self._library = library  # kept: the function lives as long as it does
-        self._matmul = library.q4_1_matmul
-        self._matmul.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-                                 ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                 ctypes.c_int, ctypes.c_void_p]
-        self._matmul.restype = None
-        self._q8_matmul = library.q8_0_matmul
-        self._q8_matmul.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-                                    ctypes.c_void_p]
-        self._q8_matmul.restype = None
+        self._library = library  # kept: the functions live as long as it does
+        pointer, count = ctypes.c_void_p, ctypes.c_int
+        self._products = {}
+        for codes, name in ((Q4Weight, "q4_1_matmul"), (Q8Weight, "q8_0_matmul")):
+            function = getattr(library, name)
+            tensors = sum(item.init for item in fields(codes))
+            # rows, their count and length, the codes' tensors, outputs, out
+            function.argtypes = [pointer, count, count, *[pointer] * tensors, count, pointer]
+            function.restype = None
+            self._products[codes] = function
 
-    def matmul(self, rows: torch.Tensor, weight: Q4Weight) -> torch.Tensor:
-        """``rows`` (rows, in), float32 and contiguous, times the weight: (rows, out).
-        Rows are a decode step's few (the C file keeps their codes on the stack)."""
+    def matmul(self, rows: torch.Tensor, weight: Q4Weight | Q8Weight) -> torch.Tensor:
+        """``rows`` (rows, in) times the weight: (rows, out), float32. Rows are
+        a decode step's few (the C file keeps their codes on the stack)."""
+        rows = rows.to(torch.float32).contiguous()
         count, in_features = rows.shape
         out = rows.new_empty((count, weight.out_features))
-        codes, scales, minimums = weight.pointers
         # ctypes lets go of the GIL for the call: the event loop runs meanwhile.
-        self._matmul(rows.data_ptr(), count, in_features, codes, scales, minimums,
-                     weight.out_features, out.data_ptr())
-        return out
-
-    def q8_matmul(self, rows: torch.Tensor, weight: Q8Weight) -> torch.Tensor:
-        """As :meth:`matmul`, for a Q8_0 weight."""
-        count, in_features = rows.shape
-        out = rows.new_empty((count, weight.out_features))
-        codes, scales = weight.pointers
-        self._q8_matmul(rows.data_ptr(), count, in_features, codes, scales,
-                        weight.out_features, out.data_ptr())
+        self._products[type(weight)](rows.data_ptr(), count, in_features, *weight.pointers,
+                                     weight.out_features, out.data_ptr())
         return out
 
     def works(self) -> bool:
@@ -159,7 +147,7 @@ class Q4Kernel:
         for count in (1, 11):
             sample = torch.randn(count, 4 * BLOCK, generator=generator)
             for product, expected in ((self.matmul(sample, packed), sample @ weight.t()),
-                                      (self.q8_matmul(sample, eight_bit_packed),
+                                      (self.matmul(sample, eight_bit_packed),
                                        sample @ eight_bit_weight.t())):
                 if not (product - expected).norm() < 1e-3 * expected.norm():
                     return False
