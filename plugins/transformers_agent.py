@@ -315,13 +315,12 @@ class TransformersAgent(Agent):
         loaded = load_model(self.source, self.cache_root)
         dtype = compute_dtype(self.options.dtype)
         most_rows = int4_max_rows(dtype)
-        kernel = None
-        if self.options.int4_weights and self.options.compiled_int4_kernel and (
-                dtype == torch.float32):
-            from plugins.transformers_q4 import load_kernel
-            kernel = load_kernel(self.cache_root)
-        int4, q8, linears = (use_int4_weights(loaded.model, most_rows, kernel)
-                             if self.options.int4_weights else (0, 0, 0))
+        load_kernel = None
+        if self.options.compiled_int4_kernel and dtype == torch.float32:
+            from plugins import transformers_q4
+            load_kernel = functools.partial(transformers_q4.load_kernel, self.cache_root)
+        int4, q8, linears, kernel = (use_int4_weights(loaded.model, most_rows, load_kernel)
+                                     if self.options.int4_weights else (0, 0, 0, None))
         loaded.model.to(dtype)
         logger.info("local model %s loaded in %.1f s (%s, %s, %d torch threads, "
                     "%d of %d linear layers on int4 weights, %d on Q8_0 codes, on %s kernel; "

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -286,34 +287,46 @@ def int4_max_rows(dtype: torch.dtype) -> int:
     return INT4_MAX_ROWS_AMX if amx else INT4_MAX_ROWS
 
 
+class Int4Layers(NamedTuple):
+    """What :func:`use_int4_weights` swapped, and the kernel they run on."""
+
+    four_bit: int
+    eight_bit: int
+    linears: int
+    kernel: Q4Kernel | None = None
+
+
 def use_int4_weights(model: nn.Module, max_rows: int = INT4_MAX_ROWS,
-                     kernel: Q4Kernel | None = None) -> tuple[int, int, int]:
+                     load_kernel: Callable[[], Q4Kernel | None] | None = None) -> Int4Layers:
     """Swap the linear layers whose weights are 4-bit already for :class:`Int4Linear`
     (up to ``max_rows`` rows on an int4 kernel), and those that are Q8_0 already
-    for :class:`Q8Linear`. With the compiled ``kernel`` (for a float32 model
-    only) both run on it, else on torch's int4 kernel.
+    for :class:`Q8Linear`. ``load_kernel`` (for a float32 model only) is called
+    once such layers are found: with the compiled kernel it returns, both kinds
+    run on it, else on torch's int4 kernel. A model without them compiles nothing.
 
     Call it before casting the model to its dtype (the grids are checked in
-    float32). Returns (4-bit layers, Q8_0 layers, linear layers in all); none
-    are swapped on another device or where the kernel is missing.
+    float32). None are swapped on another device or where torch's int4 kernel
+    is missing.
     """
     linears = [(module, name, child) for module in model.modules()
                for name, child in module.named_children() if type(child) is nn.Linear]
     if not linears or next(model.parameters()).device.type != "cpu":
-        return 0, 0, len(linears)
+        return Int4Layers(0, 0, len(linears))
     with torch.inference_mode():
         if not _int4_works():
-            return 0, 0, len(linears)
-    four_bit = eight_bit = 0
+            return Int4Layers(0, 0, len(linears))
+    four_bit, eight_bit = [], []
     for module, name, child in linears:
-        codes = int4_codes(child.weight)
-        if codes is not None:
-            setattr(module, name, Int4Linear(child, codes, max_rows, kernel))
-            four_bit += 1
+        if (codes := int4_codes(child.weight)) is not None:
+            four_bit.append((module, name, child, codes))
         elif (codes := q8_codes(child.weight)) is not None:
-            setattr(module, name, Q8Linear(child, codes, kernel, max_rows))
-            eight_bit += 1
-    return four_bit, eight_bit, len(linears)
+            eight_bit.append((module, name, child, codes))
+    kernel = load_kernel() if load_kernel and (four_bit or eight_bit) else None
+    for module, name, child, codes in four_bit:
+        setattr(module, name, Int4Linear(child, codes, max_rows, kernel))
+    for module, name, child, codes in eight_bit:
+        setattr(module, name, Q8Linear(child, codes, kernel, max_rows))
+    return Int4Layers(len(four_bit), len(eight_bit), len(linears), kernel)
 
 
 def compute_dtype(name: str) -> torch.dtype:

@@ -18,8 +18,8 @@ from plugins.transformers_weights import (INT4_MAX_ROWS, Int4Linear, Q8Linear,  
                                           int4_codes, q8_codes)
 
 from .test_transformers_agent import (ask, cancel_the_first_mid_reply,  # noqa: E402
-                                      collect, run, started_agent,
-                                      tiny_four_bit_dir)  # noqa: F401 (a fixture)
+                                      collect, run, started_agent, tiny_four_bit_dir,  # noqa: F401
+                                      tiny_model_dir)  # noqa: F401 (fixtures)
 from .tiny_model import snap_to_eight_bits, snap_to_four_bits  # noqa: E402
 
 needs_avx2 = pytest.mark.skipif(not transformers_q4._cpu_fits(),
@@ -176,6 +176,21 @@ def test_a_float32_model_runs_its_four_bit_layers_on_the_compiled_kernel(tiny_fo
                                  max_new_tokens=8) as agent:
             assert kernels_of(agent) == {"NoneType"}  # bfloat16 inputs: torch's is made for them
             assert await collect(agent, ask("hello"))
+
+    run(body)
+
+
+@needs_avx2
+def test_a_model_without_coded_layers_compiles_nothing(tiny_model_dir, tmp_path, nothing_loaded,
+                                                       caplog):
+    async def body():
+        with caplog.at_level(logging.INFO, logger="plugins.transformers_agent"):
+            async with started_agent(tiny_model_dir, tmp_path, dtype="float32",
+                                     max_new_tokens=8) as agent:
+                assert kernels_of(agent) == set()
+                assert await collect(agent, ask("hello"))
+        assert not (tmp_path / "model-cache" / "kernels").exists()
+        assert "0 on Q8_0 codes, on torch's int4 kernel" in caplog.text
 
     run(body)
 
