@@ -43,6 +43,7 @@ test-fast: install
 # docs/benchmarks.md. About 10 minutes; bench-quick about 3 (or BENCH_SIZE=quick).
 # BENCH_ONLY=overhead,connections,model,scaleout picks figures; BENCH_PEER=0
 # skips both peers of figure 3 (`transformers serve`, llama-server); BENCH_ARGS="--no-write" leaves the doc alone.
+# BENCH_USERS=16 sets figure 3's concurrent users (8 by default).
 BENCH_STAMP := $(VENV)/.bench-installed
 
 $(BENCH_STAMP): $(STAMP)

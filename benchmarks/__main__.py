@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown figure(s) {', '.join(unknown)}; choose from {', '.join(FIGURES)}")
     if os.environ.get("BENCH_PEER") == "0":
         SIZES[args.size]["model"]["peer"] = False
+    if os.environ.get("BENCH_USERS"):  # figure 3's concurrent users (issue 17 asks 8 and 16)
+        SIZES[args.size]["model"]["users"] = int(os.environ["BENCH_USERS"])
     variants = {name: Path(folder).resolve()
                 for name, folder in (v.split("=", 1) for v in args.variant)}
     configs = {name: yaml.safe_load(Path(path).read_text(encoding="utf-8"))
