@@ -103,7 +103,9 @@ def details(name: str, result: dict) -> list[str]:
                 f"at most, {result['rounds']} rounds; all three sides in {result['dtype']} (the "
                 f"agent's `dtype: auto` here); raw `generate()` "
                 f"{result['raw_tok_s']:.1f} tok/s; agent {result['batch_vs_raw']:.2f}x raw at "
-                f"{result['users']} users; {peer}; service started (model loaded) in "
+                f"{result['users']} users; {result['users']} users while new sockets arrive (the "
+                f"p99 connect-to-welcome batch) {result['probed_tok_s']:.1f} tok/s; "
+                f"{peer}; service started (model loaded) in "
                 f"{result['service_start_seconds']:.0f} s, RSS {result['service_rss_mib']:.0f} "
                 f"MiB; replies not ok: {result['batch_replies_not_ok']}; prompt "
                 f"{result['prompt_tokens']:.0f} tokens (median, {result['users']} users).{notes}"]
