@@ -96,6 +96,12 @@ def test_model_figure_on_the_tiny_model(workdir):
     assert result["batch_replies_not_ok"] == 0
     assert finite(result["raw_tok_s"], result["single_tok_s"], result["batch_tok_s"])
     assert result["connect_probes"] == size["probes"]
+    # The rate set against the peers is measured under their load, without the
+    # probes' new sockets: those arrive in a batch of their own, with its rate.
+    detail = result["rounds_detail"]
+    assert all(not row["connect_ms"] for row in detail["batch"])
+    assert [len(row["connect_ms"]) for row in detail["probed"]] == [size["probes"]] * size["rounds"]
+    assert finite(result["probed_tok_s"])
     assert any("skipped" in note for note in result["notes"])
     assert [row[0] for row in local_model.report(result)]
     variants = result["variants"]
