@@ -104,15 +104,15 @@ def start(workdir: Path, slots: int, threads: int) -> tuple[ServerProcess | None
             return server, exc
 
     server, failure = attempt()
-    crash = -server.proc.returncode if failure is not None and server.proc.returncode else 0
-    if crash in (signal.SIGILL, signal.SIGSEGV):
+    if failure is not None and server.proc.returncode in (-signal.SIGILL, -signal.SIGSEGV):
         # On a Xeon with AMX (AVX10.1), the GGML_NATIVE build's AMX path for
         # Q4_1 dies as the model loads: of an illegal instruction (a tile
         # instruction with no tile configuration loaded) or, in other runs on
         # the same machine, of a segmentation fault. --no-repack leaves that
         # path out; on x86 ggml has no other repacked layout for Q4_1 or Q8_0
         # (the bundled GGUF's types), so nothing else changes.
-        print(f"  llama-server died of {signal.Signals(crash).name} as it loaded the model "
+        died = signal.Signals(-server.proc.returncode).name
+        print(f"  llama-server died of {died} as it loaded the model "
               "(its AMX path); measuring it with --no-repack", flush=True)
         server, failure = attempt("--no-repack")
     if failure is not None:
